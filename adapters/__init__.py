@@ -1,0 +1,1 @@
+"""Adapter registry: metadata models, blob store and upload validation (no torch)."""

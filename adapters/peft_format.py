@@ -1,0 +1,156 @@
+"""PEFT LoRA file format, read without torch.
+
+Shared by the gateway (validation before anything is stored) and the worker (loading
+into its own LoRA layers), so both agree on what a tensor name means.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+# PEFT saves `base_model.model.<module>.lora_A.weight`; older or hand-made files may
+# keep the adapter name (`lora_A.default.weight`) or drop the `base_model.model.` prefix.
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+SAFETENSORS_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+
+
+class FormatError(ValueError):
+    """The files are not a usable PEFT LoRA adapter; the message says why."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # byte offset of the data, from the start of the file
+    end: int
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted linear layer: A is [rank, in_features], B is [out_features, rank]."""
+
+    module: str
+    rank: int
+    in_features: int
+    out_features: int
+    a_key: str
+    b_key: str
+
+
+def read_safetensors_header(data: bytes) -> dict[str, TensorInfo]:
+    """Parse a safetensors header and check every tensor lies inside the file."""
+    if len(data) < 8:
+        raise FormatError("adapter_model.safetensors is truncated: no header")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
+        raise FormatError("adapter_model.safetensors is not a safetensors file (bad header length)")
+    try:
+        header = json.loads(data[8 : 8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError("adapter_model.safetensors is not a safetensors file") from exc
+    if not isinstance(header, dict):
+        raise FormatError("adapter_model.safetensors has a malformed header")
+    header.pop("__metadata__", None)
+    base = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    for key, info in header.items():
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(x) for x in info["shape"])
+            dtype = str(info["dtype"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise FormatError(f"tensor {key!r} has a malformed header entry") from exc
+        if not 0 <= start <= end or base + end > len(data):
+            raise FormatError(f"adapter_model.safetensors is truncated: tensor {key!r} runs past the end")
+        numel = math.prod(shape)
+        if dtype in _DTYPE_BYTES and end - start != numel * _DTYPE_BYTES[dtype]:
+            raise FormatError(f"tensor {key!r}: {end - start} data bytes do not match shape {list(shape)}")
+        tensors[key] = TensorInfo(dtype, shape, base + start, base + end)
+    return tensors
+
+
+def parse_config(raw: bytes) -> dict[str, Any]:
+    """Load adapter_config.json and check it describes a plain LoRA adapter."""
+    try:
+        config = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"adapter_config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise FormatError("adapter_config.json must be a JSON object")
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise FormatError(f"adapter_config.json peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
+    if config.get("use_dora"):
+        raise FormatError("DoRA adapters (use_dora=true) are not supported")
+    if config.get("modules_to_save"):
+        raise FormatError("adapters with modules_to_save (full copies of base layers) are not supported")
+    if config.get("bias", "none") != "none":
+        raise FormatError("adapters that train biases (bias != 'none') are not supported")
+    if config.get("fan_in_fan_out"):
+        raise FormatError("fan_in_fan_out adapters (Conv1D bases) are not supported")
+    for field in ("r", "lora_alpha"):
+        value = config.get(field)
+        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            raise FormatError(f"adapter_config.json {field} must be a positive number")
+    return config
+
+
+def lora_modules(tensors: dict[str, TensorInfo]) -> list[LoraModule]:
+    """Pair lora_A / lora_B tensors per module; refuse anything else in the file."""
+    pairs: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
+    for key, info in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise FormatError(f"unexpected tensor {key!r}: only lora_A / lora_B weights are accepted")
+        if info.dtype not in SAFETENSORS_FLOAT_DTYPES:
+            raise FormatError(f"tensor {key!r} has dtype {info.dtype}; LoRA weights must be floating point")
+        if len(info.shape) != 2:
+            raise FormatError(f"tensor {key!r} has shape {list(info.shape)}; LoRA weights are 2-D")
+        slot = pairs.setdefault(match["module"], {})
+        if match["ab"] in slot:
+            raise FormatError(f"duplicate tensor for {match['module']} lora_{match['ab']}")
+        slot[match["ab"]] = (key, info)
+    if not pairs:
+        raise FormatError("adapter_model.safetensors holds no LoRA tensors")
+    modules = []
+    for module, slot in sorted(pairs.items()):
+        if set(slot) != {"A", "B"}:
+            missing = ({"A", "B"} - set(slot)).pop()
+            raise FormatError(f"module {module} is missing its lora_{missing} tensor")
+        (a_key, a), (b_key, b) = slot["A"], slot["B"]
+        rank, in_features = a.shape
+        out_features, b_rank = b.shape
+        if rank != b_rank or rank == 0:
+            raise FormatError(f"module {module}: lora_A rank {rank} does not match lora_B rank {b_rank}")
+        modules.append(LoraModule(module, rank, in_features, out_features, a_key, b_key))
+    return modules
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> float:
+    # PEFT matches a pattern key against the end of the module name.
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(value)
+    return default
+
+
+def module_scaling(config: dict[str, Any], module: str, rank: int) -> float:
+    """The factor PEFT multiplies B·A·x by for this module."""
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, float(config["lora_alpha"]))
+    if config.get("use_rslora"):
+        return alpha / math.sqrt(rank)
+    return alpha / rank
+
+
+def target_modules(config: dict[str, Any], modules: list[LoraModule]) -> list[str]:
+    """The short names of the layers the adapter adapts (q_proj, v_proj, ...)."""
+    return sorted({m.module.rsplit(".", 1)[-1] for m in modules})

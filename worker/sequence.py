@@ -1,0 +1,76 @@
+"""One request as the engine runs it: tokens so far, text emitted, how it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from worker.protocol import FinishReason, GenerateEvent, GenerateRequest, Usage
+
+EventSink = Callable[[GenerateEvent], None]
+
+
+@dataclass
+class Sequence:
+    request: GenerateRequest
+    sink: EventSink
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    slot: int | None = None  # adapter slot while running; None for the base model
+    generator: torch.Generator | None = None
+    text: str = ""
+    emitted: int = 0  # characters of `text` already sent
+    finish_reason: FinishReason | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def next_position(self) -> int:
+        # Position of the last sampled token, the one fed into the next decode step.
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    def update_text(self, text: str) -> None:
+        """Take the decoded output; cut it at the earliest stop sequence and finish there."""
+        cuts = [at for stop in self.request.sampling.stop if (at := text.find(stop)) != -1]
+        if cuts:
+            text = text[: min(cuts)]
+            self.finish_reason = "stop"
+        self.text = text
+
+    def flush(self) -> None:
+        """Send the text that can no longer change, or all of it once finished."""
+        end = len(self.text)
+        if self.finish_reason is None:
+            # Hold back a possible stop-sequence prefix and a half-decoded character.
+            end -= max((len(s) for s in self.request.sampling.stop), default=1) - 1
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+        if end > self.emitted:
+            self.sink(GenerateEvent(request_id=self.request_id, text=self.text[self.emitted : end]))
+            self.emitted = end
+        if self.finish_reason is not None:
+            self.sink(
+                GenerateEvent(
+                    request_id=self.request_id,
+                    finished=True,
+                    finish_reason=self.finish_reason,
+                    usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
+                )
+            )
+
+    def fail(self, message: str, status: int = 500) -> None:
+        self.finish_reason = "error"
+        self.sink(
+            GenerateEvent(
+                request_id=self.request_id,
+                finished=True,
+                finish_reason="error",
+                error=message,
+                error_status=status,
+                usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
+            )
+        )
