@@ -1,0 +1,1 @@
+"""The loraplex gateway: HTTP API, auth, registry access, routing to workers. Never imports torch."""

@@ -1,0 +1,136 @@
+"""The `loraplex` command: serve, worker, models prepare.
+
+Commands that need torch (worker, models) import it lazily, so `serve` stays torch-free:
+it runs `models prepare` in a child process when no base model is registered yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from adapters.db import make_engine, make_sessionmaker
+from adapters.models import BaseModel
+from app.settings import Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
+def _active_base(settings: Settings) -> BaseModel | None:
+    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+    with sessions() as session:
+        return session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from app.main import build_app
+
+    settings = _settings(args)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.workers and _active_base(settings) is None:
+        print("preparing the embedded base model (first start only)...", flush=True)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_DATA_DIR": str(settings.data_dir)}
+        if settings.models_dir:
+            env["LORAPLEX_MODELS_DIR"] = str(settings.models_dir)
+        if settings.database_url:
+            env["LORAPLEX_DATABASE_URL"] = settings.database_url
+        subprocess.run([sys.executable, "-m", "app.cli", "models", "prepare"], env=env, check=True)
+    app = build_app(settings)
+    admin_key = app.state.services.admin_key
+    print(f"loraplex gateway listening on http://{settings.host}:{settings.port}", flush=True)
+    if settings.admin_key is None:
+        print(f"admin key (development mode, kept in {settings.data_dir / 'admin_key'}): {admin_key}", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> None:
+    from worker.model import prepare_embedded_model
+
+    settings = _settings(args)
+    started = time.monotonic()
+    prepared = prepare_embedded_model(settings.resolved_models_dir)
+    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+    with sessions.begin() as session:
+        row = session.scalar(select(BaseModel).where(BaseModel.name == prepared.name))
+        if row is None:
+            row = BaseModel(name=prepared.name, path=str(prepared.path.resolve()), quantization="bnb-nf4",
+                            linear_modules=prepared.linear_modules, max_context=prepared.max_context)
+            session.add(row)
+        row.path = str(prepared.path.resolve())
+        if session.scalar(select(BaseModel).where(BaseModel.active.is_(True))) is None:
+            row.active = True
+    print(f"base model {prepared.name} ready at {prepared.path} ({time.monotonic() - started:.1f}s)", flush=True)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from worker.config import WorkerConfig
+    from worker.runtime import WorkerRuntime
+    from worker.server import build_worker_app
+
+    config = WorkerConfig(
+        model_path=Path(args.model_path), model_name=args.model_name, blob_dir=Path(args.blob_dir),
+        host=args.host, port=args.port, device=args.device, torch_threads=args.threads,
+        max_batch_size=args.max_batch_size, adapter_slots=args.adapter_slots,
+        host_adapter_cache=args.host_adapter_cache, max_lora_rank=args.max_lora_rank,
+    )
+    app = build_worker_app(WorkerRuntime(config))
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the gateway and its local workers")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int)
+    serve.add_argument("--data-dir", dest="data_dir", type=Path)
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="base models")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    prepare = models_sub.add_parser("prepare", help="convert and register the embedded base model")
+    prepare.add_argument("--data-dir", dest="data_dir", type=Path)
+    prepare.set_defaults(func=cmd_models_prepare)
+
+    worker = sub.add_parser("worker", help="run one worker process (the gateway starts these)")
+    worker.add_argument("--model-path", required=True)
+    worker.add_argument("--model-name", required=True)
+    worker.add_argument("--blob-dir", required=True)
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, default=8100)
+    worker.add_argument("--device", default="auto")
+    worker.add_argument("--threads", type=int, default=1)
+    worker.add_argument("--max-batch-size", type=int, default=16)
+    worker.add_argument("--adapter-slots", type=int, default=8)
+    worker.add_argument("--host-adapter-cache", type=int, default=64)
+    worker.add_argument("--max-lora-rank", type=int, default=32)
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""POST /generate: text from the base model or a tenant's adapter, whole or streamed (SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from app import metrics
+from app.deps import ServicesDep, TenantDep
+from app.errors import as_api_error, error_body
+from app.generation import Generation, GenerationInput, check_limits, resolve_adapter
+from worker.protocol import ChatMessage, SamplingParams
+
+router = APIRouter(tags=["generation"])
+
+
+class GenerateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    adapter: str | None = Field(default=None, description="adapter name, or name@version")
+    max_tokens: int = Field(default=128, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+
+    def to_input(self) -> GenerationInput:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        sampling = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+                                  top_p=self.top_p, seed=self.seed, stop=stop)
+        return GenerationInput(self.prompt, self.messages, self.adapter, sampling)
+
+
+class UsagePublic(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    finish_reason: str
+    usage: UsagePublic
+    adapter: str | None
+    adapter_version: int | None
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateBody, tenant: TenantDep, services: ServicesDep, request: Request):  # type: ignore[no-untyped-def]
+    job = body.to_input()
+    check_limits(services, job)
+    adapter = await resolve_adapter(services, tenant, job.adapter)
+    generation = Generation(services, job, adapter)
+    started = time.monotonic()
+    if body.stream:
+        return StreamingResponse(_sse(generation, started), media_type="text/event-stream")
+    completion = await _unless_disconnected(request, generation)
+    metrics.REQUEST_LATENCY.labels("/generate").observe(time.monotonic() - started)
+    usage = UsagePublic(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
+                        total_tokens=completion.prompt_tokens + completion.completion_tokens)
+    return GenerateResponse(
+        text=completion.text, finish_reason=completion.finish_reason, usage=usage,
+        adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
+    )
+
+
+async def _unless_disconnected(request: Request, generation: Generation):  # type: ignore[no-untyped-def]
+    """Run to completion, or cancel (and so abort in the worker) when the client goes away."""
+    work = asyncio.ensure_future(generation.complete())
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=0.5)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            raise asyncio.CancelledError
+
+
+def _sse_event(payload: dict[str, object]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _sse(generation: Generation, started: float) -> AsyncIterator[bytes]:
+    """Token events, then a final one; a failure after the 200 ends with an error event."""
+    adapter = generation.adapter
+    first = True
+    try:
+        async with aclosing(generation.events()) as events:
+            async for event in events:
+                if event.text:
+                    if first:
+                        metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
+                        first = False
+                    yield _sse_event({"type": "token", "text": event.text})
+                if event.finished and event.usage is not None:
+                    metrics.record_tokens(event.usage.prompt_tokens, event.usage.completion_tokens)
+                    yield _sse_event({
+                        "type": "done",
+                        "finish_reason": event.finish_reason,
+                        "usage": {**event.usage.model_dump(), "total_tokens": event.usage.total_tokens},
+                        "adapter": adapter.name if adapter else None,
+                        "adapter_version": adapter.version if adapter else None,
+                    })
+    except Exception as exc:  # after the 200 the only way to report is in-band
+        err = as_api_error(exc)
+        yield _sse_event({"type": "error", **error_body(err.type, err.message)})
+    finally:
+        metrics.REQUEST_LATENCY.labels("/generate").observe(time.monotonic() - started)

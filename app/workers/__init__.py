@@ -1,0 +1,1 @@
+"""How the gateway reaches workers: one client interface, local processes and remote URLs alike."""

@@ -1,0 +1,80 @@
+"""The one interface routes use to talk to a worker, and its HTTP implementation."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import httpx
+
+from app.errors import BadRequest, GenerationFailed, WorkerUnavailable
+from worker.protocol import AbortRequest, EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
+
+
+class WorkerClient(Protocol):
+    name: str
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def evict(self, key: str) -> None: ...
+
+    async def health(self) -> WorkerHealth: ...
+
+    async def close(self) -> None: ...
+
+
+class HttpWorkerClient:
+    """Talks to a worker's internal API, local or on another machine."""
+
+    def __init__(self, name: str, base_url: str, *, connect_timeout: float = 2.0) -> None:
+        self.name = name
+        self.base_url = base_url.rstrip("/")
+        timeout = httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=30.0)
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        try:
+            async with self._http.stream("POST", "/generate", content=request.model_dump_json(),
+                                         headers={"content-type": "application/json"}) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _status_error(self.name, resp)
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield GenerateEvent.model_validate_json(line)
+        except httpx.TransportError as exc:
+            raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request") from exc
+
+    async def abort(self, request_id: str) -> None:
+        await self._post("/abort", AbortRequest(request_id=request_id).model_dump_json())
+
+    async def evict(self, key: str) -> None:
+        await self._post("/adapters/evict", EvictRequest(key=key).model_dump_json())
+
+    async def health(self) -> WorkerHealth:
+        resp = await self._http.get("/health", timeout=2.0)
+        resp.raise_for_status()
+        return WorkerHealth.model_validate_json(resp.content)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, path: str, body: str) -> None:
+        try:
+            await self._http.post(path, content=body, headers={"content-type": "application/json"}, timeout=5.0)
+        except httpx.TransportError:
+            pass  # best effort: a dead worker has nothing left to abort or evict
+
+
+def _status_error(name: str, resp: httpx.Response) -> Exception:
+    try:
+        message = resp.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = resp.text[:200]
+    if resp.status_code == 503:
+        return WorkerUnavailable(f"worker {name}: {message}")
+    if resp.status_code == 400:
+        return BadRequest(message)
+    return GenerationFailed(f"worker {name}: {message}")

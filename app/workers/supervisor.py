@@ -1,0 +1,89 @@
+"""Spawns a local worker process and restarts it when it dies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """What a local worker process is started with."""
+
+    port: int
+    model_path: str
+    model_name: str
+    blob_dir: str
+    device: str
+    threads: int
+    max_batch_size: int
+    adapter_slots: int
+    host_adapter_cache: int
+    max_lora_rank: int
+
+    def argv(self) -> list[str]:
+        return [
+            sys.executable, "-m", "app.cli", "worker",
+            "--port", str(self.port),
+            "--model-path", self.model_path,
+            "--model-name", self.model_name,
+            "--blob-dir", self.blob_dir,
+            "--device", self.device,
+            "--threads", str(self.threads),
+            "--max-batch-size", str(self.max_batch_size),
+            "--adapter-slots", str(self.adapter_slots),
+            "--host-adapter-cache", str(self.host_adapter_cache),
+            "--max-lora-rank", str(self.max_lora_rank),
+        ]  # fmt: skip
+
+
+class LocalWorkerProcess:
+    def __init__(self, launch: WorkerLaunch, env: dict[str, str] | None = None) -> None:
+        self.launch = launch
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._last_start = 0.0
+
+    def start(self) -> None:
+        self._last_start = time.monotonic()
+        self.proc = subprocess.Popen(self.launch.argv(), env=self.env, preexec_fn=_die_with_parent)
+        log.info("started worker on port %d (pid %d)", self.launch.port, self.proc.pid)
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def restart(self) -> None:
+        # Back off when a worker dies right after starting, so a broken one does not spin.
+        if time.monotonic() - self._last_start < min(30.0, 2.0 * 2**self.restarts):
+            return
+        code = self.proc.returncode if self.proc else None
+        log.warning("worker on port %d exited with %s; restarting", self.launch.port, code)
+        self.restarts += 1
+        self.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGTERM if the gateway dies, so no orphan keeps its port."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)

@@ -1,0 +1,88 @@
+"""The worker's internal HTTP API: generate (NDJSON stream), abort, evict, health, metrics.
+
+The event loop only moves messages: tokens are made on the engine thread and handed
+over through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from worker import metrics
+from worker.engine import QueueFull
+from worker.protocol import AbortRequest, EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
+from worker.runtime import WorkerRuntime
+
+
+def build_worker_app(runtime: WorkerRuntime) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        runtime.start()
+        yield
+        runtime.stop()
+
+    app = FastAPI(title="loraplex worker", lifespan=lifespan)
+
+    @app.get("/health", response_model=WorkerHealth)
+    async def health() -> WorkerHealth:
+        return runtime.health()
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        loaded = runtime.loaded
+        if loaded is None:
+            return _error(503, "the worker is still loading its base model")
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
+
+        def sink(event: GenerateEvent) -> None:  # runs on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            loaded.engine.submit(body, sink)
+        except QueueFull as exc:
+            return _error(503, str(exc))
+        metrics.REQUESTS.inc()
+
+        async def stream() -> AsyncIterator[bytes]:
+            finished = False
+            try:
+                while not finished:
+                    event = await events.get()
+                    finished = event.finished
+                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+            finally:
+                if not finished:  # the gateway went away: free the row now
+                    loaded.engine.abort(body.request_id)
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    @app.post("/abort")
+    async def abort(body: AbortRequest) -> dict[str, bool]:
+        if runtime.loaded is not None:
+            runtime.loaded.engine.abort(body.request_id)
+        return {"ok": True}
+
+    @app.post("/adapters/evict")
+    async def evict(body: EvictRequest) -> dict[str, bool]:
+        if runtime.loaded is not None:
+            runtime.loaded.adapters.evict(body.key)
+        return {"ok": True}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.observe(runtime)
+        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    kind = "worker_unavailable" if status == 503 else "worker_error"
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
