@@ -1,8 +1,8 @@
-"""Content-addressed blob store on a local directory.
+"""Content-addressed blob stores: a local directory (default) or an S3-compatible bucket.
 
-A blob lives at `<root>/sha256/<ab>/<digest>`. Writes go to a temp file in the same
+A blob lives at `sha256/<ab>/<digest>`. Local writes go to a temp file in the same
 directory tree, are fsynced, then renamed into place, so a crash never leaves a half
-file under a digest name.
+file under a digest name; an S3 PUT is atomic by itself. Reads check the digest.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Protocol
+from urllib.parse import parse_qs, urlparse
 
 
 class BlobNotFound(LookupError):
@@ -21,6 +23,36 @@ class BlobCorrupt(ValueError):
     pass
 
 
+class BlobStore(Protocol):
+    def put(self, data: bytes) -> str: ...
+    def get(self, digest: str, *, verify: bool = True) -> bytearray: ...
+    def delete(self, digest: str) -> None: ...
+    def clean_temp(self) -> int: ...
+
+
+def open_blob_store(url: str) -> BlobStore:
+    """`s3://bucket/prefix` (endpoint and region from the query, `?endpoint=http://...&region=...`,
+    or the usual AWS settings), `file:///path`, or a plain directory path."""
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        from adapters.s3store import S3BlobStore  # boto3 only where S3 is used
+
+        query = parse_qs(parsed.query)
+        return S3BlobStore(parsed.netloc, parsed.path.strip("/"), endpoint_url=query.get("endpoint", [None])[0],
+                           region=query.get("region", [None])[0])
+    if parsed.scheme == "file":
+        return LocalBlobStore(Path(parsed.path))
+    if parsed.scheme:
+        raise ValueError(f"unknown blob store URL scheme {parsed.scheme!r}: use a path, file:// or s3://")
+    return LocalBlobStore(Path(url))
+
+
+def check_digest(digest: str) -> str:
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise BlobNotFound(f"not a sha256 digest: {digest!r}")
+    return digest
+
+
 class LocalBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -28,8 +60,7 @@ class LocalBlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, digest: str) -> Path:
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-            raise BlobNotFound(f"not a sha256 digest: {digest!r}")
+        check_digest(digest)
         return self.root / "sha256" / digest[:2] / digest
 
     def put(self, data: bytes) -> str:
@@ -51,10 +82,14 @@ class LocalBlobStore:
             raise
         return digest
 
-    def get(self, digest: str, *, verify: bool = True) -> bytes:
+    def get(self, digest: str, *, verify: bool = True) -> bytearray:
+        """The blob's bytes (writable, so tensors can view them without a copy), checked against the digest."""
         path = self.path_for(digest)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                if f.readinto(data) != len(data):
+                    raise BlobCorrupt(f"blob {digest} changed size while being read")
         except FileNotFoundError as exc:
             raise BlobNotFound(digest) from exc
         if verify and hashlib.sha256(data).hexdigest() != digest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -23,6 +23,11 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Per-tenant limits; None means the service-wide default from settings.
+    max_concurrent_requests: Mapped[int | None] = mapped_column(default=None)
+    tokens_per_minute: Mapped[int | None] = mapped_column(default=None)
+    max_adapters: Mapped[int | None] = mapped_column(default=None)
+    max_adapter_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class ApiKey(Base):
@@ -67,7 +72,7 @@ class AdapterVersion(Base):
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     weights_sha256: Mapped[str] = mapped_column(String(64), index=True)
     config_sha256: Mapped[str] = mapped_column(String(64))
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     declared_base_model: Mapped[str | None] = mapped_column(String(512), default=None)
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -46,7 +46,15 @@ class LoraModule:
     b_key: str
 
 
-def read_safetensors_header(data: bytes) -> dict[str, TensorInfo]:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    duplicated = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicated:
+        raise FormatError(f"adapter_model.safetensors names tensor {duplicated[0]!r} more than once")
+    return dict(pairs)
+
+
+def read_safetensors_header(data: bytes | bytearray) -> dict[str, TensorInfo]:
     """Parse a safetensors header and check every tensor lies inside the file."""
     if len(data) < 8:
         raise FormatError("adapter_model.safetensors is truncated: no header")
@@ -54,7 +62,7 @@ def read_safetensors_header(data: bytes) -> dict[str, TensorInfo]:
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise FormatError("adapter_model.safetensors is not a safetensors file (bad header length)")
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        header = json.loads(data[8 : 8 + header_len], object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError("adapter_model.safetensors is not a safetensors file") from exc
     if not isinstance(header, dict):
@@ -78,7 +86,7 @@ def read_safetensors_header(data: bytes) -> dict[str, TensorInfo]:
     return tensors
 
 
-def parse_config(raw: bytes) -> dict[str, Any]:
+def parse_config(raw: bytes | bytearray) -> dict[str, Any]:
     """Load adapter_config.json and check it describes a plain LoRA adapter."""
     try:
         config = json.loads(raw)
@@ -88,7 +96,9 @@ def parse_config(raw: bytes) -> dict[str, Any]:
         raise FormatError("adapter_config.json must be a JSON object")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
-        raise FormatError(f"adapter_config.json peft_type is {config.get('peft_type')!r}; only LORA adapters are served")
+        raise FormatError(
+            f"adapter_config.json peft_type is {config.get('peft_type')!r}; only LORA adapters are served"
+        )
     if config.get("use_dora"):
         raise FormatError("DoRA adapters (use_dora=true) are not supported")
     if config.get("modules_to_save"):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.blobstore import LocalBlobStore
+from adapters.blobstore import BlobStore
 from adapters.models import Adapter, AdapterVersion, BaseModel
-from adapters.validation import AdapterFiles, validate_adapter
+from adapters.validation import AdapterFiles, ValidatedAdapter, validate_adapter
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -21,6 +23,19 @@ class AdapterNotFound(LookupError):
 
 class InvalidAdapterName(ValueError):
     pass
+
+
+_WRITE_ATTEMPTS = 8
+
+
+class StorageQuotaExceeded(RuntimeError):
+    """The tenant is at its limit of adapters or stored adapter bytes; the message names it."""
+
+
+@dataclass(frozen=True)
+class StorageQuota:
+    max_adapters: int
+    max_adapter_bytes: int
 
 
 class NoActiveBaseModel(RuntimeError):
@@ -63,7 +78,7 @@ def parse_reference(ref: str) -> tuple[str, int | None]:
 
 
 class AdapterRegistry:
-    def __init__(self, sessions: sessionmaker[Session], blobs: LocalBlobStore, max_rank: int) -> None:
+    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore, max_rank: int) -> None:
         self.sessions = sessions
         self.blobs = blobs
         self.max_rank = max_rank
@@ -74,17 +89,39 @@ class AdapterRegistry:
             raise NoActiveBaseModel("no base model is registered; run `loraplex models prepare`")
         return base
 
-    def create_version(self, tenant_id: int, name: str, files: AdapterFiles) -> tuple[Adapter, AdapterVersion]:
-        """Validate, store the blobs, then record a new version (validation first: a refusal stores nothing)."""
+    def create_version(
+        self, tenant_id: int, name: str, files: AdapterFiles, quota: StorageQuota | None = None
+    ) -> tuple[Adapter, AdapterVersion]:
+        """Validate, check the quota, store the blobs, then record a new version.
+
+        Every refusal comes before anything is stored. Concurrent uploads to one name get
+        distinct, consecutive versions: a transaction that loses the race is run again.
+        """
         check_name(name)
-        with self.sessions.begin() as session:
+        with self.sessions() as session:
             base = self.active_base_model(session)
             checked = validate_adapter(files, base.linear_modules, self.max_rank)
-            weights_sha = self.blobs.put(files.weights)
-            config_sha = self.blobs.put(files.config)
+            base_id = base.id
+        for attempt in range(_WRITE_ATTEMPTS - 1):
+            try:
+                return self._record_version(tenant_id, name, files, checked, base_id, quota)
+            except (IntegrityError, OperationalError):
+                # Another upload to this name (or SQLite's single writer) won; read again and retry.
+                time.sleep(0.05 * (attempt + 1))
+        return self._record_version(tenant_id, name, files, checked, base_id, quota)
+
+    def _record_version(
+        self, tenant_id: int, name: str, files: AdapterFiles, checked: ValidatedAdapter, base_id: int,
+        quota: StorageQuota | None,
+    ) -> tuple[Adapter, AdapterVersion]:
+        with self.sessions.begin() as session:
             adapter = session.scalar(
                 select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name).with_for_update()
             )
+            if quota is not None:
+                _check_quota(session, tenant_id, quota, new_name=adapter is None, new_bytes=len(files.weights))
+            weights_sha = self.blobs.put(files.weights)
+            config_sha = self.blobs.put(files.config)
             if adapter is None:
                 adapter = Adapter(tenant_id=tenant_id, name=name)
                 session.add(adapter)
@@ -102,19 +139,27 @@ class AdapterRegistry:
                 config_sha256=config_sha,
                 size_bytes=len(files.weights),
                 declared_base_model=checked.declared_base_model,
-                base_model_id=base.id,
+                base_model_id=base_id,
             )
             session.add(version)
             session.flush()
             return adapter, version
 
-    def list(self, tenant_id: int) -> list[Adapter]:
+    def list_adapters(self, tenant_id: int) -> list[Adapter]:
         with self.sessions() as session:
             visible = (Adapter.tenant_id == tenant_id) | Adapter.public.is_(True)
             adapters = session.scalars(select(Adapter).where(visible).order_by(Adapter.name)).all()
             for a in adapters:
                 _ = a.versions  # load before the session closes
             return list(adapters)
+
+    def set_public(self, tenant_id: int, name: str, public: bool) -> None:
+        """Public adapters can be used (not changed) by every tenant."""
+        with self.sessions.begin() as session:
+            adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+            if adapter is None:
+                raise AdapterNotFound(name)
+            adapter.public = public
 
     def get(self, tenant_id: int, name: str) -> Adapter:
         with self.sessions() as session:
@@ -144,6 +189,21 @@ class AdapterRegistry:
         self._drop_unreferenced_blobs(gone)
         return gone
 
+    def delete_version(self, tenant_id: int, name: str, number: int) -> ResolvedAdapter:
+        """Delete one version; the adapter goes with its last version."""
+        with self.sessions.begin() as session:
+            adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+            version = next((v for v in adapter.versions if v.version == number), None) if adapter else None
+            if adapter is None or version is None:
+                raise AdapterNotFound(f"{name}@{number}")
+            gone = ResolvedAdapter(name, version.version, version.weights_sha256, version.config_sha256)
+            if len(adapter.versions) == 1:
+                session.delete(adapter)
+            else:
+                adapter.versions.remove(version)
+        self._drop_unreferenced_blobs([gone])
+        return gone
+
     def _drop_unreferenced_blobs(self, gone: list[ResolvedAdapter]) -> None:
         with self.sessions() as session:
             for digest in {d for g in gone for d in (g.weights_sha256, g.config_sha256)}:
@@ -165,3 +225,22 @@ class AdapterRegistry:
         if public is None:
             raise AdapterNotFound(name)
         return public
+
+
+def _check_quota(session: Session, tenant_id: int, quota: StorageQuota, *, new_name: bool, new_bytes: int) -> None:
+    if new_name:
+        count = session.scalar(select(func.count(Adapter.id)).where(Adapter.tenant_id == tenant_id)) or 0
+        if count >= quota.max_adapters:
+            raise StorageQuotaExceeded(
+                f"the tenant already has {count} adapters, its limit (tenant limit max_adapters); delete one first"
+            )
+    stored = session.scalar(
+        select(func.coalesce(func.sum(AdapterVersion.size_bytes), 0))
+        .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+        .where(Adapter.tenant_id == tenant_id)
+    ) or 0
+    if stored + new_bytes > quota.max_adapter_bytes:
+        raise StorageQuotaExceeded(
+            f"storing {new_bytes} more bytes would put the tenant at {stored + new_bytes} bytes of adapters, "
+            f"over its limit of {quota.max_adapter_bytes} (tenant limit max_adapter_bytes); delete old versions first"
+        )

@@ -93,7 +93,8 @@ def _unpack(archive_name: str, data: bytes, max_unpacked_bytes: int) -> dict[str
                     total += info.file_size
                     if total > max_unpacked_bytes:
                         raise InvalidAdapter(
-                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit"
+                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit "
+                            "(max_adapter_bytes)"
                         )
                     members[PurePosixPath(info.filename).name] = _read_capped(
                         zf.open(info), max_unpacked_bytes, archive_name
@@ -109,7 +110,8 @@ def _unpack(archive_name: str, data: bytes, max_unpacked_bytes: int) -> dict[str
                     total += member.size
                     if total > max_unpacked_bytes:
                         raise InvalidAdapter(
-                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit"
+                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit "
+                            "(max_adapter_bytes)"
                         )
                     fh = tf.extractfile(member)
                     assert fh is not None
@@ -122,7 +124,7 @@ def _unpack(archive_name: str, data: bytes, max_unpacked_bytes: int) -> dict[str
 def _read_capped(fh: Any, limit: int, archive_name: str) -> bytes:
     data = fh.read(limit + 1)
     if len(data) > limit:
-        raise InvalidAdapter(f"{archive_name} unpacks to more than the {limit}-byte limit")
+        raise InvalidAdapter(f"{archive_name} unpacks to more than the {limit}-byte limit (max_adapter_bytes)")
     return bytes(data)
 
 

@@ -1,0 +1,64 @@
+"""Blob store on an S3-compatible bucket (AWS S3, MinIO, Ceph, moto), for machines that share no disk."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import Any
+
+import boto3
+from botocore.exceptions import ClientError
+
+from adapters.blobstore import BlobCorrupt, BlobNotFound, check_digest
+
+
+class S3BlobStore:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, client: Any = None) -> None:
+        self.bucket = bucket
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self._s3 = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
+
+    def key_for(self, digest: str) -> str:
+        check_digest(digest)
+        return f"{self.prefix}sha256/{digest[:2]}/{digest}"
+
+    def put(self, data: bytes) -> str:
+        """Store bytes; return their sha256. Idempotent; one PUT, so never a half object."""
+        digest = hashlib.sha256(data).hexdigest()
+        key = self.key_for(digest)
+        if not self._exists(key):
+            checksum = hashlib.md5(data, usedforsecurity=False).digest()
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=bytes(data),
+                                ContentMD5=base64.b64encode(checksum).decode())  # the server checks it arrived whole
+        return digest
+
+    def get(self, digest: str, *, verify: bool = True) -> bytearray:
+        try:
+            body = self._s3.get_object(Bucket=self.bucket, Key=self.key_for(digest))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise BlobNotFound(digest) from exc
+            raise
+        if verify and hashlib.sha256(body).hexdigest() != digest:
+            raise BlobCorrupt(f"blob {digest} does not match its digest")
+        return bytearray(body)
+
+    def delete(self, digest: str) -> None:
+        self._s3.delete_object(Bucket=self.bucket, Key=self.key_for(digest))
+
+    def clean_temp(self) -> int:
+        """Abort multipart uploads a crash left behind (PUTs leave nothing); return how many."""
+        uploads = self._s3.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix).get("Uploads", [])
+        for upload in uploads:
+            self._s3.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        return len(uploads)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+        return True
