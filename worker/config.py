@@ -10,7 +10,7 @@ from pathlib import Path
 class WorkerConfig:
     model_path: Path
     model_name: str
-    blob_dir: Path
+    blob_url: str  # a directory, file://, or s3://bucket/prefix?endpoint=... (see adapters.blobstore)
     host: str = "127.0.0.1"
     port: int = 8100
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -21,9 +21,12 @@ class WorkerConfig:
     host_adapter_cache: int = 64  # parsed adapters kept in host memory behind the slots
     max_lora_rank: int = 64
     max_context: int | None = None  # defaults to the model's own limit
+    # Memory for the batch's KV cache. Sized explicitly, never from total system RAM.
+    kv_cache_mb: int = 2048
+    max_prefill_tokens: int = 4096  # padded prompt tokens per prefill pass
 
     def __post_init__(self) -> None:
-        for field in ("torch_threads", "max_batch_size", "adapter_slots", "max_lora_rank"):
+        for field in ("torch_threads", "max_batch_size", "adapter_slots", "max_lora_rank", "kv_cache_mb"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1")
         if self.host_adapter_cache < self.adapter_slots:

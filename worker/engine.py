@@ -1,7 +1,8 @@
 """Iteration-level batching engine: a different adapter on every row.
 
-Every step admits waiting requests into the running batch (each prefilled on its own,
-then merged into the batch's left-padded KV cache), runs one decode forward for all
+Every step admits waiting requests into the running batch (prefilled together in one
+left-padded forward pass, then merged into the batch's left-padded KV cache, within an
+explicit KV budget), runs one decode forward for all
 running rows, and retires rows that finished, stopped or were aborted, freeing their
 KV memory at once. It runs on its own thread; other threads talk to it only through
 `submit`, `abort` and `stats`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from worker import metrics
 from worker.adapter_cache import AdapterCache
 from worker.lora import LoraRouting
 from worker.protocol import GenerateRequest
@@ -37,6 +40,16 @@ class EngineLimits:
     max_batch_size: int
     max_waiting: int
     max_context: int
+    kv_cache_tokens: int  # token positions the batch's (left-padded) KV cache may hold in all
+    max_prefill_tokens: int = 4096  # padded prompt tokens prefilled in one forward pass (activation memory)
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Keys and values of one token position across all layers."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
 
 
 class BatchEngine:
@@ -56,6 +69,7 @@ class BatchEngine:
         self.limits = limits
         self.device = device
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
@@ -97,6 +111,7 @@ class BatchEngine:
         self._retire_finished()
         self.adapters.collect()
         self._admit()
+        self._retire_finished()  # rows done at their first token (max_tokens=1, EOS) never decode
         if self.running:
             self._decode()
         self._retire_finished()
@@ -129,6 +144,12 @@ class BatchEngine:
                 f"the prompt has {len(ids)} tokens; with max_tokens={request.sampling.max_tokens} "
                 f"that exceeds the model's context of {budget} tokens"
             )
+        needed = len(ids) + request.sampling.max_tokens
+        if needed > self.limits.kv_cache_tokens:
+            raise ValueError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) needs more KV cache "
+                f"than the worker's budget of {self.limits.kv_cache_tokens} tokens (kv_cache_mb)"
+            )
         return list(ids)
 
     def _apply_aborts(self) -> None:
@@ -148,8 +169,12 @@ class BatchEngine:
 
     # -- prefill -------------------------------------------------------------------------
     def _admit(self) -> None:
+        """Move waiting requests that fit into the batch, prefilled together in one forward pass."""
+        admitted: list[Sequence] = []
         blocked: deque[Sequence] = deque()
-        while self.waiting and len(self.running) < self.limits.max_batch_size:
+        while self.waiting and len(self.running) + len(admitted) < self.limits.max_batch_size:
+            if not self._kv_fits(self.waiting[0], admitted) or not self._prefill_fits(self.waiting[0], admitted):
+                break  # first come, first served: later requests wait behind it
             seq = self.waiting.popleft()
             ref = seq.request.adapter
             if ref is not None:
@@ -159,40 +184,72 @@ class BatchEngine:
                     continue
                 seq.slot = self.adapters.acquire(ref)
                 if seq.slot is None:  # still loading, or every slot pinned by running rows
+                    self.adapters.prefetch(ref)  # again, in case its host copy was dropped meanwhile
                     blocked.append(seq)
                     continue
-            try:
-                self._prefill(seq)
-            except Exception as exc:  # one bad request must not take the batch down
-                log.exception("prefill failed for %s", seq.request_id)
-                seq.fail(f"generation failed: {exc}")
-                if ref is not None:
-                    self.adapters.release(ref.key)
+            admitted.append(seq)
         self.waiting.extendleft(reversed(blocked))
-
-    def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.prompt_ids], device=self.device)  # [1, prompt_len]
-        self._route([seq])
-        kv = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, past_key_values=kv, use_cache=True)
-        (token,) = choose_tokens(out.logits[:, -1], [seq.request.sampling], [seq.generator])
-        self._merge(kv, len(seq.prompt_ids))
-        self.running.append(seq)
-        self._accept(seq, token)
-
-    def _merge(self, kv: DynamicCache, length: int) -> None:
-        """Append one prefilled row to the batch cache, left-padding the shorter side."""
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        if self.kv is None or self.mask is None:
-            self.kv, self.mask = kv, row_mask
+        if not admitted:
             return
-        width = max(self.mask.shape[1], length)
-        for batch_layer, row_layer in zip(self.kv.layers, kv.layers, strict=True):
-            batch_layer.keys = torch.cat([_pad_seq(batch_layer.keys, width), _pad_seq(row_layer.keys, width)])
+        try:
+            self._prefill(admitted)
+        except Exception as exc:  # a bad prefill fails its own requests, not the running batch
+            log.exception("prefill failed for %d requests", len(admitted))
+            for seq in admitted:
+                seq.fail(f"generation failed: {exc}")
+                self._release_slot(seq)
+
+    def _kv_fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """Would the padded cache stay within budget if every row ran to its max_tokens?"""
+        rows = [*self.running, *admitted, seq]
+        return len(rows) * max(s.reserved_tokens for s in rows) <= self.limits.kv_cache_tokens
+
+    def _prefill_fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        if not admitted:
+            return True  # one prompt always goes (its length is bounded by the context check)
+        rows = [*admitted, seq]
+        return len(rows) * max(len(s.prompt_ids) for s in rows) <= self.limits.max_prefill_tokens
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        width = max(len(s.prompt_ids) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, device=self.device)  # [rows, width] left-padded
+        mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)  # [rows, width]
+        for row, seq in enumerate(seqs):
+            n = len(seq.prompt_ids)
+            ids[row, width - n :] = torch.tensor(seq.prompt_ids, device=self.device)
+            mask[row, width - n :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # real tokens start at position 0
+        self._route(seqs)
+        kv = DynamicCache(config=self.model.config)
+        started = time.monotonic()
+        for seq in seqs:
+            seq.admitted = started
+            metrics.QUEUE_TIME.observe(started - seq.arrived)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=kv,
+                         use_cache=True, logits_to_keep=1)
+        metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
+        metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in seqs))
+        tokens = choose_tokens(out.logits[:, -1], [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        self._merge(kv, mask)
+        self.running.extend(seqs)
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._accept(seq, token)
+
+    def _merge(self, kv: DynamicCache, new_mask: torch.Tensor) -> None:
+        """Append prefilled rows to the batch cache, left-padding the shorter side."""
+        if self.kv is None or self.mask is None:
+            self.kv, self.mask = kv, new_mask
+            return
+        width = max(self.mask.shape[1], new_mask.shape[1])
+        # Full-attention layers (keys/values tensors [batch, heads, seq, dim]) for these models.
+        layers: list[Any] = self.kv.layers
+        new_layers: list[Any] = kv.layers
+        for batch_layer, new_layer in zip(layers, new_layers, strict=True):
+            batch_layer.keys = torch.cat([_pad_seq(batch_layer.keys, width), _pad_seq(new_layer.keys, width)])
             batch_layer.values = torch.cat(
-                [_pad_seq(batch_layer.values, width), _pad_seq(row_layer.values, width)]
+                [_pad_seq(batch_layer.values, width), _pad_seq(new_layer.values, width)]
             )
-        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(row_mask, width)])
+        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(new_mask, width)])
 
     # -- decode --------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -202,6 +259,7 @@ class BatchEngine:
         positions = torch.tensor([[s.next_position] for s in rows], device=self.device)  # [batch, 1]
         self.mask = torch.cat([self.mask, torch.ones_like(last)], dim=1)
         self._route(rows)
+        started = time.monotonic()
         try:
             out = self.model(
                 input_ids=last,
@@ -219,6 +277,8 @@ class BatchEngine:
         tokens = choose_tokens(
             out.logits[:, -1], [s.request.sampling for s in rows], [s.generator for s in rows]
         )
+        metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
+        metrics.BATCH_SIZE.observe(len(rows))
         for seq, token in zip(rows, tokens, strict=True):
             if seq.finish_reason is None:
                 self._accept(seq, token)
@@ -226,23 +286,23 @@ class BatchEngine:
     def _route(self, rows: list[Sequence]) -> None:
         zero = self.adapters.zero_slot
         slots = [zero if s.slot is None else s.slot for s in rows]
-        active = frozenset(slot for slot in slots if slot != zero)
-        if not active:
-            self.routing.clear()
-            return
-        self.routing.slots = torch.tensor(slots, device=self.device)
-        self.routing.active = active
-        self.routing.rank = max(self.adapters.rank_of(slot) for slot in active)
+        self.routing.route(slots, zero, self.adapters.rank_of, self.adapters.dtype, self.device)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
+        metrics.GENERATED_TOKENS.inc()
         params = seq.request.sampling
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens:
             seq.finish_reason = "length"
         seq.update_text(self.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
         seq.flush()
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None and seq.request.adapter is not None:
+            self.adapters.release(seq.request.adapter.key)
+            seq.slot = None
 
     def _retire_finished(self) -> None:
         """Drop finished rows from the batch and its cache; trim padding nobody needs."""
@@ -250,9 +310,8 @@ class BatchEngine:
             return
         keep = [i for i, s in enumerate(self.running) if s.finish_reason is None]
         for seq in self.running:
-            if seq.finish_reason is not None and seq.slot is not None and seq.request.adapter is not None:
-                self.adapters.release(seq.request.adapter.key)
-                seq.slot = None
+            if seq.finish_reason is not None:
+                self._release_slot(seq)
         self.running = [self.running[i] for i in keep]
         if not keep or self.kv is None or self.mask is None:
             self.kv, self.mask = None, None
@@ -262,7 +321,8 @@ class BatchEngine:
         self.mask = self.mask[index]
         first_used = int((self.mask.sum(dim=0) > 0).nonzero()[0])
         if first_used > 0:
-            for layer in self.kv.layers:
+            layers: list[Any] = self.kv.layers
+            for layer in layers:
                 layer.keys = layer.keys[:, :, first_used:]
                 layer.values = layer.values[:, :, first_used:]
             self.mask = self.mask[:, first_used:]

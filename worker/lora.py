@@ -1,14 +1,17 @@
 """LoRA applied by the engine's own layer, a different adapter on every row.
 
 Each adapted linear layer keeps all resident adapters stacked in slot tensors and adds
-`B[slot] · (A[slot] · x)` per row with one gather and two batched matmuls on top of
-whatever the base layer is (bitsandbytes NF4, GPTQ/AWQ or plain). Adapter weights are
+`B[slot] · (A[slot] · x)` per row on top of whatever the base layer is (bitsandbytes
+NF4, GPTQ/AWQ or plain): with one adapter in the batch, two plain matmuls on views of
+its slot; with several, one `index_select` per matrix and two batched matmuls. (On CPU,
+index_select + bmm with B stored transposed measured 3x faster than advanced indexing.) Adapter weights are
 copied into the slot tensors from their own files: the base module is never read or
 written, so bitsandbytes' CPU repacking bug (DESIGN.md) cannot touch it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -22,9 +25,26 @@ class LoraRouting:
     slots: torch.Tensor | None = None  # [batch] slot of each row; None: no row has an adapter
     active: frozenset[int] = field(default_factory=frozenset)  # slots used in this pass
     rank: int = 0  # widest rank among the active adapters
+    single: int | None = None  # the one active slot, when there is exactly one
+    row_mask: torch.Tensor | None = None  # [batch, 1, 1] 1.0 on rows of `single`; None: every row
 
     def clear(self) -> None:
-        self.slots, self.active, self.rank = None, frozenset(), 0
+        self.slots, self.active, self.rank, self.single, self.row_mask = None, frozenset(), 0, None, None
+
+    def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], dtype: torch.dtype,
+              device: torch.device) -> None:
+        """Set the routing for a batch whose row i uses `slots[i]` (`zero_slot`: the base model)."""
+        active = frozenset(slot for slot in slots if slot != zero_slot)
+        if not active:
+            self.clear()
+            return
+        self.slots = torch.tensor(slots, device=device)  # [batch]
+        self.active = active
+        self.rank = max(rank_of(slot) for slot in active)
+        self.single = next(iter(active)) if len(active) == 1 else None
+        self.row_mask = None
+        if self.single is not None and zero_slot in slots:
+            self.row_mask = (self.slots != zero_slot).to(dtype).view(-1, 1, 1)  # [batch, 1, 1]
 
 
 class MultiLoraLinear(nn.Module):
@@ -44,7 +64,7 @@ class MultiLoraLinear(nn.Module):
         self.routing = routing
         # The extra last slot stays zero: rows without an adapter point at it.
         self.lora_a = torch.zeros(num_slots + 1, max_rank, in_features, device=device, dtype=dtype)
-        self.lora_b = torch.zeros(num_slots + 1, out_features, max_rank, device=device, dtype=dtype)
+        self.lora_b = torch.zeros(num_slots + 1, max_rank, out_features, device=device, dtype=dtype)  # B transposed
         self.filled: set[int] = set()  # slots holding weights for this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,17 +72,27 @@ class MultiLoraLinear(nn.Module):
         route = self.routing
         if route.slots is None or self.filled.isdisjoint(route.active):
             return y
-        a = self.lora_a[route.slots, : route.rank]  # [batch, rank, in]
-        b = self.lora_b[route.slots, :, : route.rank]  # [batch, out, rank]
-        h = torch.bmm(x.to(a.dtype), a.transpose(1, 2))  # [batch, tokens, rank]
-        return y + torch.bmm(h, b.transpose(1, 2)).to(y.dtype)  # [batch, tokens, out]
+        rank = route.rank
+        if x.dtype != self.lora_a.dtype:
+            x = x.to(self.lora_a.dtype)
+        if route.single is not None:
+            h = x @ self.lora_a[route.single, :rank].T  # [batch, tokens, rank]
+            if route.row_mask is not None:
+                h = h * route.row_mask  # rows on the base model add nothing
+            delta = h @ self.lora_b[route.single, :rank]  # [batch, tokens, out]
+        else:
+            a = self.lora_a[:, :rank].index_select(0, route.slots)  # [batch, rank, in]
+            b = self.lora_b[:, :rank].index_select(0, route.slots)  # [batch, rank, out]
+            delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)  # [batch, tokens, out]
+        return y + delta.to(y.dtype)
 
-    def load_slot(self, slot: int, a: torch.Tensor, b_scaled: torch.Tensor) -> None:
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
+        """Copy A [rank, in] and B [out, rank] (any float dtype) into a slot, B scaled."""
         rank = a.shape[0]
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_a[slot, rank:].zero_()  # a narrower adapter than the slot: the rest adds nothing
+        self.lora_b[slot, rank:].zero_()
         self.lora_a[slot, :rank].copy_(a)
-        self.lora_b[slot, :, :rank].copy_(b_scaled)
+        torch.mul(b.T, scale, out=self.lora_b[slot, :rank])
         self.filled.add(slot)
 
     def clear_slot(self, slot: int) -> None:

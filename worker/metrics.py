@@ -1,24 +1,54 @@
-"""All of the worker's Prometheus metrics, in one registry."""
+"""All of the worker's Prometheus metrics, in one registry.
+
+The engine and the adapter cache record events as they happen (they own them); gauges
+are refreshed from plain stats at scrape time. No label carries a request id, prompt
+text or adapter name.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 if TYPE_CHECKING:
     from worker.runtime import WorkerRuntime
 
 REGISTRY = CollectorRegistry()
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10)
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
 REQUESTS = Counter("loraplex_worker_requests", "Generate requests accepted by this worker", registry=REGISTRY)
 RUNNING = Gauge("loraplex_worker_running_requests", "Requests in the running batch", registry=REGISTRY)
 WAITING = Gauge("loraplex_worker_waiting_requests", "Requests waiting for admission", registry=REGISTRY)
-ADAPTERS_RESIDENT = Gauge(
-    "loraplex_worker_adapters_resident", "Adapters held in device slots", registry=REGISTRY
-)
 READY = Gauge("loraplex_worker_ready", "1 once the base model is loaded", registry=REGISTRY)
-RSS = Gauge("loraplex_worker_resident_memory_bytes", "Resident memory of the worker process", registry=REGISTRY)
+BATCH_SIZE = Histogram("loraplex_worker_batch_size", "Rows in each decode step",
+                       buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
+STEP_TIME = Histogram("loraplex_worker_step_duration_seconds", "Time of one forward pass, by phase", ["phase"],
+                      buckets=STEP_BUCKETS, registry=REGISTRY)
+QUEUE_TIME = Histogram("loraplex_worker_queue_duration_seconds", "Time from arrival to admission into the batch",
+                       buckets=QUEUE_BUCKETS, registry=REGISTRY)
+GENERATED_TOKENS = Counter("loraplex_worker_generated_tokens", "Tokens generated", registry=REGISTRY)
+PROMPT_TOKENS = Counter("loraplex_worker_prompt_tokens", "Prompt tokens prefilled", registry=REGISTRY)
+
+MEMORY = Gauge("loraplex_worker_memory_bytes", "Memory: process RSS on CPU; CUDA allocated, reserved and total",
+               ["kind"], registry=REGISTRY)
+ADAPTERS_RESIDENT = Gauge("loraplex_worker_adapters_resident", "Adapters held, by cache tier", ["tier"],
+                          registry=REGISTRY)
+ADAPTER_BYTES = Gauge("loraplex_worker_adapter_bytes", "Bytes of adapter weights held, by cache tier", ["tier"],
+                      registry=REGISTRY)
+ADAPTER_LOOKUPS = Counter("loraplex_worker_adapter_lookups", "Adapter lookups by result (hit: in a device slot; "
+                          "host_hit: in host memory; miss: read from the blob store)", ["result"], registry=REGISTRY)
+ADAPTER_LOADS = Counter("loraplex_worker_adapter_loads", "Adapter loads from the blob store, by outcome",
+                        ["outcome"], registry=REGISTRY)
+ADAPTER_EVICTIONS = Counter("loraplex_worker_adapter_evictions", "Adapters dropped, by tier and reason",
+                            ["tier", "reason"], registry=REGISTRY)
+ADAPTER_LOAD_TIME = Histogram("loraplex_worker_adapter_load_duration_seconds",
+                              "Blob store to host memory: read, verify, parse", buckets=LOAD_BUCKETS, registry=REGISTRY)
+BASE_MODEL = Info("loraplex_worker_base_model", "The base model this worker serves", registry=REGISTRY)
 
 
 def observe(runtime: WorkerRuntime) -> None:
@@ -27,5 +57,18 @@ def observe(runtime: WorkerRuntime) -> None:
     READY.set(1 if health.ready else 0)
     RUNNING.set(health.running)
     WAITING.set(health.waiting)
-    ADAPTERS_RESIDENT.set(len(health.adapters_resident))
-    RSS.set(psutil.Process().memory_info().rss)
+    MEMORY.labels("rss").set(psutil.Process().memory_info().rss)
+    loaded = runtime.loaded
+    if loaded is None:
+        return
+    BASE_MODEL.info({"model": runtime.config.model_name, "quantization": loaded.quantization,
+                     "device": str(loaded.device)})
+    for tier, (count, nbytes) in loaded.adapters.tier_stats().items():
+        ADAPTERS_RESIDENT.labels(tier).set(count)
+        ADAPTER_BYTES.labels(tier).set(nbytes)
+    if loaded.device.type == "cuda":
+        import torch
+
+        MEMORY.labels("cuda_allocated").set(torch.cuda.memory_allocated(loaded.device))
+        MEMORY.labels("cuda_reserved").set(torch.cuda.memory_reserved(loaded.device))
+        MEMORY.labels("cuda_total").set(torch.cuda.get_device_properties(loaded.device).total_memory)

@@ -48,7 +48,7 @@ def _convert_gguf(target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # The GGUF quantizer would otherwise be written into config.json and refuse a reload.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,8 @@ def describe_checkpoint(name: str, path: Path) -> PreparedModel:
 
 def adaptable_linears(model: torch.nn.Module) -> dict[str, list[int]]:
     """Linear layers inside the decoder (the output head is left alone)."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
     return {
         name: [module.in_features, module.out_features]
         for name, module in model.named_modules()

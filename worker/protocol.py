@@ -21,6 +21,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
+    ignore_eos: bool = False  # run to max_tokens (benchmarks: equal lengths on every line)
 
 
 class ChatMessage(BaseModel):
@@ -56,6 +57,7 @@ class GenerateEvent(BaseModel):
     finished: bool = False
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    queue_seconds: float | None = None  # final event: time the request waited before joining the batch
     error: str | None = None
     error_status: int | None = None
 
@@ -76,4 +78,5 @@ class WorkerHealth(BaseModel):
     waiting: int = 0
     adapters_resident: list[str] = Field(default_factory=list)
     max_context: int | None = None
+    memory_bytes: int | None = None  # device memory allocated on CUDA; process RSS on CPU
     error: str | None = None

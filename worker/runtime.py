@@ -6,12 +6,13 @@ import logging
 import threading
 from dataclasses import dataclass
 
+import psutil
 import torch
 
-from adapters.blobstore import LocalBlobStore
+from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache
 from worker.config import WorkerConfig
-from worker.engine import BatchEngine, EngineLimits
+from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora import LoraRouting, install_lora_layers
 from worker.model import adaptable_linears, load_base_model, resolve_device
 from worker.protocol import WorkerHealth
@@ -25,6 +26,7 @@ class LoadedWorker:
     adapters: AdapterCache
     device: torch.device
     max_context: int
+    quantization: str = "bnb-nf4"
 
 
 def build_worker(config: WorkerConfig) -> LoadedWorker:
@@ -38,14 +40,19 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
         model, adaptable_linears(model), config.adapter_slots, config.max_lora_rank, routing, device, dtype
     )
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
-    limits = EngineLimits(config.max_batch_size, config.max_waiting, max_context)
+    kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, dtype)
+    limits = EngineLimits(config.max_batch_size, config.max_waiting, max_context, kv_tokens, config.max_prefill_tokens)
+    log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
-        layers, LocalBlobStore(config.blob_dir), config.adapter_slots, config.host_adapter_cache,
+        layers, open_blob_store(config.blob_url), config.adapter_slots, config.host_adapter_cache,
         config.max_lora_rank, dtype,
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once
-    return LoadedWorker(engine, adapters, device, max_context)
+    quant = getattr(model.config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    quantization = "bnb-nf4" if method in (None, "bitsandbytes") else str(getattr(method, "value", method))
+    return LoadedWorker(engine, adapters, device, max_context, quantization)
 
 
 class WorkerRuntime:
@@ -90,4 +97,12 @@ class WorkerRuntime:
             waiting=waiting,
             adapters_resident=self.loaded.adapters.resident(),
             max_context=self.loaded.max_context,
+            memory_bytes=memory_in_use(self.loaded.device),
         )
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Device memory allocated on CUDA; the process's resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return int(psutil.Process().memory_info().rss)

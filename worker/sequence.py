@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,8 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of `text` already sent
     finish_reason: FinishReason | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    admitted: float | None = None
 
     @property
     def request_id(self) -> str:
@@ -32,6 +35,11 @@ class Sequence:
     def next_position(self) -> int:
         # Position of the last sampled token, the one fed into the next decode step.
         return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV cache positions this row may come to hold."""
+        return len(self.prompt_ids) + self.request.sampling.max_tokens
 
     def update_text(self, text: str) -> None:
         """Take the decoded output; cut it at the earliest stop sequence and finish there."""
@@ -59,6 +67,7 @@ class Sequence:
                     finished=True,
                     finish_reason=self.finish_reason,
                     usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
+                    queue_seconds=None if self.admitted is None else self.admitted - self.arrived,
                 )
             )
 

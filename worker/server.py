@@ -7,10 +7,10 @@ over through an asyncio queue.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -28,13 +28,14 @@ def build_worker_app(runtime: WorkerRuntime) -> FastAPI:
         runtime.stop()
 
     app = FastAPI(title="loraplex worker", lifespan=lifespan)
+    _add_generation_routes(app, runtime)
+    _add_control_routes(app, runtime)
+    return app
 
-    @app.get("/health", response_model=WorkerHealth)
-    async def health() -> WorkerHealth:
-        return runtime.health()
 
+def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
     @app.post("/generate")
-    async def generate(body: GenerateRequest, request: Request) -> Response:
+    async def generate(body: GenerateRequest) -> Response:
         loaded = runtime.loaded
         if loaded is None:
             return _error(503, "the worker is still loading its base model")
@@ -49,19 +50,26 @@ def build_worker_app(runtime: WorkerRuntime) -> FastAPI:
         except QueueFull as exc:
             return _error(503, str(exc))
         metrics.REQUESTS.inc()
+        return StreamingResponse(_ndjson(events, lambda: loaded.engine.abort(body.request_id)),
+                                 media_type="application/x-ndjson")
 
-        async def stream() -> AsyncIterator[bytes]:
-            finished = False
-            try:
-                while not finished:
-                    event = await events.get()
-                    finished = event.finished
-                    yield event.model_dump_json(exclude_none=True).encode() + b"\n"
-            finally:
-                if not finished:  # the gateway went away: free the row now
-                    loaded.engine.abort(body.request_id)
 
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+async def _ndjson(events: asyncio.Queue[GenerateEvent], abort: Callable[[], None]) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        while not finished:
+            event = await events.get()
+            finished = event.finished
+            yield event.model_dump_json(exclude_none=True).encode() + b"\n"
+    finally:
+        if not finished:  # the gateway went away: free the row now
+            abort()
+
+
+def _add_control_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
+    @app.get("/health", response_model=WorkerHealth)
+    async def health() -> WorkerHealth:
+        return runtime.health()
 
     @app.post("/abort")
     async def abort(body: AbortRequest) -> dict[str, bool]:
@@ -79,8 +87,6 @@ def build_worker_app(runtime: WorkerRuntime) -> FastAPI:
     async def prometheus() -> Response:
         metrics.observe(runtime)
         return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 def _error(status: int, message: str) -> JSONResponse:
