@@ -46,11 +46,11 @@ class TenantService:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
 
-    def create(self, name: str) -> tuple[Tenant, str]:
+    def create(self, name: str, limits: dict[str, int | None] | None = None) -> tuple[Tenant, str]:
         key = new_key()
         try:
             with self.sessions.begin() as session:
-                tenant = Tenant(name=name)
+                tenant = Tenant(name=name, **(limits or {}))
                 session.add(tenant)
                 session.flush()
                 session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:8]))
@@ -61,6 +61,15 @@ class TenantService:
     def list(self) -> list[Tenant]:
         with self.sessions() as session:
             return list(session.scalars(select(Tenant).order_by(Tenant.id)))
+
+    def set_limits(self, tenant_id: int, limits: dict[str, int | None]) -> Tenant:
+        with self.sessions.begin() as session:
+            tenant = session.get(Tenant, tenant_id)
+            if tenant is None:
+                raise NotFound(f"tenant {tenant_id} not found")
+            for field, value in limits.items():
+                setattr(tenant, field, value)
+        return tenant
 
     def issue_key(self, tenant_id: int) -> tuple[ApiKey, str]:
         key = new_key()

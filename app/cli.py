@@ -32,6 +32,15 @@ def _active_base(settings: Settings) -> BaseModel | None:
         return session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
 
 
+class _QuietProbes(logging.Filter):
+    """Keep health checks and Prometheus scrapes (every few seconds) out of the access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        path = str(args[2]) if len(args) > 2 else ""
+        return not path.startswith(("/health/", "/metrics"))
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -52,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     print(f"loraplex gateway listening on http://{settings.host}:{settings.port}", flush=True)
     if settings.admin_key is None:
         print(f"admin key (development mode, kept in {settings.data_dir / 'admin_key'}): {admin_key}", flush=True)
+    logging.getLogger("uvicorn.access").addFilter(_QuietProbes())
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
 
 
@@ -82,10 +92,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from worker.server import build_worker_app
 
     config = WorkerConfig(
-        model_path=Path(args.model_path), model_name=args.model_name, blob_dir=Path(args.blob_dir),
+        model_path=Path(args.model_path), model_name=args.model_name, blob_url=args.blob_url,
         host=args.host, port=args.port, device=args.device, torch_threads=args.threads,
         max_batch_size=args.max_batch_size, adapter_slots=args.adapter_slots,
         host_adapter_cache=args.host_adapter_cache, max_lora_rank=args.max_lora_rank,
+        max_waiting=args.max_waiting, kv_cache_mb=args.kv_cache_mb,
     )
     app = build_worker_app(WorkerRuntime(config))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
@@ -111,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run one worker process (the gateway starts these)")
     worker.add_argument("--model-path", required=True)
     worker.add_argument("--model-name", required=True)
-    worker.add_argument("--blob-dir", required=True)
+    worker.add_argument("--blob-url", required=True, help="adapter blob store: a directory or s3://bucket/prefix")
     worker.add_argument("--host", default="127.0.0.1")
     worker.add_argument("--port", type=int, default=8100)
     worker.add_argument("--device", default="auto")
@@ -120,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--adapter-slots", type=int, default=8)
     worker.add_argument("--host-adapter-cache", type=int, default=64)
     worker.add_argument("--max-lora-rank", type=int, default=32)
+    worker.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
+    worker.add_argument("--kv-cache-mb", type=int, default=2048, help="memory for the batch's KV cache")
     worker.set_defaults(func=cmd_worker)
     return parser
 

@@ -12,6 +12,8 @@ from adapters.models import Tenant
 from adapters.registry import AdapterRegistry
 from app.auth import TenantService, is_admin_key
 from app.errors import Forbidden, Unauthorized
+from app.metrics import TenantLabels
+from app.quotas import RequestQuotas
 from app.settings import Settings
 from app.workers.pool import WorkerPool
 
@@ -24,6 +26,8 @@ class Services:
     tenants: TenantService
     pool: WorkerPool
     admin_key: str
+    quotas: RequestQuotas
+    tenant_labels: TenantLabels
 
 
 def get_services(request: Request) -> Services:

@@ -5,13 +5,17 @@ Every error body is `{"error": {"type", "message"}}`.
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.registry import AdapterNotFound, InvalidAdapterName, NoActiveBaseModel
+from adapters.registry import AdapterNotFound, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded
 from adapters.validation import InvalidAdapter
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -46,6 +50,10 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, type = 413, "payload_too_large"
+
+
+class TooManyRequests(ApiError):
+    status, type = 429, "rate_limited"
 
 
 class UnprocessableAdapter(ApiError):
@@ -84,13 +92,19 @@ def as_api_error(exc: Exception) -> ApiError:
         return UnprocessableAdapter(str(exc))
     if isinstance(exc, InvalidAdapterName):
         return BadRequest(str(exc))
+    if isinstance(exc, StorageQuotaExceeded):
+        return TooManyRequests(str(exc), retry_after=60)
     if isinstance(exc, NoActiveBaseModel):
         return WorkerUnavailable(str(exc), retry_after=10)
     return ApiError("internal error")
 
 
+# Starlette's own errors (unknown path, wrong method) in the same vocabulary as ours.
+_HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    mapped = (ApiError, AdapterNotFound, InvalidAdapter, InvalidAdapterName, NoActiveBaseModel)
+    mapped = (ApiError, AdapterNotFound, InvalidAdapter, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded)
 
     async def on_mapped(_: Request, exc: Exception) -> JSONResponse:
         err = as_api_error(exc)
@@ -105,9 +119,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        return _response(exc.status_code, "http_error", str(exc.detail))
+        kind = _HTTP_TYPES.get(exc.status_code, "http_error")
+        return _response(exc.status_code, kind, str(exc.detail))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Logged here with its traceback; the client gets the usual JSON shape and nothing internal.
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _response(500, "internal_error", "internal error")
 
     for cls in mapped:
         app.add_exception_handler(cls, on_mapped)
+    app.add_exception_handler(Exception, on_unexpected)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from adapters.models import Tenant
-from adapters.registry import ResolvedAdapter
+from adapters.registry import AdapterNotFound, ResolvedAdapter
 from app import metrics
 from app.deps import Services
-from app.errors import BadRequest, GenerationFailed, WorkerUnavailable
+from app.errors import BadRequest, GenerationFailed, NotFound, WorkerUnavailable
+from app.quotas import effective_limits
+from app.workers.pool import WorkerSlot
 from worker.protocol import AdapterRef, ChatMessage, GenerateEvent, GenerateRequest, SamplingParams
 
 
@@ -44,12 +51,14 @@ def check_limits(services: Services, job: GenerationInput) -> None:
     if chars > s.max_prompt_chars:
         raise BadRequest(f"the prompt has {chars} characters; the limit is {s.max_prompt_chars} (max_prompt_chars)")
     if job.sampling.max_tokens > s.max_tokens_limit:
-        raise BadRequest(f"max_tokens {job.sampling.max_tokens} is above the limit of {s.max_tokens_limit}")
+        raise BadRequest(
+            f"max_tokens {job.sampling.max_tokens} is above the limit of {s.max_tokens_limit} (max_tokens_limit)"
+        )
     if len(job.sampling.stop) > s.max_stop_sequences:
-        raise BadRequest(f"at most {s.max_stop_sequences} stop sequences are allowed")
+        raise BadRequest(f"at most {s.max_stop_sequences} stop sequences are allowed (max_stop_sequences)")
     for stop in job.sampling.stop:
         if not stop or len(stop) > s.max_stop_length:
-            raise BadRequest(f"each stop sequence must be 1-{s.max_stop_length} characters")
+            raise BadRequest(f"each stop sequence must be 1-{s.max_stop_length} characters (max_stop_length)")
 
 
 async def resolve_adapter(services: Services, tenant: Tenant, ref: str | None) -> ResolvedAdapter | None:
@@ -58,11 +67,22 @@ async def resolve_adapter(services: Services, tenant: Tenant, ref: str | None) -
     return await run_in_threadpool(services.registry.resolve, tenant.id, ref)
 
 
+log = logging.getLogger(__name__)
+
+WORKER_HEADER = "X-Loraplex-Worker"  # which worker answered: makes adapter-affinity routing visible
+
+
 class Generation:
     """One request in flight: the events of the worker it landed on."""
 
-    def __init__(self, services: Services, job: GenerationInput, adapter: ResolvedAdapter | None) -> None:
+    def __init__(
+        self, services: Services, tenant: Tenant, job: GenerationInput, adapter: ResolvedAdapter | None
+    ) -> None:
         self.services = services
+        self.tenant_id = tenant.id
+        self.tenant_label = services.tenant_labels.label(tenant.name)
+        self.started = time.monotonic()
+        self._last_text: float | None = None
         self.adapter = adapter
         self.request = GenerateRequest(
             request_id=uuid.uuid4().hex,
@@ -74,27 +94,47 @@ class Generation:
                             config_sha256=adapter.config_sha256),
             sampling=job.sampling,
         )
-        # Picked now, so that "no worker ready" is a 503 before any response starts.
+        # Picked and admitted now, so that 503 and 429 come before any response starts.
         self.slot = services.pool.pick(self.request.adapter.key if self.request.adapter else None)
+        self._tried: list[WorkerSlot] = []
+        release = services.quotas.admit(tenant.id, effective_limits(tenant, services.settings))
+        # Released when the events end, or when this object goes away if they never started
+        # (a client that disconnects before a stream's first byte).
+        self._release = weakref.finalize(self, release)
 
-    async def events(self) -> AsyncIterator[GenerateEvent]:
-        """Worker events; an error event from the worker becomes the matching API error."""
-        slot = self.slot
-        slot.in_flight += 1
-        metrics.IN_FLIGHT.inc()
+    async def events(self) -> AsyncGenerator[GenerateEvent, None]:
+        """Worker events as they come; fails over to another worker while nothing was produced."""
         try:
-            async for event in slot.client.generate(self.request):
-                if event.error is not None:
-                    raise _event_error(event)
-                yield event
+            while True:
+                produced = False
+                try:
+                    async with aclosing(self._attempt()) as attempt:
+                        async for event in attempt:
+                            produced = True
+                            yield event
+                    return
+                except WorkerUnavailable:
+                    if produced:
+                        raise  # the client has part of an answer: a retryable error, not a silent restart
+                    self._fail_over()
         finally:
-            slot.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+            self._release()
 
     async def complete(self) -> Completion:
+        """The whole answer; nothing reaches the client before the end, so any worker failure fails over."""
+        try:
+            while True:
+                try:
+                    return await self._complete_once()
+                except WorkerUnavailable:
+                    self._fail_over()
+        finally:
+            self._release()
+
+    async def _complete_once(self) -> Completion:
         parts: list[str] = []
-        async with aclosing(self.events()) as events:
-            async for event in events:
+        async with aclosing(self._attempt()) as attempt:
+            async for event in attempt:
                 parts.append(event.text)
                 if event.finished:
                     assert event.usage is not None
@@ -102,6 +142,71 @@ class Generation:
                     return Completion("".join(parts), event.finish_reason or "stop",
                                       event.usage.prompt_tokens, event.usage.completion_tokens)
         raise WorkerUnavailable("the worker ended the stream without finishing the request")
+
+    async def _attempt(self) -> AsyncGenerator[GenerateEvent, None]:
+        """One try on the current worker; an error event from it becomes the matching API error."""
+        slot = self.slot
+        slot.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            async for event in slot.client.generate(self.request):
+                if event.error is not None:
+                    await self._raise_if_deleted()
+                    raise _event_error(event)
+                self._observe(event)
+                yield event
+        finally:
+            slot.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+
+    async def _raise_if_deleted(self) -> None:
+        """A version deleted after admission but before the worker loaded it is a 404, not a failure."""
+        adapter = self.adapter
+        if adapter is None:
+            return
+        pinned = f"{adapter.name}@{adapter.version}"
+        try:
+            await run_in_threadpool(self.services.registry.resolve, self.tenant_id, pinned)
+        except AdapterNotFound:
+            raise NotFound(f"adapter {pinned!r} was deleted while the request waited") from None
+
+    def _observe(self, event: GenerateEvent) -> None:
+        now = time.monotonic()
+        if event.text:
+            if self._last_text is None:
+                metrics.TIME_TO_FIRST_TOKEN.observe(now - self.started)
+            else:
+                metrics.INTER_TOKEN_LATENCY.observe(now - self._last_text)
+            self._last_text = now
+        if event.finished and event.usage is not None:
+            self.services.quotas.charge(self.tenant_id, event.usage.total_tokens)
+            metrics.TENANT_LATENCY.labels(self.tenant_label).observe(now - self.started)
+            metrics.TENANT_TOKENS.labels(self.tenant_label, "prompt").inc(event.usage.prompt_tokens)
+            metrics.TENANT_TOKENS.labels(self.tenant_label, "completion").inc(event.usage.completion_tokens)
+            if event.queue_seconds is not None:
+                metrics.QUEUE_TIME.observe(event.queue_seconds)
+
+    def _fail_over(self) -> None:
+        """Move to another ready worker, or raise 503 when none is left."""
+        self._tried.append(self.slot)
+        failed = self.slot.client.name
+        self.slot = self.services.pool.pick(self.request.adapter.key if self.request.adapter else None,
+                                            exclude=self._tried)
+        metrics.RETRIES.inc()
+        log.warning("request %s: worker %s failed, retrying on %s", self.request.request_id, failed,
+                    self.slot.client.name)
+
+
+async def complete_unless_disconnected(request: Request, generation: Generation) -> Completion:
+    """Run to completion, or cancel (and so abort in the worker) when the client goes away."""
+    work = asyncio.ensure_future(generation.complete())
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=0.5)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            raise asyncio.CancelledError
 
 
 def _event_error(event: GenerateEvent) -> Exception:

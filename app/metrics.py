@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry()
@@ -9,17 +11,35 @@ REGISTRY = CollectorRegistry()
 # Buckets that fit LLM latencies: tens of milliseconds to minutes.
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 
+TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+
 HTTP_REQUESTS = Counter(
-    "loraplex_http_requests", "HTTP requests by route and status class", ["route", "status_class"],
-    registry=REGISTRY,
+    "loraplex_http_requests", "HTTP requests by route, status class and outcome",
+    ["route", "status_class", "outcome"], registry=REGISTRY,
 )
 REQUEST_LATENCY = Histogram(
     "loraplex_request_duration_seconds", "End-to-end request latency by route", ["route"],
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
 TIME_TO_FIRST_TOKEN = Histogram(
-    "loraplex_time_to_first_token_seconds", "Time from admission to the first streamed token",
+    "loraplex_time_to_first_token_seconds", "Time from admission to the first generated text",
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "loraplex_inter_token_latency_seconds", "Time between consecutive pieces of generated text",
+    buckets=TOKEN_GAP_BUCKETS, registry=REGISTRY,
+)
+QUEUE_TIME = Histogram(
+    "loraplex_queue_duration_seconds", "Time requests waited in a worker's queue before joining its batch",
+    buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+TENANT_LATENCY = Histogram(
+    "loraplex_tenant_request_duration_seconds", "Generation latency of the busiest tenants (the rest: other)",
+    ["tenant"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+TENANT_TOKENS = Counter(
+    "loraplex_tenant_tokens", "Tokens of the busiest tenants (the rest: other), by kind", ["tenant", "kind"],
+    registry=REGISTRY,
 )
 PROMPT_TOKENS = Counter("loraplex_prompt_tokens", "Prompt tokens processed", registry=REGISTRY)
 COMPLETION_TOKENS = Counter("loraplex_completion_tokens", "Completion tokens generated", registry=REGISTRY)
@@ -30,3 +50,51 @@ WORKERS_READY = Gauge("loraplex_workers_ready", "Workers ready to serve", regist
 def record_tokens(prompt: int, completion: int) -> None:
     PROMPT_TOKENS.inc(prompt)
     COMPLETION_TOKENS.inc(completion)
+
+
+def outcome(status: int) -> str:
+    """A bounded word for what happened to a request."""
+    if status < 400:
+        return "ok"
+    return {429: "rate_limited", 503: "unavailable", 413: "too_large"}.get(
+        status, "rejected" if status < 500 else "error"
+    )
+
+
+class TenantLabels:
+    """Per-tenant series for the `top` busiest tenants by requests seen; everyone else is `other`.
+
+    A tenant that drops out of the top has its series removed, so label values stay bounded.
+    """
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self._counts: dict[str, int] = {}
+        self._labelled: set[str] = set()
+
+    def label(self, tenant: str) -> str:
+        # Counts only grow, so only the tenant being counted can enter the top: O(top) per request.
+        count = self._counts[tenant] = self._counts.get(tenant, 0) + 1
+        if tenant in self._labelled:
+            return tenant
+        if len(self._labelled) < self.top:
+            self._labelled.add(tenant)
+            return tenant
+        quietest = min(self._labelled, key=lambda t: (self._counts[t], t), default=None)
+        if quietest is None or count <= self._counts[quietest]:
+            return "other"
+        self._labelled.discard(quietest)
+        _remove_tenant_series(quietest)
+        self._labelled.add(tenant)
+        return tenant
+
+
+def _remove_tenant_series(tenant: str) -> None:
+    with contextlib.suppress(KeyError):
+        TENANT_LATENCY.remove(tenant)
+    for kind in ("prompt", "completion"):
+        with contextlib.suppress(KeyError):
+            TENANT_TOKENS.remove(tenant, kind)
+RETRIES = Counter(
+    "loraplex_worker_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
+)

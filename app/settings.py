@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     models_dir: Path | None = None  # default: <data_dir>/models
     database_url: str | None = None  # default: SQLite file in data_dir
+    blob_url: str | None = None  # default: the directory data_dir/blobs; or s3://bucket/prefix?endpoint=...
     admin_key: SecretStr | None = None
 
     # Local workers spawned and supervised by the gateway.
@@ -27,10 +28,21 @@ class Settings(BaseSettings):
     worker_threads: int = Field(default=1, ge=1)
     worker_start_timeout_s: float = 600.0
     max_batch_size: int = Field(default=16, ge=1)
+    max_waiting: int = Field(default=256, ge=1)  # requests queued in a worker before it answers 503
+    kv_cache_mb: int = Field(default=2048, ge=1)  # per worker, sized explicitly (never from system RAM)
     adapter_slots: int = Field(default=8, ge=1)
     host_adapter_cache: int = Field(default=64, ge=1)
     # Remote workers, by base URL (one code path with local ones).
     worker_urls: list[str] = Field(default_factory=list)
+
+    # Per-tenant defaults (admins override them per tenant); over a limit is a 429.
+    tenant_max_concurrent_requests: int = Field(default=32, ge=1)
+    tenant_tokens_per_minute: int | None = Field(default=None, ge=1)  # None: unlimited
+    tenant_max_adapters: int = Field(default=1000, ge=0)
+    tenant_max_adapter_bytes: int = Field(default=10 * 2**30, ge=0)  # all versions of all its adapters
+
+    # Per-tenant metric series for this many of the busiest tenants; the rest are labelled `other`.
+    metrics_top_tenants: int = Field(default=20, ge=0)
 
     # Limits on input; each refusal names the limit.
     max_lora_rank: int = Field(default=32, ge=1)
@@ -42,9 +54,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
-        if self.env == "production":
-            if self.admin_key is None or len(self.admin_key.get_secret_value()) < 16:
-                raise ValueError("LORAPLEX_ADMIN_KEY (16+ characters) is required outside development mode")
+        weak_key = self.admin_key is None or len(self.admin_key.get_secret_value()) < 16
+        if self.env == "production" and weak_key:
+            raise ValueError("LORAPLEX_ADMIN_KEY (16+ characters) is required outside development mode")
         return self
 
     @property
@@ -54,6 +66,11 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
+
+    @property
+    def resolved_blob_url(self) -> str:
+        """Where adapter files live; workers read them from here too, never from the gateway."""
+        return self.blob_url or str(self.blob_dir.resolve())
 
     @property
     def resolved_database_url(self) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
@@ -10,9 +9,12 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from adapters.models import Adapter, AdapterVersion
+from adapters.registry import parse_reference
 from adapters.validation import collect_files
 from app.deps import ServicesDep, TenantDep
 from app.errors import BadRequest, PayloadTooLarge
+from app.quotas import storage_quota
+from app.schemas import UtcDatetime
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -28,7 +30,7 @@ class AdapterVersionPublic(BaseModel):
     size_bytes: int
     sha256: str
     base_model: str | None
-    created_at: datetime
+    created_at: UtcDatetime
     warnings: list[str] = []
 
 
@@ -84,7 +86,8 @@ def upload_adapter(
         raise BadRequest("no files uploaded: send adapter_config.json and adapter_model.safetensors")
     limit = services.settings.max_adapter_bytes
     adapter_files = collect_files(_read_uploads(files, limit), max_unpacked_bytes=limit)
-    adapter, version = services.registry.create_version(tenant.id, name, adapter_files)
+    quota = storage_quota(tenant, services.settings)
+    adapter, version = services.registry.create_version(tenant.id, name, adapter_files, quota)
     with services.sessions() as session:
         base = services.registry.active_base_model(session)
     return _version_public(adapter.name, version, base.name)
@@ -92,7 +95,7 @@ def upload_adapter(
 
 @router.get("", response_model=list[AdapterPublic])
 def list_adapters(tenant: TenantDep, services: ServicesDep) -> list[AdapterPublic]:
-    return [_adapter_public(a) for a in services.registry.list(tenant.id) if a.versions]
+    return [_adapter_public(a) for a in services.registry.list_adapters(tenant.id) if a.versions]
 
 
 @router.get("/{name}", response_model=AdapterPublic)
@@ -100,9 +103,14 @@ def get_adapter(name: str, tenant: TenantDep, services: ServicesDep) -> AdapterP
     return _adapter_public(services.registry.get(tenant.id, name))
 
 
-@router.delete("/{name}", status_code=204)
-async def delete_adapter(name: str, tenant: TenantDep, services: ServicesDep) -> Response:
-    gone = await run_in_threadpool(services.registry.delete, tenant.id, name)
+@router.delete("/{ref}", status_code=204)
+async def delete_adapter(ref: str, tenant: TenantDep, services: ServicesDep) -> Response:
+    """`name` deletes the adapter with all its versions; `name@N` deletes that version alone."""
+    name, number = parse_reference(ref)
+    if number is None:
+        gone = await run_in_threadpool(services.registry.delete, tenant.id, name)
+    else:
+        gone = [await run_in_threadpool(services.registry.delete_version, tenant.id, name, number)]
     for version in gone:  # in-flight requests finish first; the worker frees the slot after
         await services.pool.evict_everywhere(version.cache_key)
     return Response(status_code=204)

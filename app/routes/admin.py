@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
-from app.deps import AdminDep, ServicesDep
+from adapters.models import Tenant
+from app.deps import AdminDep, Services, ServicesDep
+from app.quotas import TenantLimits, effective_limits
+from app.schemas import UtcDatetime
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 
 
 class TenantCreate(BaseModel):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+    limits: TenantLimits | None = None
 
 
 class TenantPublic(BaseModel):
     id: int
     name: str
-    created_at: datetime
+    created_at: UtcDatetime
+    limits: TenantLimits = Field(description="effective limits: the tenant's own, or the service defaults")
+
+
+class AdapterVisibility(BaseModel):
+    public: bool
 
 
 class TenantCreated(BaseModel):
@@ -43,18 +50,36 @@ class WorkerPublic(BaseModel):
     waiting: int
     in_flight: int
     adapters_resident: list[str]
+    memory_bytes: int | None
     error: str | None
 
 
 @router.post("/tenants", response_model=TenantCreated, status_code=201)
 def create_tenant(body: TenantCreate, services: ServicesDep) -> TenantCreated:
-    tenant, key = services.tenants.create(body.name)
+    limits = body.limits.model_dump(exclude_unset=True) if body.limits else None
+    tenant, key = services.tenants.create(body.name, limits)
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 
 @router.get("/tenants", response_model=list[TenantPublic])
 def list_tenants(services: ServicesDep) -> list[TenantPublic]:
-    return [TenantPublic(id=t.id, name=t.name, created_at=t.created_at) for t in services.tenants.list()]
+    return [_tenant_public(t, services) for t in services.tenants.list()]
+
+
+def _tenant_public(t: Tenant, services: Services) -> TenantPublic:
+    return TenantPublic(id=t.id, name=t.name, created_at=t.created_at, limits=effective_limits(t, services.settings))
+
+
+@router.put("/tenants/{tenant_id}/limits", response_model=TenantPublic)
+def set_limits(tenant_id: int, body: TenantLimits, services: ServicesDep) -> TenantPublic:
+    """Set the given limits (null: back to the service default); limits not sent are left alone."""
+    return _tenant_public(services.tenants.set_limits(tenant_id, body.model_dump(exclude_unset=True)), services)
+
+
+@router.put("/tenants/{tenant_id}/adapters/{name}/visibility", status_code=204)
+def set_visibility(tenant_id: int, name: str, body: AdapterVisibility, services: ServicesDep) -> Response:
+    services.registry.set_public(tenant_id, name, body.public)
+    return Response(status_code=204)
 
 
 @router.post("/tenants/{tenant_id}/keys", response_model=KeyCreated, status_code=201)
@@ -82,6 +107,7 @@ async def workers(services: ServicesDep) -> list[WorkerPublic]:
             waiting=s.health.waiting,
             in_flight=s.in_flight,
             adapters_resident=s.health.adapters_resident,
+            memory_bytes=s.health.memory_bytes,
             error=s.health.error,
         )
         for s in services.pool.slots

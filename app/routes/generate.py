@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from app import metrics
 from app.deps import ServicesDep, TenantDep
 from app.errors import as_api_error, error_body
-from app.generation import Generation, GenerationInput, check_limits, resolve_adapter
+from app.generation import (
+    WORKER_HEADER,
+    Generation,
+    GenerationInput,
+    check_limits,
+    complete_unless_disconnected,
+    resolve_adapter,
+)
 from worker.protocol import ChatMessage, SamplingParams
 
 router = APIRouter(tags=["generation"])
+
+DEFAULT_MAX_TOKENS = 128
 
 
 class GenerateBody(BaseModel):
@@ -27,16 +35,17 @@ class GenerateBody(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     adapter: str | None = Field(default=None, description="adapter name, or name@version")
-    max_tokens: int = Field(default=128, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, description="default: 128, or the limit if lower")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
 
-    def to_input(self) -> GenerationInput:
+    def to_input(self, max_tokens_limit: int) -> GenerationInput:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        sampling = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature,
+        max_tokens = self.max_tokens if self.max_tokens is not None else min(DEFAULT_MAX_TOKENS, max_tokens_limit)
+        sampling = SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
                                   top_p=self.top_p, seed=self.seed, stop=stop)
         return GenerationInput(self.prompt, self.messages, self.adapter, sampling)
 
@@ -56,15 +65,19 @@ class GenerateResponse(BaseModel):
 
 
 @router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateBody, tenant: TenantDep, services: ServicesDep, request: Request):  # type: ignore[no-untyped-def]
-    job = body.to_input()
+async def generate(
+    body: GenerateBody, tenant: TenantDep, services: ServicesDep, request: Request, response: Response
+) -> GenerateResponse | StreamingResponse:
+    job = body.to_input(services.settings.max_tokens_limit)
     check_limits(services, job)
     adapter = await resolve_adapter(services, tenant, job.adapter)
-    generation = Generation(services, job, adapter)
+    generation = Generation(services, tenant, job, adapter)
     started = time.monotonic()
     if body.stream:
-        return StreamingResponse(_sse(generation, started), media_type="text/event-stream")
-    completion = await _unless_disconnected(request, generation)
+        return StreamingResponse(_sse(generation, started), media_type="text/event-stream",
+                                 headers={WORKER_HEADER: generation.slot.client.name})
+    completion = await complete_unless_disconnected(request, generation)
+    response.headers[WORKER_HEADER] = generation.slot.client.name  # the worker that answered
     metrics.REQUEST_LATENCY.labels("/generate").observe(time.monotonic() - started)
     usage = UsagePublic(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
                         total_tokens=completion.prompt_tokens + completion.completion_tokens)
@@ -74,18 +87,6 @@ async def generate(body: GenerateBody, tenant: TenantDep, services: ServicesDep,
     )
 
 
-async def _unless_disconnected(request: Request, generation: Generation):  # type: ignore[no-untyped-def]
-    """Run to completion, or cancel (and so abort in the worker) when the client goes away."""
-    work = asyncio.ensure_future(generation.complete())
-    while True:
-        done, _ = await asyncio.wait({work}, timeout=0.5)
-        if done:
-            return work.result()
-        if await request.is_disconnected():
-            work.cancel()
-            raise asyncio.CancelledError
-
-
 def _sse_event(payload: dict[str, object]) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
@@ -93,14 +94,10 @@ def _sse_event(payload: dict[str, object]) -> bytes:
 async def _sse(generation: Generation, started: float) -> AsyncIterator[bytes]:
     """Token events, then a final one; a failure after the 200 ends with an error event."""
     adapter = generation.adapter
-    first = True
     try:
         async with aclosing(generation.events()) as events:
             async for event in events:
                 if event.text:
-                    if first:
-                        metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - started)
-                        first = False
                     yield _sse_event({"type": "token", "text": event.text})
                 if event.finished and event.usage is not None:
                     metrics.record_tokens(event.usage.prompt_tokens, event.usage.completion_tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -62,10 +63,8 @@ class HttpWorkerClient:
         await self._http.aclose()
 
     async def _post(self, path: str, body: str) -> None:
-        try:
+        with contextlib.suppress(httpx.TransportError):  # a dead worker has nothing left to abort or evict
             await self._http.post(path, content=body, headers={"content-type": "application/json"}, timeout=5.0)
-        except httpx.TransportError:
-            pass  # best effort: a dead worker has nothing left to abort or evict
 
 
 def _status_error(name: str, resp: httpx.Response) -> Exception:

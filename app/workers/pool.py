@@ -53,11 +53,11 @@ class WorkerPool:
     def any_ready(self) -> bool:
         return any(s.health.ready for s in self.slots)
 
-    def pick(self, adapter_key: str | None) -> WorkerSlot:
+    def pick(self, adapter_key: str | None, exclude: list[WorkerSlot] | None = None) -> WorkerSlot:
         """Prefer a ready worker that already holds the adapter and is not overloaded; else the least loaded."""
-        ready = [s for s in self.slots if s.health.ready]
+        ready = [s for s in self.slots if s.health.ready and not any(s is e for e in exclude or [])]
         if not ready:
-            raise WorkerUnavailable("no worker is ready yet", retry_after=5)
+            raise WorkerUnavailable("no worker is ready" + (" (others failed)" if exclude else ""), retry_after=5)
         if adapter_key is not None:
             holding = [s for s in ready if adapter_key in s.health.adapters_resident and s.load < self.overload]
             if holding:

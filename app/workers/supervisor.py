@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -19,13 +20,15 @@ class WorkerLaunch:
     port: int
     model_path: str
     model_name: str
-    blob_dir: str
+    blob_url: str
     device: str
     threads: int
     max_batch_size: int
     adapter_slots: int
     host_adapter_cache: int
     max_lora_rank: int
+    max_waiting: int
+    kv_cache_mb: int
 
     def argv(self) -> list[str]:
         return [
@@ -33,14 +36,37 @@ class WorkerLaunch:
             "--port", str(self.port),
             "--model-path", self.model_path,
             "--model-name", self.model_name,
-            "--blob-dir", self.blob_dir,
+            "--blob-url", self.blob_url,
             "--device", self.device,
             "--threads", str(self.threads),
             "--max-batch-size", str(self.max_batch_size),
             "--adapter-slots", str(self.adapter_slots),
             "--host-adapter-cache", str(self.host_adapter_cache),
             "--max-lora-rank", str(self.max_lora_rank),
+            "--max-waiting", str(self.max_waiting),
+            "--kv-cache-mb", str(self.kv_cache_mb),
         ]  # fmt: skip
+
+
+def visible_gpu_count() -> int:
+    """GPUs this host shows, without importing torch (the gateway never does)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
+def device_for(setting: str, index: int, gpus: int) -> str:
+    """Local worker `index`'s device: with GPUs, each worker on its own (round robin past the count)."""
+    if setting in ("auto", "cuda") and gpus > 0:
+        return f"cuda:{index % gpus}"
+    return setting
 
 
 class LocalWorkerProcess:
