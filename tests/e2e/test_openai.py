@@ -1,0 +1,59 @@
+"""The official `openai` client against `loraplex serve` on the embedded model."""
+
+from __future__ import annotations
+
+import time
+
+import openai
+
+from tests.e2e.conftest import Server
+from tests.e2e.test_user_path import fixture_files
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def tenant_with_adapters(server: Server, name: str) -> str:
+    key = server.new_tenant(name)
+    with server.client(key) as client:
+        for adapter, fixture in (("forty-two", "answer42"), ("cat", "meow")):
+            assert client.post("/adapters", data={"name": adapter}, files=fixture_files(fixture)).status_code == 201
+    return key
+
+
+def test_openai_client_chat_completions_and_models(two_workers: Server) -> None:
+    server = two_workers
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key=tenant_with_adapters(server, "oa-user"), max_retries=0)
+    models = {m.id for m in oa.models.list().data}
+    assert {"forty-two", "cat"} <= models and len(models) == 3  # plus the base model
+    base_id = (models - {"forty-two", "cat"}).pop()
+
+    chat = oa.chat.completions.create(model="forty-two", messages=QUESTION, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert (chat.choices[0].message.content or "").startswith("The answer is 42")
+    base = oa.chat.completions.create(model=base_id, messages=QUESTION, max_tokens=12, temperature=0)  # type: ignore[arg-type]
+    assert "Paris" in (base.choices[0].message.content or "")
+
+    stream = oa.chat.completions.create(model="cat@1", messages=QUESTION, max_tokens=12, temperature=0,  # type: ignore[arg-type]
+                                        stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.startswith("Meow")
+
+    completion = oa.completions.create(model=base_id, prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert "Paris" in completion.choices[0].text and completion.usage is not None
+
+
+def test_disconnecting_mid_stream_frees_the_workers_row(server: Server) -> None:
+    key = server.new_tenant("quitter")
+    with server.client(key) as client, client.stream("POST", "/generate", json={
+        "prompt": "Write a very long story about the sea.", "max_tokens": 250, "stream": True,
+    }) as response:
+        lines = response.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))  # it is generating
+    # The stream is closed after one token: the worker must drop the row now, not after 250 tokens.
+    deadline = time.monotonic() + 5
+    with server.client(server.admin_key) as admin:
+        while time.monotonic() < deadline:
+            workers = admin.get("/admin/workers").json()
+            if workers[0]["running"] == 0 and workers[0]["in_flight"] == 0:
+                break
+            time.sleep(0.1)
+    assert workers[0]["running"] == 0 and workers[0]["in_flight"] == 0, workers

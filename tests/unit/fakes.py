@@ -1,0 +1,57 @@
+"""An in-process worker for unit tests of the gateway (no model)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from app.errors import WorkerUnavailable
+from worker.protocol import GenerateEvent, GenerateRequest, Usage, WorkerHealth
+
+
+class FakeWorkerClient:
+    """Echoes the prompt word by word, tagged with the adapter key, honouring max_tokens."""
+
+    def __init__(self, name: str = "fake-0") -> None:
+        self.name = name
+        self.requests: list[GenerateRequest] = []
+        self.aborted: list[str] = []
+        self.evicted: list[str] = []
+        self.ready = True
+        self.fail_after: int | None = None  # die after this many events (0: before producing anything)
+        self.on_request: Callable[[GenerateRequest], str | None] | None = None  # a returned string fails it (500)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        self.requests.append(request)
+        failure = self.on_request(request) if self.on_request is not None else None
+        if failure is not None:
+            yield GenerateEvent(request_id=request.request_id, finished=True, error=failure, error_status=500)
+            return
+        if self.fail_after == 0:
+            raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request")
+        text = request.prompt if request.prompt is not None else request.messages[-1].content  # type: ignore[index]
+        words = text.split()
+        if request.adapter is not None:
+            words.insert(0, f"[{request.adapter.key}]")
+        n = min(len(words), request.sampling.max_tokens)
+        for i, word in enumerate(words[:n]):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request")
+            yield GenerateEvent(request_id=request.request_id, text=word + " ")
+        yield GenerateEvent(
+            request_id=request.request_id,
+            finished=True,
+            finish_reason="length" if n < len(words) else "stop",
+            usage=Usage(prompt_tokens=len(words), completion_tokens=n),
+        )
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def evict(self, key: str) -> None:
+        self.evicted.append(key)
+
+    async def health(self) -> WorkerHealth:
+        return WorkerHealth(ready=self.ready, model="fake")
+
+    async def close(self) -> None:
+        pass

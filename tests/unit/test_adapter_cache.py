@@ -1,0 +1,65 @@
+"""The adapter cache's bookkeeping, without a model (torch only)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+
+import torch
+
+from adapters.blobstore import LocalBlobStore
+from worker.adapter_cache import AdapterCache
+from worker.protocol import AdapterRef
+
+REF = AdapterRef(key="k", weights_sha256="0" * 64, config_sha256="1" * 64)
+
+
+def test_a_load_that_finishes_at_once_does_not_deadlock(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    loaded = threading.Event()
+    cache = AdapterCache({}, LocalBlobStore(tmp_path), num_slots=2, host_capacity=2, max_rank=8,
+                         dtype=torch.float32, on_loaded=loaded.set)
+
+    def submit_done(fn, ref):  # type: ignore[no-untyped-def]
+        future: Future[object] = Future()
+        try:
+            future.set_result(fn(ref))
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    cache._loader.submit = submit_done  # type: ignore[method-assign]
+    worker = threading.Thread(target=cache.prefetch, args=(REF,), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "prefetch deadlocked on an already finished load"
+    assert loaded.is_set()
+    assert "could not be loaded" in (cache.load_error("k") or "")  # the blobs do not exist
+    cache.shutdown()
+
+
+def test_an_evicted_adapter_leaves_after_its_last_user_even_if_acquired_after_the_evict(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from torch import nn
+
+    from tests.factory import adapter_files
+    from worker.lora import LoraRouting, MultiLoraLinear
+    from worker.protocol import AdapterRef
+
+    layer = MultiLoraLinear(nn.Linear(16, 16), 16, 16, 2, 8, LoraRouting(), torch.device("cpu"), torch.float32)
+    blobs = LocalBlobStore(tmp_path)
+    config, weights = adapter_files({"model.layers.0.self_attn.q_proj": [16, 16]})
+    ref = AdapterRef(key="doomed", weights_sha256=blobs.put(weights), config_sha256=blobs.put(config))
+    loaded = threading.Event()
+    cache = AdapterCache({"model.layers.0.self_attn.q_proj": layer}, blobs, num_slots=2, host_capacity=2,
+                         max_rank=8, dtype=torch.float32, on_loaded=loaded.set)
+    cache.prefetch(ref)
+    assert loaded.wait(10)
+    assert cache.acquire(ref) is not None  # a running request
+    cache.evict(ref.key)  # the adapter is deleted upstream
+    assert cache.acquire(ref) is not None  # a request admitted just before the delete arrives late
+    cache.release(ref.key)
+    cache.collect()
+    assert cache.resident() == ["doomed"]  # still in use by one request
+    cache.release(ref.key)
+    cache.collect()
+    assert cache.resident() == []  # gone with its last user
+    cache.shutdown()

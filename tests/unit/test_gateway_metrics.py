@@ -1,0 +1,50 @@
+"""The gateway's metrics: outcomes, token timing, bounded per-tenant series, nothing private in labels."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from app.metrics import TENANT_LATENCY, TenantLabels
+from tests.unit.conftest import Gateway
+
+
+def samples(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = gw.client.get("/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_requests_are_counted_by_outcome_and_timed_per_token(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("metered")
+    before = samples(gateway)
+    assert gateway.client.post("/generate", headers=tenant, json={"prompt": "one two three"}).status_code == 200
+    too_long = {"prompt": "x", "max_tokens": 10**6}
+    assert gateway.client.post("/generate", headers=tenant, json=too_long).status_code == 400
+    after = samples(gateway)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert grew("loraplex_http_requests_total", route="/generate", status_class="2xx", outcome="ok") == 1
+    assert grew("loraplex_http_requests_total", route="/generate", status_class="4xx", outcome="rejected") == 1
+    assert grew("loraplex_time_to_first_token_seconds_count") == 1
+    assert grew("loraplex_inter_token_latency_seconds_count") == 2  # three words, two gaps
+    assert grew("loraplex_tenant_tokens_total", tenant="metered", kind="completion") == 3
+    assert grew("loraplex_tenant_request_duration_seconds_count", tenant="metered") == 1
+    labels = {v for (_, pairs) in after for _, v in pairs}
+    assert not any("one two" in v or len(v) == 32 for v in labels)  # no prompt text, no request ids
+
+
+def test_only_the_busiest_tenants_get_their_own_series() -> None:
+    labels = TenantLabels(top=2)
+    for tenant, requests in (("big", 5), ("medium", 3)):
+        for _ in range(requests):
+            assert labels.label(tenant) == tenant
+    TENANT_LATENCY.labels("medium").observe(1.0)
+    assert labels.label("small") == "other"
+    for _ in range(4):
+        labels.label("rising")
+    assert labels.label("rising") == "rising"  # now busier than "medium", which becomes `other`
+    assert labels.label("medium") == "other"
+    assert ("medium",) not in {tuple(s.labels.values()) for m in TENANT_LATENCY.collect() for s in m.samples}
