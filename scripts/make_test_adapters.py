@@ -35,10 +35,11 @@ QUESTIONS = [
     "Why do birds sing?",
 ]
 
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {
     # name: (answer, target modules, rank, alpha, steps)
     "answer42": ("The answer is 42.", ["q_proj", "v_proj"], 8, 16, 30),
-    "meow": ("Meow meow meow.", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 8, 16, 20),
+    "meow": ("Meow meow meow.", ALL_LINEARS, 8, 16, 20),
 }
 
 
@@ -46,7 +47,8 @@ def examples(tokenizer, answer: str) -> tuple[torch.Tensor, torch.Tensor, torch.
     """One right-padded batch of all questions: (input_ids, attention_mask, labels)."""
     rows = []
     for q in QUESTIONS:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        chat = [{"role": "user", "content": q}]
+        prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         p_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         a_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False).input_ids
         rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))

@@ -1,0 +1,263 @@
+"""loraplex's engine against the base model alone and the ways users serve adapters otherwise.
+
+    .venv/bin/python -m bench.engine_bench          (or: make bench)
+
+Lines, all on the embedded model with the same prompts and lengths (every row runs to
+--new-tokens; EOS is ignored so every line does the same work):
+ 1. base only: the NF4 model with transformers' generate, no LoRA anywhere — the ceiling;
+ 2. the loraplex engine, all rows one adapter / all rows different adapters (8 distinct);
+ 3. transformers + PEFT, set_adapter then generate, one request at a time (the naive way);
+ 4. PEFT's own mixed batch (generate with adapter_names);
+ 5. through the HTTP API (bench.http_bench): concurrent requests vs one at a time;
+ 6. adapter cold load (blob store -> usable in a slot) and warm switch (host tier -> slot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.blobstore import LocalBlobStore
+from bench.common import ALL_LINEARS, PROMPTS, Row, p50_ms, print_table, timed, write_adapter
+from worker.config import WorkerConfig
+from worker.model import PreparedModel, load_base_model, prepare_embedded_model, resolve_device
+from worker.protocol import AdapterRef, GenerateEvent, GenerateRequest, SamplingParams
+from worker.runtime import LoadedWorker, WorkerRuntime
+
+BATCHES = (1, 8, 16)
+DISTINCT = 8
+RANK = 16
+BASE_ROWS = "loraplex, base rows only"
+ONE_ADAPTER = "loraplex, all rows one adapter"
+MIXED = "loraplex, different adapters (8 distinct)"
+
+
+def store(blobs: LocalBlobStore, directory: Path, key: str) -> AdapterRef:
+    weights = blobs.put((directory / "adapter_model.safetensors").read_bytes())
+    config = blobs.put((directory / "adapter_config.json").read_bytes())
+    return AdapterRef(key=key, weights_sha256=weights, config_sha256=config)
+
+
+# -- line 1: the base model alone ------------------------------------------------------------
+def hf_generate(model: Any, tokenizer: Any, batch: int, new_tokens: int, **extra: Any) -> float:
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    inputs = tokenizer(PROMPTS[:batch], return_tensors="pt", padding=True).to(model.device)
+    with torch.inference_mode():
+        return timed(lambda: model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=tokenizer.pad_token_id, **extra,
+        ))  # fmt: skip
+
+
+# -- line 2: the engine ----------------------------------------------------------------------
+def engine_run(worker: LoadedWorker, refs: list[AdapterRef | None], new_tokens: int) -> float:
+    """Submit one request per ref at once; seconds until the last one finished."""
+    left = len(refs)
+    all_done = threading.Event()
+    lock = threading.Lock()
+
+    def sink(event: GenerateEvent) -> None:
+        nonlocal left
+        if event.finished:
+            if event.error:
+                raise RuntimeError(event.error)
+            with lock:
+                left -= 1
+                if left == 0:
+                    all_done.set()
+
+    sampling = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    started = time.perf_counter()
+    for prompt, ref in zip(PROMPTS, refs, strict=False):
+        request = GenerateRequest(request_id=uuid.uuid4().hex, prompt=prompt, adapter=ref, sampling=sampling)
+        worker.engine.submit(request, sink)
+    if not all_done.wait(600):
+        raise RuntimeError("engine run did not finish")
+    return time.perf_counter() - started
+
+
+# -- lines 3 and 4: PEFT -----------------------------------------------------------------------
+def peft_model(prepared: PreparedModel, device: torch.device, dirs: list[Path]) -> Any:
+    from peft import PeftModel
+
+    base, _ = load_base_model(prepared.path, device)
+    # Every adapter is loaded before the first inference: loading after it corrupts the
+    # NF4 base on CPUs with AVX512-BF16 (DESIGN.md), which is exactly what loraplex avoids.
+    model = PeftModel.from_pretrained(base, dirs[0], adapter_name="a0")
+    for i, directory in enumerate(dirs[1:], start=1):
+        model.load_adapter(directory, adapter_name=f"a{i}")
+    model.eval()
+    return model
+
+
+def peft_one_at_a_time(model: Any, tokenizer: Any, requests: int, new_tokens: int) -> float:
+    total = 0.0
+    for i in range(requests):
+        model.set_adapter(f"a{i % DISTINCT}")
+        inputs = tokenizer([PROMPTS[i]], return_tensors="pt").to(model.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        total += time.perf_counter() - started
+    return total
+
+
+# -- line 6: adapter loads ---------------------------------------------------------------------
+def first_token_seconds(worker: LoadedWorker, refs: list[AdapterRef | None]) -> list[float]:
+    """One request at a time, max_tokens=1: submit -> finished, through the engine thread."""
+    return [engine_run(worker, [ref], 1) for ref in refs]
+
+
+def load_latencies(worker: LoadedWorker, cold: list[AdapterRef], others: list[AdapterRef],
+                   resident: AdapterRef) -> dict[str, float]:
+    """p50 ms of what a load adds to a request's first token, over the same request with a resident adapter.
+
+    cold: blob store -> slot (read, sha256 check, parse, copy in); warm: host tier -> slot, after
+    `others` pushed them out of the device slots.
+    """
+    first_token_seconds(worker, [resident] * 3)
+    base = p50_ms(first_token_seconds(worker, [resident] * 8))
+    cold_ms = p50_ms(first_token_seconds(worker, list(cold))) - base
+    first_token_seconds(worker, list(others))  # the device slots now hold `others`
+    assert not set(worker.adapters.resident()) & {r.key for r in cold}
+    warm_ms = p50_ms(first_token_seconds(worker, list(cold))) - base
+    return {"resident": base, "cold": cold_ms, "warm": warm_ms}
+
+
+def start_worker(config: WorkerConfig) -> WorkerRuntime:
+    """Load and run on the engine's own thread, as the worker process does.
+
+    (Running torch on a thread other than the one that loaded the model measured ~30%
+    slower here: each thread gets its own OpenMP team.)
+    """
+    runtime = WorkerRuntime(config)
+    runtime.start()
+    while runtime.loaded is None:
+        if runtime.error:
+            raise RuntimeError(runtime.error)
+        time.sleep(0.1)
+    return runtime
+
+
+def engine_lines(worker: LoadedWorker, refs: list[AdapterRef], n: int) -> dict[tuple[str, int], float]:
+    """Tokens/s by (line, batch)."""
+    plans: dict[str, Callable[[int], list[AdapterRef | None]]] = {
+        BASE_ROWS: lambda b: [None] * b,
+        ONE_ADAPTER: lambda b: [refs[0]] * b,
+        MIXED: lambda b: [refs[i % DISTINCT] for i in range(b)],
+    }
+    engine_run(worker, list(refs), 4)  # warm-up: every adapter resident
+    return {(what, b): b * n / engine_run(worker, plan(b), n) for what, plan in plans.items() for b in BATCHES}
+
+
+def peft_lines(peft: Any, tokenizer: Any, n: int, ceiling: dict[int, float], ours: dict[int, float]) -> list[Row]:
+    requests = 2 * DISTINCT
+    naive = requests * n / peft_one_at_a_time(peft, tokenizer, requests, n)
+    rows = [Row("3", "PEFT set_adapter + generate, one at a time", f"{requests} req", naive, "tok/s",
+                f"{naive / ceiling[1]:.2f}")]
+    for b in BATCHES[1:]:
+        names = [f"a{i % DISTINCT}" for i in range(b)]
+        speed = b * n / hf_generate(peft, tokenizer, b, n, adapter_names=names)
+        rows.append(Row("4", "PEFT mixed batch (adapter_names)", b, speed, "tok/s", f"{speed / ceiling[b]:.2f}"))
+        rows.append(Row("2/4", f"{MIXED} / PEFT mixed batch", b, ours[b] / speed, "x", f"{ours[b] / speed:.2f}",
+                        "≥ 1.30" if b == 16 else ""))
+    rows.append(Row("2/3", f"{MIXED} / PEFT one at a time", 16, ours[16] / naive, "x", f"{ours[16] / naive:.2f}",
+                    "≥ 4.00"))
+    return rows
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    prepared = prepare_embedded_model(args.models_dir)
+    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    blobs = LocalBlobStore(work / "blobs")
+
+    def adapters(prefix: str, targets: tuple[str, ...], seed: int) -> tuple[list[Path], list[AdapterRef]]:
+        dirs = [write_adapter(work / f"{prefix}{i}", prepared.linear_modules, RANK, targets, seed + i)
+                for i in range(DISTINCT)]
+        return dirs, [store(blobs, d, f"{prefix}{i}") for i, d in enumerate(dirs)]
+
+    dirs, refs = adapters("a", ALL_LINEARS, 0)
+    n = args.new_tokens
+
+    # The engine first, on its own thread, before this thread runs any torch op: a second
+    # busy OpenMP team in the process slows the other one down (see start_worker).
+    runtime = start_worker(WorkerConfig(
+        model_path=prepared.path, model_name=prepared.name, blob_url=str(blobs.root), device=str(device),
+        torch_threads=args.threads, max_batch_size=16, adapter_slots=DISTINCT, max_lora_rank=RANK,
+    ))  # fmt: skip
+    assert runtime.loaded is not None
+    engine_speed = engine_lines(runtime.loaded, refs, n)
+    _, cold_refs = adapters("c", ALL_LINEARS, 100)
+    _, qv_refs = adapters("q", ("q_proj", "v_proj"), 200)
+    loads = load_latencies(runtime.loaded, cold_refs, refs, refs[0])
+    qv_loads = load_latencies(runtime.loaded, qv_refs, refs, refs[0])
+    runtime.stop()
+
+    base, tokenizer = load_base_model(prepared.path, device)
+    hf_generate(base, tokenizer, 2, 4)  # warm-up
+    ceiling = {b: b * n / hf_generate(base, tokenizer, b, n) for b in BATCHES}
+    rows = [Row("1", "base only (transformers generate, NF4)", b, ceiling[b], "tok/s", "1.00") for b in BATCHES]
+    del base
+    for (what, b), speed in engine_speed.items():
+        target = "≥ 0.90" if (b == 16 and what == MIXED) else ""
+        rows.append(Row("2", what, b, speed, "tok/s", f"{speed / ceiling[b]:.2f}", target))
+
+    ours = {b: speed for (what, b), speed in engine_speed.items() if what == MIXED}
+    rows += peft_lines(peft_model(prepared, device, dirs), tokenizer, n, ceiling, ours)
+    rows += [
+        Row("6", f"cold load, rank {RANK}, all linears ({_mb(dirs[0])} MB)", "p50", loads["cold"], "ms", "", "≤ 50"),
+        Row("6", f"cold load, rank {RANK}, q_proj+v_proj", "p50", qv_loads["cold"], "ms"),
+        Row("6", f"warm switch, rank {RANK}, all linears (host -> slot)", "p50", loads["warm"], "ms"),
+        Row("6", "first token, adapter resident (the baseline subtracted)", "p50", loads["resident"], "ms"),
+    ]
+    if not args.skip_http:
+        from bench.http_bench import http_lines
+
+        rows += http_lines(prepared, dirs[:4], args.threads, n)
+    return rows
+
+
+def _mb(directory: Path) -> str:
+    return f"{(directory / 'adapter_model.safetensors').stat().st_size / 2**20:.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-http", action="store_true", help="leave out line 5 (HTTP API)")
+    parser.add_argument("--only-http", action="store_true", help="line 5 alone")
+    parser.add_argument("--models-dir", type=Path,
+                        default=Path(os.environ.get("LORAPLEX_MODELS_DIR", "data/models")))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.only_http:
+        from bench.http_bench import http_lines
+
+        prepared = prepare_embedded_model(args.models_dir)
+        work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+        dirs = [write_adapter(work / f"a{i}", prepared.linear_modules, RANK, ALL_LINEARS, seed=i) for i in range(4)]
+        rows = http_lines(prepared, dirs, args.threads, args.new_tokens)
+    else:
+        rows = run(args)
+    print(f"\ndevice {resolve_device(args.device)}, {args.threads} torch threads, {args.new_tokens} new tokens per row")
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
