@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
 
@@ -21,6 +25,8 @@ REQUEST_LATENCY = Histogram(
     "loraplex_request_duration_seconds", "End-to-end request latency by route", ["route"],
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
+for _route in ("/generate", "/v1/completions", "/v1/chat/completions"):
+    REQUEST_LATENCY.labels(_route)  # from zero, so that the first requests show in rate()
 TIME_TO_FIRST_TOKEN = Histogram(
     "loraplex_time_to_first_token_seconds", "Time from admission to the first generated text",
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
@@ -45,6 +51,9 @@ PROMPT_TOKENS = Counter("loraplex_prompt_tokens", "Prompt tokens processed", reg
 COMPLETION_TOKENS = Counter("loraplex_completion_tokens", "Completion tokens generated", registry=REGISTRY)
 IN_FLIGHT = Gauge("loraplex_in_flight_requests", "Generation requests in flight", registry=REGISTRY)
 WORKERS_READY = Gauge("loraplex_workers_ready", "Workers ready to serve", registry=REGISTRY)
+RETRIES = Counter(
+    "loraplex_failover_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
+)
 
 
 def record_tokens(prompt: int, completion: int) -> None:
@@ -95,6 +104,31 @@ def _remove_tenant_series(tenant: str) -> None:
     for kind in ("prompt", "completion"):
         with contextlib.suppress(KeyError):
             TENANT_TOKENS.remove(tenant, kind)
-RETRIES = Counter(
-    "loraplex_worker_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
-)
+
+
+class _WorkerExpositions(Collector):
+    """Several workers' expositions as one, each series labelled with its worker's name."""
+
+    def __init__(self, texts: Mapping[str, str | None]) -> None:
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for worker, text in self.texts.items():
+            for family in text_string_to_metric_families(text or ""):
+                into = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                for sample in family.samples:
+                    into.add_sample(sample.name, {**sample.labels, "worker": worker}, sample.value)
+        up = GaugeMetricFamily("loraplex_worker_up", "1 when the gateway could scrape the worker's /metrics",
+                               labels=["worker"])
+        for worker, text in self.texts.items():
+            up.add_metric([worker], 0 if text is None else 1)
+        yield up
+        yield from merged.values()
+
+
+def merge_worker_metrics(texts: Mapping[str, str | None]) -> bytes:
+    """One exposition for all workers (None: the worker could not be scraped), with a `worker` label."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_WorkerExpositions(texts))
+    return generate_latest(registry)

@@ -34,7 +34,9 @@ QUEUE_TIME = Histogram("loraplex_worker_queue_duration_seconds", "Time from arri
 GENERATED_TOKENS = Counter("loraplex_worker_generated_tokens", "Tokens generated", registry=REGISTRY)
 PROMPT_TOKENS = Counter("loraplex_worker_prompt_tokens", "Prompt tokens prefilled", registry=REGISTRY)
 
-MEMORY = Gauge("loraplex_worker_memory_bytes", "Memory: process RSS on CPU; CUDA allocated, reserved and total",
+MEMORY = Gauge("loraplex_worker_memory_bytes",
+               "Memory by kind: rss; cuda_allocated, cuda_reserved, cuda_total on GPU; device_used and "
+               "device_total (CUDA allocated and total on GPU, RSS and physical memory on CPU)",
                ["kind"], registry=REGISTRY)
 ADAPTERS_RESIDENT = Gauge("loraplex_worker_adapters_resident", "Adapters held, by cache tier", ["tier"],
                           registry=REGISTRY)
@@ -50,6 +52,16 @@ ADAPTER_LOAD_TIME = Histogram("loraplex_worker_adapter_load_duration_seconds",
                               "Blob store to host memory: read, verify, parse", buckets=LOAD_BUCKETS, registry=REGISTRY)
 BASE_MODEL = Info("loraplex_worker_base_model", "The base model this worker serves", registry=REGISTRY)
 
+# Every known label value starts at zero, so that rate() and increase() answer 0, not nothing.
+for _phase in ("prefill", "decode"):
+    STEP_TIME.labels(_phase)
+for _result in ("hit", "host_hit", "miss"):
+    ADAPTER_LOOKUPS.labels(_result)
+for _outcome in ("ok", "failed"):
+    ADAPTER_LOADS.labels(_outcome)
+for _tier, _reason in (("host", "capacity"), ("device", "capacity"), ("device", "deleted")):
+    ADAPTER_EVICTIONS.labels(_tier, _reason)
+
 
 def observe(runtime: WorkerRuntime) -> None:
     """Refresh the gauges from the runtime's plain stats, at scrape time."""
@@ -57,7 +69,8 @@ def observe(runtime: WorkerRuntime) -> None:
     READY.set(1 if health.ready else 0)
     RUNNING.set(health.running)
     WAITING.set(health.waiting)
-    MEMORY.labels("rss").set(psutil.Process().memory_info().rss)
+    rss = psutil.Process().memory_info().rss
+    MEMORY.labels("rss").set(rss)
     loaded = runtime.loaded
     if loaded is None:
         return
@@ -69,6 +82,13 @@ def observe(runtime: WorkerRuntime) -> None:
     if loaded.device.type == "cuda":
         import torch
 
-        MEMORY.labels("cuda_allocated").set(torch.cuda.memory_allocated(loaded.device))
+        allocated = torch.cuda.memory_allocated(loaded.device)
+        total = torch.cuda.get_device_properties(loaded.device).total_memory
+        MEMORY.labels("cuda_allocated").set(allocated)
         MEMORY.labels("cuda_reserved").set(torch.cuda.memory_reserved(loaded.device))
-        MEMORY.labels("cuda_total").set(torch.cuda.get_device_properties(loaded.device).total_memory)
+        MEMORY.labels("cuda_total").set(total)
+        MEMORY.labels("device_used").set(allocated)
+        MEMORY.labels("device_total").set(total)
+    else:  # a CPU worker's device memory is the host's
+        MEMORY.labels("device_used").set(rss)
+        MEMORY.labels("device_total").set(psutil.virtual_memory().total)

@@ -42,6 +42,7 @@ class KeyCreated(BaseModel):
 
 class WorkerPublic(BaseModel):
     name: str
+    url: str = Field(description="the worker's internal API; its own /metrics is there too")
     ready: bool
     local: bool
     pid: int | None
@@ -99,6 +100,7 @@ async def workers(services: ServicesDep) -> list[WorkerPublic]:
     return [
         WorkerPublic(
             name=s.client.name,
+            url=s.client.base_url,
             ready=s.health.ready,
             local=s.process is not None,
             pid=s.process.proc.pid if s.process and s.process.proc else None,

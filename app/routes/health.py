@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -33,3 +35,14 @@ async def ready(services: ServicesDep) -> JSONResponse:
 async def prometheus(services: ServicesDep) -> Response:
     metrics.WORKERS_READY.set(sum(1 for s in services.pool.slots if s.health.ready))
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/metrics/workers")
+async def worker_metrics(services: ServicesDep) -> Response:
+    """Every worker's /metrics in one scrape, each series with a `worker` label."""
+    slots = services.pool.slots
+    texts = await asyncio.gather(*(s.client.metrics() for s in slots), return_exceptions=True)
+    merged = metrics.merge_worker_metrics(
+        {s.client.name: t if isinstance(t, str) else None for s, t in zip(slots, texts, strict=True)}
+    )
+    return Response(merged, media_type=CONTENT_TYPE_LATEST)

@@ -14,6 +14,7 @@ from worker.protocol import AbortRequest, EvictRequest, GenerateEvent, GenerateR
 
 class WorkerClient(Protocol):
     name: str
+    base_url: str  # where its internal API and its own /metrics answer
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
 
@@ -22,6 +23,8 @@ class WorkerClient(Protocol):
     async def evict(self, key: str) -> None: ...
 
     async def health(self) -> WorkerHealth: ...
+
+    async def metrics(self) -> str: ...
 
     async def close(self) -> None: ...
 
@@ -58,6 +61,12 @@ class HttpWorkerClient:
         resp = await self._http.get("/health", timeout=2.0)
         resp.raise_for_status()
         return WorkerHealth.model_validate_json(resp.content)
+
+    async def metrics(self) -> str:
+        """The worker's own Prometheus exposition text."""
+        resp = await self._http.get("/metrics", timeout=5.0)
+        resp.raise_for_status()
+        return resp.text
 
     async def close(self) -> None:
         await self._http.aclose()

@@ -13,6 +13,7 @@ class FakeWorkerClient:
 
     def __init__(self, name: str = "fake-0") -> None:
         self.name = name
+        self.base_url = f"fake://{name}"
         self.requests: list[GenerateRequest] = []
         self.aborted: list[str] = []
         self.evicted: list[str] = []
@@ -52,6 +53,18 @@ class FakeWorkerClient:
 
     async def health(self) -> WorkerHealth:
         return WorkerHealth(ready=self.ready, model="fake")
+
+    async def metrics(self) -> str:
+        if not self.ready:
+            raise WorkerUnavailable(f"worker {self.name} is unreachable")
+        return (
+            "# HELP loraplex_worker_requests_total Generate requests accepted by this worker\n"
+            "# TYPE loraplex_worker_requests_total counter\n"
+            f"loraplex_worker_requests_total {len(self.requests)}.0\n"
+            "# HELP loraplex_worker_memory_bytes Memory by kind\n"
+            "# TYPE loraplex_worker_memory_bytes gauge\n"
+            'loraplex_worker_memory_bytes{kind="rss"} 1.0e+06\n'
+        )
 
     async def close(self) -> None:
         pass

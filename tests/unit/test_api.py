@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime, timedelta
 
@@ -202,10 +203,8 @@ def test_a_version_deleted_before_the_worker_loads_it_is_404(gateway: Gateway) -
     upload(gateway, tenant, "other", seed=2)
 
     def delete_then_fail(_request):  # type: ignore[no-untyped-def]
-        try:
+        with contextlib.suppress(AdapterNotFound):
             registry.delete(tenant_id, "support")
-        except AdapterNotFound:
-            pass
         return "adapter could not be loaded: blob not found"
 
     gateway.worker.on_request = delete_then_fail

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from app.metrics import TENANT_LATENCY, TenantLabels
-from tests.unit.conftest import Gateway
+from app.settings import Settings
+from tests.unit.conftest import ADMIN_KEY, Gateway, gateway_client
+from tests.unit.fakes import FakeWorkerClient
 
 
 def samples(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -48,3 +51,19 @@ def test_only_the_busiest_tenants_get_their_own_series() -> None:
     assert labels.label("rising") == "rising"  # now busier than "medium", which becomes `other`
     assert labels.label("medium") == "other"
     assert ("medium",) not in {tuple(s.labels.values()) for m in TENANT_LATENCY.collect() for s in m.samples}
+
+
+def test_one_scrape_of_the_gateway_shows_every_worker(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(data_dir=tmp_path, admin_key=SecretStr(ADMIN_KEY))
+    workers = [FakeWorkerClient("w0"), FakeWorkerClient("w1"), FakeWorkerClient("w2")]
+    with gateway_client(settings, workers) as client:
+        workers[2].ready = False  # its scrape fails; the others still show
+        text = client.get("/metrics/workers").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("loraplex_worker_up", (("worker", "w0"),))] == 1
+    assert samples[("loraplex_worker_up", (("worker", "w2"),))] == 0
+    assert samples[("loraplex_worker_memory_bytes", (("kind", "rss"), ("worker", "w1")))] == 1e6
+    assert ("loraplex_worker_requests_total", (("worker", "w0"),)) in samples
+    assert not any(dict(labels).get("worker") == "w2" for name, labels in samples if name != "loraplex_worker_up")
+    assert text.count("# TYPE loraplex_worker_memory_bytes gauge") == 1
