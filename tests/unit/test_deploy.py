@@ -105,3 +105,81 @@ def test_the_dashboard_uses_the_provisioned_datasource() -> None:
     assert all(t["datasource"]["uid"] == uid for p in panels for t in p["targets"])
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+DOCKER_COMPOSE = shutil.which("docker-compose")
+COMPOSE_SERVICES = {"postgres", "prepare", "worker-0", "worker-1", "gateway", "prometheus", "grafana"}
+
+
+@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed (Debian's; .ci/run installs it)")
+def test_docker_compose_accepts_the_file_and_wires_the_services(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def config(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(DOCKER_COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=tmp_path,
+                              env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True)
+
+    refused = config()
+    assert refused.returncode != 0 and "LORAPLEX_ADMIN_KEY" in refused.stderr  # no default admin key
+    done = config(LORAPLEX_ADMIN_KEY="k" * 40)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert set(services) == COMPOSE_SERVICES
+    workers = [name for name in services if name.startswith("worker-")]
+    for name in workers:
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"]
+    gateway_env = services["gateway"]["environment"]
+    assert json.loads(gateway_env["LORAPLEX_WORKER_URLS"]) == [f"http://{w}:8100" for w in workers]
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
+    assert targets == {"loraplex-gateway": ["gateway:8000"], "loraplex-worker": [f"{w}:8100" for w in workers]}
+    mounts = " ".join(services["grafana"]["volumes"] if isinstance(services["grafana"]["volumes"][0], str)
+                      else [v["source"] for v in services["grafana"]["volumes"]])
+    assert "deploy/grafana/provisioning" in mounts and "deploy/grafana/dashboards" in mounts
+
+
+def test_dockerfile_runs_as_non_root_with_a_healthcheck_and_a_cpu_variant() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    user = re.findall(r"^USER (\S+)$", text, re.M)
+    assert user and user[-1] not in ("root", "0")
+    assert re.search(r"^HEALTHCHECK .*\n?.*CMD ", text, re.M)
+    assert "ARG DEVICE=cuda" in text and "AS base-cpu" in text and "FROM base-${DEVICE}" in text
+    for copied in re.findall(r"^COPY (\S+) ", text, re.M):
+        assert (ROOT / copied).exists(), copied
+    assert re.search(r'^ENTRYPOINT \["loraplex"\]$', text, re.M)
+
+
+K8S = DEPLOY / "k8s"
+K8S_VERSION = "1.33.0"
+
+
+def k8s_documents() -> list[dict]:  # type: ignore[type-arg]
+    files = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    return [doc for p in files for doc in yaml.safe_load_all(p.read_text()) if doc]
+
+
+def test_kubernetes_manifests_pass_schema_validation_offline() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = k8s_documents()
+    for doc in docs:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    # The validator does catch a misspelled field.
+    broken = json.loads(json.dumps(next(d for d in docs if d["kind"] == "StatefulSet")))
+    broken["spec"]["replica"] = broken["spec"].pop("replicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_kubernetes_workers_get_a_gpu_each_and_the_gateway_knows_them_all() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in k8s_documents()}
+    workers = docs[("StatefulSet", "loraplex-worker")]
+    container = workers["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    urls = json.loads(docs[("ConfigMap", "loraplex-config")]["data"]["LORAPLEX_WORKER_URLS"])
+    replicas = workers["spec"]["replicas"]
+    assert urls == [f"http://loraplex-worker-{i}.loraplex-worker:8100" for i in range(replicas)]
+    for kind, name in (("StatefulSet", "loraplex-worker"), ("Deployment", "loraplex-gateway")):
+        pod = docs[(kind, name)]["spec"]["template"]
+        assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
