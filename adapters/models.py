@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -94,3 +94,33 @@ class BaseModel(Base):
     max_context: Mapped[int] = mapped_column(Integer)
     active: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Lineage: the base a quantization job made this one from (its adapters apply here too).
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), default=None)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # the job's quality report
+
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+class QuantizationJob(Base):
+    """An offline GPTQ/AWQ run that makes a new base model; claimed by one job runner."""
+
+    __tablename__ = "quantization_jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))  # of the base model it will register
+    source_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # worker.quantize.QuantizeSpec fields
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress_done: Mapped[int] = mapped_column(default=0)
+    progress_total: Mapped[int] = mapped_column(default=0)
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    runner: Mapped[str | None] = mapped_column(String(128), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    log_tail: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

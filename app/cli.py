@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -50,19 +51,134 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.workers and _active_base(settings) is None:
         print("preparing the embedded base model (first start only)...", flush=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_DATA_DIR": str(settings.data_dir)}
-        if settings.models_dir:
-            env["LORAPLEX_MODELS_DIR"] = str(settings.models_dir)
-        if settings.database_url:
-            env["LORAPLEX_DATABASE_URL"] = settings.database_url
-        subprocess.run([sys.executable, "-m", "app.cli", "models", "prepare"], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "app.cli", "models", "prepare"], env=_settings_env(settings), check=True)
+    runner = _start_job_runner(settings) if settings.job_runner else None
     app = build_app(settings)
     admin_key = app.state.services.admin_key
     print(f"loraplex gateway listening on http://{settings.host}:{settings.port}", flush=True)
     if settings.admin_key is None:
         print(f"admin key (development mode, kept in {settings.data_dir / 'admin_key'}): {admin_key}", flush=True)
     logging.getLogger("uvicorn.access").addFilter(_QuietProbes())
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
+    finally:
+        if runner is not None:
+            runner.terminate()
+            runner.wait(30)
+
+
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process these settings (some may have come from flags)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_DATA_DIR": str(settings.data_dir)}
+    if settings.models_dir:
+        env["LORAPLEX_MODELS_DIR"] = str(settings.models_dir)
+    if settings.database_url:
+        env["LORAPLEX_DATABASE_URL"] = settings.database_url
+    return env
+
+
+def _start_job_runner(settings: Settings) -> subprocess.Popen[bytes]:
+    from app.workers.supervisor import die_with_parent
+
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "job-runner"], env=_settings_env(settings),
+                            preexec_fn=die_with_parent)
+
+
+def cmd_job_runner(args: argparse.Namespace) -> None:
+    from app import jobrunner
+
+    jobrunner.main(_settings(args))
+
+
+def _admin_client(args: argparse.Namespace) -> Any:
+    import httpx
+
+    key = args.admin_key or os.environ.get("LORAPLEX_ADMIN_KEY")
+    if not key:
+        key_file = _settings(argparse.Namespace()).data_dir / "admin_key"
+        if not key_file.exists():
+            sys.exit("no admin key: pass --admin-key or set LORAPLEX_ADMIN_KEY")
+        key = key_file.read_text().strip()
+    return httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def _checked(response: Any) -> Any:
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text
+        sys.exit(f"error {response.status_code}: {message}")
+    return response.json()
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    body = {"name": args.name, "source_model": args.source, "method": args.method, "bits": args.bits,
+            "sym": not args.asymmetric, "group_size": args.group_size,
+            "calibration_samples": args.samples, "calibration_seq_len": args.seq_len}
+    if args.calibration_file:
+        body["calibration_text"] = Path(args.calibration_file).read_text()
+    with _admin_client(args) as client:
+        job = _checked(client.post("/admin/quantization-jobs", json=body))
+        print(f"job {job['id']} queued: {args.method} of {args.source} -> {args.name}")
+        if args.follow:
+            job = _follow(client, job["id"])
+            _print_report(client, job)
+
+
+def _follow(client: Any, job_id: int) -> dict[str, Any]:
+    while True:
+        job: dict[str, Any] = _checked(client.get(f"/admin/quantization-jobs/{job_id}"))
+        done, total = job["progress"]["done"], job["progress"]["total"]
+        filled = int(30 * done / total) if total else 0
+        line = f"\r[{'#' * filled}{'.' * (30 - filled)}] {job['state']:<9} {job['stage'] or '':<12} {done}/{total}"
+        print(line, end="", flush=True)
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            print()
+            if job["error"]:
+                print(f"error: {job['error']}")
+            return job
+        time.sleep(1)
+
+
+def _print_report(client: Any, job: dict[str, Any]) -> None:
+    if job["result_model_id"] is None:
+        return
+    models = _checked(client.get("/admin/base-models"))
+    model = next(m for m in models if m["id"] == job["result_model_id"])
+    _print_models([model])
+
+
+def _print_models(models: list[dict[str, Any]]) -> None:
+    print(f"{'id':>3}  {'name':<28} {'quant':<8} {'active':<6} {'ppl before':>10} {'ppl after':>9} "
+          f"{'MB before':>9} {'MB after':>8} {'seconds':>7}")
+    for m in models:
+        r = m["report"] or {}
+        src, res = r.get("source", {}), r.get("result", {})
+
+        def num(d: dict[str, Any], key: str, scale: float = 1.0) -> str:
+            return f"{d[key] / scale:.1f}" if key in d else "-"
+
+        print(f"{m['id']:>3}  {m['name']:<28} {m['quantization']:<8} {'yes' if m['active'] else '':<6} "
+              f"{num(src, 'perplexity'):>10} {num(res, 'perplexity'):>9} {num(src, 'size_bytes', 2**20):>9} "
+              f"{num(res, 'size_bytes', 2**20):>8} {r.get('duration_seconds', '-'):>7}")
+        if r.get("probe_prompt"):
+            print(f"     probe {r['probe_prompt']!r}\n       before: {src.get('probe_answer')!r}"
+                  f"\n       after:  {res.get('probe_answer')!r}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    with _admin_client(args) as client:
+        for job in _checked(client.get("/admin/quantization-jobs")):
+            progress = f"{job['progress']['done']}/{job['progress']['total']}"
+            print(f"{job['id']:>4}  {job['state']:<9} {job['stage'] or '':<12} {progress:>7}  "
+                  f"{job['spec']['method']} {job['spec']['bits']}-bit g{job['spec']['group_size']} -> {job['name']}"
+                  + (f"  error: {job['error']}" if job["error"] else ""))
+
+
+def cmd_base_models(args: argparse.Namespace) -> None:
+    with _admin_client(args) as client:
+        _print_models(_checked(client.get("/admin/base-models")))
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> None:
@@ -134,6 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     worker.add_argument("--kv-cache-mb", type=int, default=2048, help="memory for the batch's KV cache")
     worker.set_defaults(func=cmd_worker)
+
+    runner = sub.add_parser("job-runner", help="run quantization jobs from the database (`serve` starts one)")
+    runner.add_argument("--data-dir", dest="data_dir", type=Path)
+    runner.set_defaults(func=cmd_job_runner)
+
+    for name, func, text in (("quantize", cmd_quantize, "submit a GPTQ/AWQ quantization job"),
+                             ("jobs", cmd_jobs, "list quantization jobs"),
+                             ("base-models", cmd_base_models, "list base models with their quality reports")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--url", default=os.environ.get("LORAPLEX_URL", "http://127.0.0.1:8000"))
+        cmd.add_argument("--admin-key")
+        cmd.set_defaults(func=func)
+        if name == "quantize":
+            cmd.add_argument("--name", required=True, help="name of the new base model")
+            cmd.add_argument("--source", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="base model to quantize")
+            cmd.add_argument("--method", choices=["gptq", "awq"], default="gptq")
+            cmd.add_argument("--bits", type=int, default=4)
+            cmd.add_argument("--group-size", type=int, default=64)
+            cmd.add_argument("--asymmetric", action="store_true", help="zero-point quantization")
+            cmd.add_argument("--samples", type=int, default=16, help="calibration samples")
+            cmd.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
+            cmd.add_argument("--calibration-file", help="text file to calibrate on (default: built-in corpus)")
+            cmd.add_argument("--follow", action="store_true", help="show progress until the job ends")
     return parser
 
 

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
+from adapters.jobs import JobStore
 from adapters.models import Tenant
 from adapters.registry import AdapterRegistry
 from app.auth import TenantService, is_admin_key
@@ -28,6 +29,7 @@ class Services:
     admin_key: str
     quotas: RequestQuotas
     tenant_labels: TenantLabels
+    jobs: JobStore
 
 
 def get_services(request: Request) -> Services:

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.jobs import InvalidJob, JobConflict, JobNotFound
 from adapters.registry import AdapterNotFound, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded
 from adapters.validation import InvalidAdapter
 
@@ -96,6 +97,12 @@ def as_api_error(exc: Exception) -> ApiError:
         return TooManyRequests(str(exc), retry_after=60)
     if isinstance(exc, NoActiveBaseModel):
         return WorkerUnavailable(str(exc), retry_after=10)
+    if isinstance(exc, InvalidJob):
+        return BadRequest(str(exc))
+    if isinstance(exc, JobNotFound):
+        return NotFound(f"{exc.args[0]} not found")
+    if isinstance(exc, JobConflict):
+        return Conflict(str(exc))
     return ApiError("internal error")
 
 
@@ -104,7 +111,8 @@ _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_la
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    mapped = (ApiError, AdapterNotFound, InvalidAdapter, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded)
+    mapped = (ApiError, AdapterNotFound, InvalidAdapter, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded,
+              InvalidJob, JobNotFound, JobConflict)
 
     async def on_mapped(_: Request, exc: Exception) -> JSONResponse:
         err = as_api_error(exc)

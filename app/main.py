@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.blobstore import open_blob_store
 from adapters.db import make_engine, make_sessionmaker
+from adapters.jobs import JobStore
 from adapters.models import BaseModel
 from adapters.registry import AdapterRegistry
 from app import metrics
@@ -21,7 +22,7 @@ from app.body_limit import BodySizeLimit
 from app.deps import Services
 from app.errors import install_error_handlers
 from app.quotas import RequestQuotas
-from app.routes import adapters, admin, generate, health, openai
+from app.routes import adapters, admin, generate, health, jobs, openai
 from app.settings import Settings
 from app.workers.client import HttpWorkerClient
 from app.workers.pool import WorkerPool, WorkerSlot
@@ -48,6 +49,7 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         admin_key=admin_key,
         quotas=RequestQuotas(),
         tenant_labels=metrics.TenantLabels(settings.metrics_top_tenants),
+        jobs=JobStore(sessions),
     )
 
     @asynccontextmanager
@@ -61,7 +63,7 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
     install_error_handlers(app)
     app.middleware("http")(_count_requests)
     app.add_middleware(BodySizeLimit, limit=settings.max_adapter_bytes)  # outermost: before anything reads
-    for module in (health, admin, adapters, generate, openai):
+    for module in (health, admin, jobs, adapters, generate, openai):
         app.include_router(module.router)
     return app
 

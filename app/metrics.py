@@ -51,6 +51,8 @@ PROMPT_TOKENS = Counter("loraplex_prompt_tokens", "Prompt tokens processed", reg
 COMPLETION_TOKENS = Counter("loraplex_completion_tokens", "Completion tokens generated", registry=REGISTRY)
 IN_FLIGHT = Gauge("loraplex_in_flight_requests", "Generation requests in flight", registry=REGISTRY)
 WORKERS_READY = Gauge("loraplex_workers_ready", "Workers ready to serve", registry=REGISTRY)
+QUANTIZATION_JOBS = Gauge("loraplex_quantization_jobs", "Quantization jobs in the database, by state", ["state"],
+                          registry=REGISTRY)
 RETRIES = Counter(
     "loraplex_failover_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
 )

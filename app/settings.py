@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     kv_cache_mb: int = Field(default=2048, ge=1)  # per worker, sized explicitly (never from system RAM)
     adapter_slots: int = Field(default=8, ge=1)
     host_adapter_cache: int = Field(default=64, ge=1)
+    # Quantization jobs: `serve` starts one job runner process unless this is off.
+    job_runner: bool = True
+    job_poll_interval_s: float = Field(default=2.0, gt=0)
+    job_heartbeat_s: float = Field(default=2.0, gt=0)
+    job_stale_after_s: float = Field(default=30.0, gt=0)  # no heartbeat this long: the runner died
+    drain_timeout_s: float = Field(default=120.0, gt=0)  # moving a worker to another base: in-flight wait
     # Remote workers, by base URL (one code path with local ones).
     worker_urls: list[str] = Field(default_factory=list)
 

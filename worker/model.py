@@ -81,8 +81,14 @@ def adaptable_linears(model: torch.nn.Module) -> dict[str, list[int]]:
     return {
         name: [module.in_features, module.out_features]
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and module is not output
+        if _is_linear(module) and module is not output
     }
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    """nn.Linear and its subclasses (bitsandbytes), or a packed GPTQ/AWQ kernel standing in for one."""
+    packed = hasattr(module, "qweight") and isinstance(getattr(module, "in_features", None), int)
+    return isinstance(module, torch.nn.Linear) or packed
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -97,6 +103,11 @@ def load_base_model(path: Path, device: torch.device) -> tuple[Any, Any]:
     A checkpoint that is already quantized (GPTQ/AWQ) keeps its own quantization.
     """
     hf_logging.disable_progress_bar()
+    if (Path(path) / "quantize_config.json").exists():  # a GPTQ/AWQ result of a quantization job
+        from worker.quantize import load_quantized
+
+        model = load_quantized(Path(path), device).eval()
+        return model, AutoTokenizer.from_pretrained(path)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = AutoConfig.from_pretrained(path)
     kwargs: dict[str, Any] = {"dtype": compute_dtype, "device_map": str(device)}

@@ -43,6 +43,7 @@ class KeyCreated(BaseModel):
 class WorkerPublic(BaseModel):
     name: str
     url: str = Field(description="the worker's internal API; its own /metrics is there too")
+    model: str | None = Field(description="the base model it serves")
     ready: bool
     local: bool
     pid: int | None
@@ -101,6 +102,7 @@ async def workers(services: ServicesDep) -> list[WorkerPublic]:
         WorkerPublic(
             name=s.client.name,
             url=s.client.base_url,
+            model=s.health.model,
             ready=s.health.ready,
             local=s.process is not None,
             pid=s.process.proc.pid if s.process and s.process.proc else None,

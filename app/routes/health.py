@@ -7,6 +7,7 @@ import asyncio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.deps import ServicesDep
@@ -34,6 +35,8 @@ async def ready(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics")
 async def prometheus(services: ServicesDep) -> Response:
     metrics.WORKERS_READY.set(sum(1 for s in services.pool.slots if s.health.ready))
+    for state, count in (await run_in_threadpool(services.jobs.count_by_state)).items():
+        metrics.QUANTIZATION_JOBS.labels(state).set(count)
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -20,6 +20,7 @@ class WorkerSlot:
     process: LocalWorkerProcess | None = None  # None for a remote worker
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth(ready=False))
     in_flight: int = 0  # requests this gateway has open on it
+    draining: bool = False  # being moved onto another base model: no new requests
 
     @property
     def load(self) -> int:
@@ -48,14 +49,16 @@ class WorkerPool:
                 await asyncio.to_thread(slot.process.stop)
 
     def ready(self) -> bool:
-        return bool(self.slots) and all(s.health.ready for s in self.slots)
+        """Every worker ready (one being moved onto a new base model does not count against it)."""
+        return self.any_ready() and all(s.health.ready or s.draining for s in self.slots)
 
     def any_ready(self) -> bool:
         return any(s.health.ready for s in self.slots)
 
     def pick(self, adapter_key: str | None, exclude: list[WorkerSlot] | None = None) -> WorkerSlot:
         """Prefer a ready worker that already holds the adapter and is not overloaded; else the least loaded."""
-        ready = [s for s in self.slots if s.health.ready and not any(s is e for e in exclude or [])]
+        ready = [s for s in self.slots
+                 if s.health.ready and not s.draining and not any(s is e for e in exclude or [])]
         if not ready:
             raise WorkerUnavailable("no worker is ready" + (" (others failed)" if exclude else ""), retry_after=5)
         if adapter_key is not None:
@@ -78,8 +81,51 @@ class WorkerPool:
                 log.exception("worker health poll failed")
             await asyncio.sleep(self.poll_interval)
 
+    async def roll_onto(
+        self, model_path: str, model_name: str, *, drain_timeout: float, start_timeout: float
+    ) -> list[str]:
+        """Move the local workers onto another base model one at a time: drain, restart, wait ready.
+
+        The others keep serving meanwhile. Returns the names of the workers it could not move
+        (remote workers: they are redeployed with their own settings).
+        """
+        skipped = [s.client.name for s in self.slots if s.process is None]
+        for slot in [s for s in self.slots if s.process is not None]:
+            assert slot.process is not None
+            previous = (slot.process.launch.model_path, slot.process.launch.model_name)
+            slot.draining = True
+            try:
+                await self._drain(slot, drain_timeout)
+                await self._restart_on(slot, model_path, model_name, start_timeout)
+            except WorkerUnavailable:
+                log.exception("worker %s failed on %s; back to %s", slot.client.name, model_name, previous[1])
+                await self._restart_on(slot, *previous, start_timeout)
+                raise
+            finally:
+                slot.draining = False
+            log.info("worker %s now serves %s", slot.client.name, model_name)
+        return skipped
+
+    @staticmethod
+    async def _drain(slot: WorkerSlot, timeout: float) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while slot.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def _restart_on(self, slot: WorkerSlot, model_path: str, model_name: str, timeout: float) -> None:
+        assert slot.process is not None
+        await asyncio.to_thread(slot.process.stop)
+        slot.health = WorkerHealth(ready=False, error=f"loading {model_name}")
+        slot.process.relaunch(model_path, model_name)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not (slot.health.ready and slot.health.model == model_name):
+            if asyncio.get_running_loop().time() > deadline or slot.process.exited():
+                raise WorkerUnavailable(f"worker {slot.client.name} did not come up on {model_name}")
+            await asyncio.sleep(0.2)
+            await self._refresh(slot)
+
     async def _refresh(self, slot: WorkerSlot) -> None:
-        if slot.process is not None and slot.process.exited():
+        if slot.process is not None and slot.process.exited() and not slot.draining:
             slot.health = WorkerHealth(ready=False, error="worker process exited; restarting")
             slot.process.restart()
             return

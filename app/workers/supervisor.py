@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -79,8 +80,13 @@ class LocalWorkerProcess:
 
     def start(self) -> None:
         self._last_start = time.monotonic()
-        self.proc = subprocess.Popen(self.launch.argv(), env=self.env, preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(self.launch.argv(), env=self.env, preexec_fn=die_with_parent)
         log.info("started worker on port %d (pid %d)", self.launch.port, self.proc.pid)
+
+    def relaunch(self, model_path: str, model_name: str) -> None:
+        """Start again (after `stop`) on another base model."""
+        self.launch = dataclasses.replace(self.launch, model_path=model_path, model_name=model_name)
+        self.start()
 
     def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
@@ -105,8 +111,8 @@ class LocalWorkerProcess:
             self.proc.wait()
 
 
-def _die_with_parent() -> None:
-    """Linux: the worker gets SIGTERM if the gateway dies, so no orphan keeps its port."""
+def die_with_parent() -> None:
+    """Linux: a child gets SIGTERM when its parent dies, so no orphan keeps a port or a half-done job."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal

@@ -34,6 +34,7 @@ class Server:
     data_dir: Path
     log: Path
     proc: subprocess.Popen[bytes]
+    models_dir: Path
 
     def client(self, key: str | None = None, timeout: float = 120.0) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -83,7 +84,7 @@ def running_server(models_dir: Path, data_dir: Path, port: int | None = None, **
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url, proc, log, "/health/live" if settings.get("workers") == "0" else "/health/ready")
-        yield Server(url, (data_dir / "admin_key").read_text().strip(), data_dir, log, proc)
+        yield Server(url, (data_dir / "admin_key").read_text().strip(), data_dir, log, proc, models_dir)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

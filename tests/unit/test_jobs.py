@@ -1,0 +1,189 @@
+"""Quantization jobs' bookkeeping and admin API, on SQLite and PostgreSQL (no quantization runs here)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+
+from adapters.jobs import JobConflict, JobStore, QuantizeSpec
+from adapters.models import BaseModel, QuantizationJob
+from app.jobrunner import TMP_PREFIX, JobRunner
+from tests.unit.conftest import Gateway
+
+JOBS = "/admin/quantization-jobs"
+
+
+def job_body(**over: object) -> dict[str, object]:
+    return {"name": "tiny-gptq", "source_model": "tiny-base", "method": "gptq", "group_size": 16, **over}
+
+
+def store(gateway: Gateway) -> JobStore:
+    return gateway.client.app.state.services.jobs  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.mark.parametrize(("over", "status", "names"), [
+    ({"method": "rtn"}, 400, "method"),
+    ({"bits": 5}, 400, "bits=5"),
+    ({"method": "awq", "bits": 8}, 400, "bits=8"),
+    ({"group_size": 48}, 400, "group_size"),
+    ({"group_size": 64}, 400, "does not divide"),  # the tiny base's layers are 16 and 32 wide
+    ({"calibration_samples": 0}, 400, "calibration_samples"),
+    ({"calibration_seq_len": 8}, 400, "calibration_seq_len"),
+    ({"calibration_text": "   "}, 400, "calibration_text"),
+    ({"name": "a/b"}, 400, "name"),
+    ({"source_model": "no-such-model"}, 404, "no-such-model"),
+    ({"unknown_field": 1}, 422, "unknown_field"),
+])
+def test_invalid_jobs_are_refused_before_anything_runs(gateway: Gateway, over: dict[str, object], status: int,
+                                                       names: str) -> None:
+    resp = gateway.client.post(JOBS, headers=gateway.admin(), json=job_body(**over))
+    assert resp.status_code == status, resp.text
+    assert names in resp.json()["error"]["message"]
+    assert gateway.client.get(JOBS, headers=gateway.admin()).json() == []
+
+
+def test_jobs_are_admin_only(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    assert gateway.client.post(JOBS, headers=tenant, json=job_body()).status_code == 403
+    assert gateway.client.get("/admin/base-models", headers=tenant).status_code == 403
+
+
+def test_submit_list_show_and_cancel_a_queued_job(gateway: Gateway) -> None:
+    created = gateway.client.post(JOBS, headers=gateway.admin(), json=job_body(calibration_text="my own text " * 50))
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert (job["state"], job["spec"]["method"], job["spec"]["calibration_text"]) == ("queued", "gptq", "uploaded")
+    again = gateway.client.post(JOBS, headers=gateway.admin(), json=job_body())
+    assert again.status_code == 409 and "tiny-gptq" in again.json()["error"]["message"]
+    assert [j["id"] for j in gateway.client.get(JOBS, headers=gateway.admin()).json()] == [job["id"]]
+    cancelled = gateway.client.delete(f"{JOBS}/{job['id']}", headers=gateway.admin())
+    assert cancelled.status_code == 202 and cancelled.json()["state"] == "cancelled"
+    assert gateway.client.delete(f"{JOBS}/{job['id']}", headers=gateway.admin()).status_code == 409
+    assert gateway.client.get(f"{JOBS}/999", headers=gateway.admin()).status_code == 404
+    # The name is free again once nothing will make it.
+    assert gateway.client.post(JOBS, headers=gateway.admin(), json=job_body()).status_code == 201
+
+
+def test_one_runner_wins_each_job(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    for i in range(3):
+        jobs.submit(f"q{i}", "tiny-base", QuantizeSpec(group_size=16))
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def runner(name: str) -> None:
+        while (job := jobs.claim(name)) is not None:
+            with lock:
+                claimed.append(job.id)
+
+    threads = [threading.Thread(target=runner, args=(f"r{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == sorted(j.id for j in jobs.all())  # each once, none twice
+    assert {j.state for j in jobs.all()} == {"running"}
+
+
+def test_a_running_job_is_cancelled_through_its_heartbeat(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    assert jobs.claim("r1") is not None
+    assert jobs.heartbeat(job.id, "quantizing", 3, 30, "log") is False
+    shown = gateway.client.get(f"{JOBS}/{job.id}", headers=gateway.admin()).json()
+    assert (shown["stage"], shown["progress"], shown["log_tail"]) == ("quantizing", {"done": 3, "total": 30}, "log")
+    resp = gateway.client.delete(f"{JOBS}/{job.id}", headers=gateway.admin())
+    assert resp.status_code == 202 and resp.json()["cancel_requested"] is True
+    assert jobs.heartbeat(job.id, "quantizing", 4, 30, "log") is True
+    jobs.finish(job.id, "cancelled")
+    assert jobs.get(job.id).state == "cancelled"
+
+
+def test_a_dead_runners_job_fails_and_its_files_go(gateway: Gateway, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    assert jobs.claim("dead-runner") is not None
+    settings = gateway.settings.model_copy(update={"models_dir": tmp_path, "job_stale_after_s": 0.01})
+    left = tmp_path / f"{TMP_PREFIX}{job.id}-abcd1234"
+    (left / "model").mkdir(parents=True)
+    (left / "model" / "model.safetensors").write_bytes(b"half written")
+    time.sleep(0.05)  # longer than the stale limit without a heartbeat
+    JobRunner(settings, name="next-runner").reap()
+    failed = jobs.get(job.id)
+    assert failed.state == "failed" and "no heartbeat" in (failed.error or "")
+    assert not left.exists()
+    with pytest.raises(JobConflict):
+        jobs.succeed(job.id, "/nowhere", "gptq", {}, "")  # a late finish cannot register it
+    with gateway.client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+        assert session.query(BaseModel).filter_by(name="q").count() == 0
+
+
+def test_a_result_is_registered_with_its_lineage_and_report(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    job = jobs.submit("tiny-gptq", "tiny-base", QuantizeSpec(group_size=16))
+    jobs.claim("r1")
+    report = {"source": {"perplexity": 20.0}, "result": {"perplexity": 21.0}}
+    result = jobs.succeed(job.id, "/models/tiny-gptq", "gptq", report, "done")
+    models = {m["name"]: m for m in gateway.client.get("/admin/base-models", headers=gateway.admin()).json()}
+    assert models["tiny-gptq"]["parent_id"] == models["tiny-base"]["id"]
+    assert models["tiny-gptq"]["report"] == report and models["tiny-gptq"]["active"] is False
+    shown = gateway.client.get(f"{JOBS}/{job.id}", headers=gateway.admin()).json()
+    assert shown["state"] == "succeeded" and shown["result_model_id"] == result.id
+    assert shown["duration_seconds"] is not None
+
+
+def test_activating_an_unrelated_or_unknown_base_is_refused(gateway: Gateway) -> None:
+    with gateway.client.app.state.services.sessions.begin() as session:  # type: ignore[attr-defined]
+        session.add(BaseModel(name="other", path="/x", quantization="none", linear_modules={}, max_context=8))
+    models = {m["name"]: m for m in gateway.client.get("/admin/base-models", headers=gateway.admin()).json()}
+    resp = gateway.client.post(f"/admin/base-models/{models['other']['id']}/activate", headers=gateway.admin())
+    assert resp.status_code == 409 and "not derived" in resp.json()["error"]["message"]
+    assert gateway.client.post("/admin/base-models/999/activate", headers=gateway.admin()).status_code == 404
+
+
+def test_activating_a_derived_base_marks_it_active(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    job = jobs.submit("tiny-gptq", "tiny-base", QuantizeSpec(group_size=16))
+    jobs.claim("r1")
+    result = jobs.succeed(job.id, "/models/tiny-gptq", "gptq", {}, "")
+    resp = gateway.client.post(f"/admin/base-models/{result.id}/activate", headers=gateway.admin())
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["not_moved_workers"] == ["fake-0"]  # a remote worker is redeployed, not restarted
+    active = [m["name"] for m in gateway.client.get("/admin/base-models", headers=gateway.admin()).json()
+              if m["active"]]
+    assert active == ["tiny-gptq"]
+
+
+def test_job_rows_keep_the_uploaded_text_out_of_listings(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16, calibration_text="secret corpus " * 20))
+    listed = gateway.client.get(JOBS, headers=gateway.admin()).text
+    assert "secret corpus" not in listed
+    with gateway.client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
+        assert "secret corpus" in session.query(QuantizationJob).one().spec["calibration_text"]
+
+
+def test_reap_leaves_a_live_jobs_directory(gateway: Gateway, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    jobs.claim("live-runner")
+    live = tmp_path / f"{TMP_PREFIX}{job.id}-abcd1234"
+    live.mkdir()
+    settings = gateway.settings.model_copy(update={"models_dir": tmp_path})
+    runner = JobRunner(settings, name="other")
+    runner.stale_after = timedelta(hours=1)
+    runner.reap()
+    assert live.exists() and jobs.get(job.id).state == "running"
+
+
+def test_jobs_by_state_are_on_the_metrics(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    jobs.submit("a", "tiny-base", QuantizeSpec(group_size=16))
+    jobs.submit("b", "tiny-base", QuantizeSpec(group_size=16))
+    jobs.claim("r1")
+    text = gateway.client.get("/metrics").text
+    for state, count in (("queued", 1), ("running", 1), ("succeeded", 0), ("failed", 0), ("cancelled", 0)):
+        assert f'loraplex_quantization_jobs{{state="{state}"}} {count}.0' in text
