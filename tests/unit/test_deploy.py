@@ -108,7 +108,7 @@ def test_the_dashboard_uses_the_provisioned_datasource() -> None:
 
 
 DOCKER_COMPOSE = shutil.which("docker-compose")
-COMPOSE_SERVICES = {"postgres", "prepare", "worker-0", "worker-1", "gateway", "prometheus", "grafana"}
+COMPOSE_SERVICES = {"postgres", "prepare", "worker-0", "worker-1", "gateway", "job-runner", "prometheus", "grafana"}
 
 
 @pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed (Debian's; .ci/run installs it)")
