@@ -88,3 +88,32 @@ def test_a_tenant_over_its_concurrency_limit_gets_429(two_workers: Server) -> No
     assert statuses[0] == 200 and 429 in statuses, results
     refused = next(r for r in results if r[0] == 429)
     assert refused[1] is not None and "max_concurrent_requests" in refused[2]
+
+
+def test_activating_a_base_rolls_the_workers_one_at_a_time_without_failing_requests(two_workers: Server) -> None:
+    """Activation drains and restarts each worker in turn; the other one answers meanwhile."""
+    key = two_workers.new_tenant("through-the-roll")
+    with two_workers.client(two_workers.admin_key, timeout=600) as admin:
+        active = next(m for m in admin.get("/admin/base-models").json() if m["active"])
+        pids = {name: w["pid"] for name, w in workers(two_workers).items()}
+        results: list[tuple[int, str]] = []
+        stop = False
+
+        def traffic() -> None:
+            with two_workers.client(key) as client:
+                while not stop:
+                    response = client.post("/generate", json={**QUESTION, "max_tokens": 6})
+                    results.append((response.status_code, response.text))
+
+        with ThreadPoolExecutor(2) as pool:
+            running = [pool.submit(traffic) for _ in range(2)]
+            time.sleep(1.0)
+            rolled = admin.post(f"/admin/base-models/{active['id']}/activate")
+            stop = True
+            for r in running:
+                r.result()
+    assert rolled.status_code == 200, rolled.text
+    assert sorted(rolled.json()["moved_workers"]) == ["local-0", "local-1"]
+    after = workers(two_workers)
+    assert all(after[name]["pid"] != pid and after[name]["ready"] for name, pid in pids.items())  # both restarted
+    assert len(results) > 4 and all(status == 200 for status, _ in results), results
