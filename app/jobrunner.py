@@ -34,7 +34,7 @@ from app.workers.supervisor import die_with_parent
 log = logging.getLogger(__name__)
 
 PROGRESS = re.compile(r"PROGRESS (\S+) (\d+) (\d+)")
-LAYER = re.compile(r"Quantizing layer (\d+) of (\d+)")  # GPTQModel's own progress line
+LAYER = re.compile(r"Quantizing layer (\d+) of (\d+)")  # GPTQModel's own progress line: 0-based, "of" the last
 TMP_PREFIX = ".job-"
 
 
@@ -153,7 +153,7 @@ class _Child:
             self.progress = (m.group(1), int(m.group(2)), int(m.group(3)))
             return
         if (m := LAYER.search(line)) is not None:
-            self.progress = ("quantizing", int(m.group(1)), int(m.group(2)))
+            self.progress = ("quantizing", int(m.group(1)) + 1, int(m.group(2)) + 1)  # layer k of n, 1-based
             line = m.group(0)
         if not self.lines or self.lines[-1] != line:
             self.lines.append(line[:400])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -187,3 +188,19 @@ def test_jobs_by_state_are_on_the_metrics(gateway: Gateway) -> None:
     text = gateway.client.get("/metrics").text
     for state, count in (("queued", 1), ("running", 1), ("succeeded", 0), ("failed", 0), ("cancelled", 0)):
         assert f'loraplex_quantization_jobs{{state="{state}"}} {count}.0' in text
+
+
+def test_the_runner_reads_progress_from_the_childs_output() -> None:
+    from app.jobrunner import _Child
+
+    child = _Child([sys.executable, "-c", (
+        "import sys\n"
+        "print('PROGRESS calibrating 0 1', flush=True)\n"
+        "sys.stdout.write('Quantizing layer 0 of 29 [0 of 29] 0.0%\\rQuantizing layer 4 of 29 [4 of 29]\\n')\n"
+        "print('ValueError: boom', flush=True)\n"
+        "sys.exit(3)\n")])
+    assert child.wait(30)
+    assert child.returncode == 3
+    assert child.progress == ("quantizing", 5, 30)  # GPTQModel counts layers from 0 and says "of" the last
+    assert child.last_line() == "ValueError: boom"
+    assert "Quantizing layer 4 of 29" in child.tail()
