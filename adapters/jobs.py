@@ -1,4 +1,4 @@
-"""Quantization jobs in the metadata DB: submit, claim (one runner per job), progress, finish.
+"""Quantization jobs in the metadata DB (submit, claim, progress, finish) and the base models they make.
 
 The job runner process does the work (`app/jobrunner.py`); this module is only bookkeeping,
 so the gateway can use it without torch. A job is claimed by a conditional UPDATE (queued ->
@@ -202,3 +202,41 @@ class JobStore:
     def active_ids(self) -> set[int]:
         with self.sessions() as session:
             return set(session.scalars(select(QuantizationJob.id).where(QuantizationJob.state == "running")))
+
+
+class BaseModels:
+    """The registered base models: listing, lineage and which one the workers serve."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def all(self) -> list[BaseModel]:
+        with self.sessions() as session:
+            return list(session.scalars(select(BaseModel).order_by(BaseModel.id)))
+
+    def activation_target(self, model_id: int) -> BaseModel:
+        """The model to activate, refused unless it shares a root with the active one.
+
+        The registered adapters were validated against the active base's layers, and only
+        a base of the same lineage is sure to have the same ones.
+        """
+        models = {m.id: m for m in self.all()}
+        target = models.get(model_id)
+        if target is None:
+            raise JobNotFound(f"base model {model_id}")
+        current = next((m for m in models.values() if m.active), None)
+        if current is not None and _root(target, models) != _root(current, models):
+            raise JobConflict(f"{target.name} is not derived from {current.name} (or the reverse): "
+                              "the registered adapters were validated against the active base")
+        return target
+
+    def set_active(self, model_id: int) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(BaseModel).values(active=False))
+            session.execute(update(BaseModel).where(BaseModel.id == model_id).values(active=True))
+
+
+def _root(model: BaseModel, models: dict[int, BaseModel]) -> int:
+    while model.parent_id is not None and model.parent_id in models:
+        model = models[model.parent_id]
+    return model.id

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.jobs import JobStore
+from adapters.jobs import BaseModels, JobStore
 from adapters.models import Tenant
 from adapters.registry import AdapterRegistry
 from app.auth import TenantService, is_admin_key
@@ -30,6 +30,7 @@ class Services:
     quotas: RequestQuotas
     tenant_labels: TenantLabels
     jobs: JobStore
+    base_models: BaseModels
 
 
 def get_services(request: Request) -> Services:

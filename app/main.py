@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.blobstore import open_blob_store
 from adapters.db import make_engine, make_sessionmaker
-from adapters.jobs import JobStore
+from adapters.jobs import BaseModels, JobStore
 from adapters.models import BaseModel
 from adapters.registry import AdapterRegistry
 from app import metrics
@@ -50,6 +50,7 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         quotas=RequestQuotas(),
         tenant_labels=metrics.TenantLabels(settings.metrics_top_tenants),
         jobs=JobStore(sessions),
+        base_models=BaseModels(sessions),
     )
 
     @asynccontextmanager

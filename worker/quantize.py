@@ -1,16 +1,16 @@
 """Offline GPTQ/AWQ quantization of a base checkpoint with GPTQModel, and its quality report.
 
-Run as a child process of the job runner (`python -m worker.quantize SPEC.json OUT_DIR`), so
-that cancelling a job is killing a process and a crash never takes the runner with it. It
-writes the quantized checkpoint into OUT_DIR and `report.json` beside it; progress goes to
-stdout as `PROGRESS <stage> <done> <total>` lines, which the runner records.
+Run as a child process of the job runner (`python -m worker.quantize SPEC.json SOURCE OUT_DIR`),
+so that cancelling a job is killing a process and a crash never takes the runner with it; the
+runner sets its threads (`OMP_NUM_THREADS`, `GPTQMODEL_CPU_WORKERS`). It writes the quantized
+checkpoint and `loraplex_report.json` into OUT_DIR; progress goes to stdout as
+`PROGRESS <stage> <done> <total>` lines, which the runner records.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -42,7 +42,6 @@ def progress(stage: str, done: int, total: int) -> None:
 
 
 def quantize(spec: QuantizeSpec, source: Path, out: Path) -> None:
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # GPTQModel stalls with fewer on 2 cores
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     from gptqmodel.quantization.config import FORMAT, METHOD
     from transformers import AutoTokenizer
@@ -70,10 +69,11 @@ def quantize(spec: QuantizeSpec, source: Path, out: Path) -> None:
 def load_quantized(path: Path, device: Any = None) -> Any:
     """A GPTQ/AWQ checkpoint as a transformers model: GPTQModel's torch kernels on CPU (they compute
     in bfloat16 and refuse float32), its automatic kernel choice on CUDA."""
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # the torch kernels recompile on every shape otherwise
     import torch
+    import torch._dynamo
     from gptqmodel import BACKEND, GPTQModel
 
+    torch._dynamo.config.disable = True  # its torch kernels recompile on every new shape: 28 s for 24 tokens
     device = torch.device(device or "cpu")
     method = json.loads((path / "quantize_config.json").read_text()).get("method", "gptq")
     cpu_backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH

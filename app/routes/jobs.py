@@ -7,13 +7,11 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel as Schema
 from pydantic import ConfigDict, Field
-from sqlalchemy import select, update
 from starlette.concurrency import run_in_threadpool
 
 from adapters.jobs import QuantizeSpec
 from adapters.models import BaseModel, QuantizationJob
-from app.deps import AdminDep, Services, ServicesDep
-from app.errors import Conflict, NotFound
+from app.deps import AdminDep, ServicesDep
 from app.schemas import UtcDatetime
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -109,11 +107,6 @@ def cancel_job(job_id: int, services: ServicesDep) -> JobPublic:
     return JobPublic.of(services.jobs.cancel(job_id))
 
 
-def _base_models(services: Services) -> list[BaseModel]:
-    with services.sessions() as session:
-        return list(session.scalars(select(BaseModel).order_by(BaseModel.id)))
-
-
 def _public(m: BaseModel) -> BaseModelPublic:
     return BaseModelPublic(id=m.id, name=m.name, quantization=m.quantization, active=m.active,
                            parent_id=m.parent_id, max_context=m.max_context, created_at=m.created_at,
@@ -122,38 +115,16 @@ def _public(m: BaseModel) -> BaseModelPublic:
 
 @router.get("/base-models", response_model=list[BaseModelPublic])
 def base_models(services: ServicesDep) -> list[BaseModelPublic]:
-    return [_public(m) for m in _base_models(services)]
+    return [_public(m) for m in services.base_models.all()]
 
 
 @router.post("/base-models/{model_id}/activate", response_model=Activation)
 async def activate(model_id: int, services: ServicesDep) -> Activation:
     """Roll the local workers onto this base model one at a time; the others keep serving."""
-    models = {m.id: m for m in await run_in_threadpool(_base_models, services)}
-    target = models.get(model_id)
-    if target is None:
-        raise NotFound(f"base model {model_id} not found")
-    current = next((m for m in models.values() if m.active), None)
-    if current is not None and not _same_family(target, current, models):
-        raise Conflict(f"{target.name} is not derived from {current.name} (or the reverse): "
-                       "the registered adapters were validated against the active base")
+    target = await run_in_threadpool(services.base_models.activation_target, model_id)
     settings = services.settings
     not_moved = await services.pool.roll_onto(target.path, target.name, drain_timeout=settings.drain_timeout_s,
                                               start_timeout=settings.worker_start_timeout_s)
-    await run_in_threadpool(_set_active, services, model_id)
+    await run_in_threadpool(services.base_models.set_active, model_id)
     moved = [s.client.name for s in services.pool.slots if s.client.name not in not_moved]
     return Activation(active=_public(target), moved_workers=moved, not_moved_workers=not_moved)
-
-
-def _same_family(a: BaseModel, b: BaseModel, models: dict[int, BaseModel]) -> bool:
-    def root(m: BaseModel) -> int:
-        while m.parent_id is not None and m.parent_id in models:
-            m = models[m.parent_id]
-        return m.id
-
-    return root(a) == root(b)
-
-
-def _set_active(services: Services, model_id: int) -> None:
-    with services.sessions.begin() as session:
-        session.execute(update(BaseModel).values(active=False))
-        session.execute(update(BaseModel).where(BaseModel.id == model_id).values(active=True))
