@@ -54,6 +54,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
+def _ints(values: Any) -> tuple[int, ...]:
+    if not isinstance(values, list) or not all(type(v) is int for v in values):
+        raise ValueError("expected a list of integers")
+    return tuple(values)
+
+
 def read_safetensors_header(data: bytes | bytearray) -> dict[str, TensorInfo]:
     """Parse a safetensors header and check every tensor lies inside the file."""
     if len(data) < 8:
@@ -63,35 +69,83 @@ def read_safetensors_header(data: bytes | bytearray) -> dict[str, TensorInfo]:
         raise FormatError("adapter_model.safetensors is not a safetensors file (bad header length)")
     try:
         header = json.loads(data[8 : 8 + header_len], object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError("adapter_model.safetensors is not a safetensors file") from exc
+    except FormatError:
+        raise
+    except (ValueError, RecursionError) as exc:  # JSON errors, and integers too long to convert
+        raise FormatError("adapter_model.safetensors is not a safetensors file (malformed header)") from exc
     if not isinstance(header, dict):
         raise FormatError("adapter_model.safetensors has a malformed header")
     header.pop("__metadata__", None)
     base = 8 + header_len
-    tensors: dict[str, TensorInfo] = {}
-    for key, info in header.items():
-        try:
-            start, end = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(x) for x in info["shape"])
-            dtype = str(info["dtype"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise FormatError(f"tensor {key!r} has a malformed header entry") from exc
-        if not 0 <= start <= end or base + end > len(data):
-            raise FormatError(f"adapter_model.safetensors is truncated: tensor {key!r} runs past the end")
-        numel = math.prod(shape)
-        if dtype in _DTYPE_BYTES and end - start != numel * _DTYPE_BYTES[dtype]:
-            raise FormatError(f"tensor {key!r}: {end - start} data bytes do not match shape {list(shape)}")
-        tensors[key] = TensorInfo(dtype, shape, base + start, base + end)
-    return tensors
+    return {key: _tensor_info(key, info, base, len(data)) for key, info in header.items()}
+
+
+def _tensor_info(key: str, info: Any, base: int, file_size: int) -> TensorInfo:
+    try:
+        start, end = _ints(info["data_offsets"])
+        shape = _ints(info["shape"])
+        dtype = str(info["dtype"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FormatError(f"tensor {key!r} has a malformed header entry") from exc
+    if any(d < 0 for d in shape):
+        raise FormatError(f"tensor {key!r} has a negative dimension in shape {list(shape)}")
+    if not 0 <= start <= end or base + end > file_size:
+        raise FormatError(f"adapter_model.safetensors is truncated: tensor {key!r} runs past the end")
+    numel = math.prod(shape)
+    if dtype in _DTYPE_BYTES and end - start != numel * _DTYPE_BYTES[dtype]:
+        raise FormatError(f"tensor {key!r}: {end - start} data bytes do not match shape {list(shape)}")
+    return TensorInfo(dtype, shape, base + start, base + end)
+
+
+MAX_LORA_ALPHA = 65536.0  # lora_alpha and alpha_pattern values; real adapters use 1-1024
+MAX_CONFIG_RANK = 65536  # r and rank_pattern values (the worker's max_lora_rank is the real limit)
+
+
+def _refuse_constant(name: str) -> float:
+    raise FormatError(f"adapter_config.json holds {name}: numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise FormatError(f"adapter_config.json holds {text[:40]}, which is not a finite number")
+    return value
+
+
+def _strict_json(raw: bytes | bytearray, what: str) -> Any:
+    """JSON with finite numbers only; any malformation (deep nesting, 5000-digit integers) is a FormatError."""
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{what} is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise FormatError(f"{what} is nested too deeply") from None
+    except ValueError as exc:  # FormatError is one; int() refuses integers of thousands of digits
+        raise FormatError(str(exc) if isinstance(exc, FormatError) else f"{what}: {exc}") from None
+
+
+def _positive_number(config: dict[str, Any], field: str, limit: float, *, integer: bool = False) -> None:
+    value = config.get(field)
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)  # 8.0 from a hand-written config is rank 8
+    kind = int if integer else (int, float)
+    if not isinstance(value, kind) or isinstance(value, bool) or not 0 < value <= limit:
+        noun = "integer" if integer else "number"
+        raise FormatError(f"adapter_config.json {field} must be a positive {noun} of at most {limit:g}, "
+                          f"got {str(value)[:40]}")
+
+
+def _pattern_values(config: dict[str, Any], field: str, limit: float, *, integer: bool) -> None:
+    patterns = config.get(field) or {}
+    if not isinstance(patterns, dict):
+        raise FormatError(f"adapter_config.json {field} must be an object of module pattern -> value")
+    for key, value in patterns.items():
+        _positive_number({f"{field}[{key[:60]!r}]": value}, f"{field}[{key[:60]!r}]", limit, integer=integer)
 
 
 def parse_config(raw: bytes | bytearray) -> dict[str, Any]:
-    """Load adapter_config.json and check it describes a plain LoRA adapter."""
-    try:
-        config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"adapter_config.json is not valid JSON: {exc}") from exc
+    """Load adapter_config.json and check it describes a plain LoRA adapter with sane numbers."""
+    config = _strict_json(raw, "adapter_config.json")
     if not isinstance(config, dict):
         raise FormatError("adapter_config.json must be a JSON object")
     peft_type = str(config.get("peft_type", "")).upper()
@@ -107,10 +161,10 @@ def parse_config(raw: bytes | bytearray) -> dict[str, Any]:
         raise FormatError("adapters that train biases (bias != 'none') are not supported")
     if config.get("fan_in_fan_out"):
         raise FormatError("fan_in_fan_out adapters (Conv1D bases) are not supported")
-    for field in ("r", "lora_alpha"):
-        value = config.get(field)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise FormatError(f"adapter_config.json {field} must be a positive number")
+    _positive_number(config, "r", MAX_CONFIG_RANK, integer=True)
+    _positive_number(config, "lora_alpha", MAX_LORA_ALPHA)
+    _pattern_values(config, "rank_pattern", MAX_CONFIG_RANK, integer=True)
+    _pattern_values(config, "alpha_pattern", MAX_LORA_ALPHA, integer=False)
     return config
 
 
@@ -146,9 +200,15 @@ def lora_modules(tensors: dict[str, TensorInfo]) -> list[LoraModule]:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: float) -> float:
-    # PEFT matches a pattern key against the end of the module name.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+    """A pattern's value for `module`, matched as a plain name (the whole name or a dotted suffix).
+
+    Never as a regular expression: uploads store patterns resolved to full module names
+    (adapters.patterns), so a tenant's regex never runs here.
+    """
+    if module in patterns:
+        return float(patterns[module])
+    for key, value in patterns.items():
+        if module.endswith("." + key):
             return float(value)
     return default
 

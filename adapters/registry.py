@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.blobstore import BlobStore
 from adapters.models import Adapter, AdapterVersion, BaseModel
-from adapters.validation import AdapterFiles, ValidatedAdapter, validate_adapter
+from adapters.validation import DEFAULT_MAX_DELTA, AdapterFiles, ValidatedAdapter, validate_adapter
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -78,10 +78,13 @@ def parse_reference(ref: str) -> tuple[str, int | None]:
 
 
 class AdapterRegistry:
-    def __init__(self, sessions: sessionmaker[Session], blobs: BlobStore, max_rank: int) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], blobs: BlobStore, max_rank: int, max_delta: float = DEFAULT_MAX_DELTA
+    ) -> None:
         self.sessions = sessions
         self.blobs = blobs
         self.max_rank = max_rank
+        self.max_delta = max_delta
 
     def active_base_model(self, session: Session) -> BaseModel:
         base = session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
@@ -100,7 +103,7 @@ class AdapterRegistry:
         check_name(name)
         with self.sessions() as session:
             base = self.active_base_model(session)
-            checked = validate_adapter(files, base.linear_modules, self.max_rank)
+            checked = validate_adapter(files, base.linear_modules, self.max_rank, self.max_delta)
             base_id = base.id
         for attempt in range(_WRITE_ATTEMPTS - 1):
             try:
@@ -121,7 +124,7 @@ class AdapterRegistry:
             if quota is not None:
                 _check_quota(session, tenant_id, quota, new_name=adapter is None, new_bytes=len(files.weights))
             weights_sha = self.blobs.put(files.weights)
-            config_sha = self.blobs.put(files.config)
+            config_sha = self.blobs.put(checked.stored_config)  # patterns resolved: workers run no regex
             if adapter is None:
                 adapter = Adapter(tenant_id=tenant_id, name=name)
                 session.add(adapter)
