@@ -81,7 +81,7 @@ def engine_run(worker: LoadedWorker, refs: list[AdapterRef | None], new_tokens: 
     started = time.perf_counter()
     for prompt, ref in zip(PROMPTS, refs, strict=False):
         request = GenerateRequest(request_id=uuid.uuid4().hex, prompt=prompt, adapter=ref, sampling=sampling)
-        worker.engine.submit(request, sink)
+        worker.engine.submit(request, worker.prompts.encode(request), sink)
     if not all_done.wait(600):
         raise RuntimeError("engine run did not finish")
     return time.perf_counter() - started

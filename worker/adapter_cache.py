@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 
 class AdapterLoadError(RuntimeError):
-    """An adapter's files could not be loaded into this worker."""
+    """An adapter's files could not be loaded into this worker (status 422: its content is at fault)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class AdapterCache:
         self._lock = threading.Lock()
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
         self._pending: dict[str, Future[HostAdapter]] = {}
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, AdapterLoadError] = {}
         self._slot_of: OrderedDict[str, int] = OrderedDict()  # LRU order
         self._slot_bytes: dict[str, int] = {}
         self._rank_of_slot: dict[int, int] = {}
@@ -82,6 +86,8 @@ class AdapterCache:
         with self._lock:
             if ref.key in self._host or ref.key in self._slot_of or ref.key in self._pending:
                 return
+            if ref.key in self._failed and self._failed[ref.key].status == 422:
+                return  # its content is at fault: loading it again cannot help
             self._failed.pop(ref.key, None)
             self._doomed.discard(ref.key)
             future = self._loader.submit(self._read, ref)
@@ -97,7 +103,7 @@ class AdapterCache:
             exc = future.exception()
             metrics.ADAPTER_LOADS.labels("failed" if exc is not None else "ok").inc()
             if exc is not None:
-                self._failed[key] = str(exc)
+                self._failed[key] = exc if isinstance(exc, AdapterLoadError) else AdapterLoadError(str(exc))
             else:
                 self._host[key] = future.result()
                 self._trim_host()
@@ -114,14 +120,17 @@ class AdapterCache:
             header = read_safetensors_header(raw_weights)
             modules = lora_modules(header)
             tensors = {key: _view(raw_weights, info) for key, info in header.items()}
-        except (FormatError, LookupError, ValueError, OSError) as exc:
+        except FormatError as exc:
+            raise AdapterLoadError(f"adapter {ref.key} could not be loaded: {exc}", status=422) from exc
+        except (LookupError, ValueError, OSError) as exc:
             raise AdapterLoadError(f"adapter {ref.key} could not be loaded: {exc}") from exc
         # No arithmetic here: a torch op on this thread would start a second OpenMP team that
         # slowed the engine thread by ~35% on 2 cores. Conversion and scaling happen in `acquire`.
         weights = {}
         for m in modules:
             if m.module not in self.layers or m.rank > self.max_rank:
-                raise AdapterLoadError(f"adapter {ref.key} does not fit this worker's base model at {m.module}")
+                raise AdapterLoadError(f"adapter {ref.key} does not fit this worker's base model at {m.module}",
+                                       status=422)
             weights[m.module] = (tensors[m.a_key], tensors[m.b_key], module_scaling(config, m.module, m.rank))
         nbytes = len(raw_weights)
         return HostAdapter(ref.key, max(m.rank for m in modules), weights, nbytes)
@@ -131,14 +140,19 @@ class AdapterCache:
             self._host.popitem(last=False)
             metrics.ADAPTER_EVICTIONS.labels("host", "capacity").inc()
 
-    def load_error(self, key: str) -> str | None:
+    def load_error(self, key: str) -> AdapterLoadError | None:
         with self._lock:
             return self._failed.get(key)
 
     # -- device slots (engine thread only) ---------------------------------------------
     def acquire(self, ref: AdapterRef) -> int | None:
-        """A slot holding this adapter, pinned until release; None when not possible yet."""
+        """A slot holding this adapter, pinned until release; None when not possible yet.
+
+        Raises AdapterLoadError when the adapter failed to load or cannot be served.
+        """
         with self._lock:
+            if ref.key in self._failed:
+                raise self._failed[ref.key]
             if ref.key in self._slot_of:
                 # An evicted (deleted) adapter still serves requests admitted before the delete;
                 # it stays doomed and leaves when the last of them releases it.
@@ -153,8 +167,14 @@ class AdapterCache:
             if slot is None:
                 return None
             self._host.move_to_end(ref.key)
-        for module, (a, b, scale) in host.weights.items():
-            self.layers[module].load_slot(slot, a, b, scale)
+        try:
+            finite = all([self.layers[m].load_slot(slot, a, b, scale) for m, (a, b, scale) in host.weights.items()])
+        except (RuntimeError, ValueError) as exc:
+            finite, problem = False, f"its weights could not be copied into a slot: {exc}"
+        else:
+            problem = f"its scaled weights are not finite in {str(self.dtype).removeprefix('torch.')}"
+        if not finite:
+            self._refuse(ref.key, slot, f"adapter {ref.key} cannot be served: {problem}")
         with self._lock:
             self._slot_of[ref.key] = slot
             self._slot_bytes[ref.key] = host.nbytes
@@ -162,6 +182,17 @@ class AdapterCache:
             self._refs[ref.key] += 1
         metrics.ADAPTER_LOOKUPS.labels("host_hit").inc()
         return slot
+
+    def _refuse(self, key: str, slot: int, message: str) -> None:
+        """Empty the slot, remember why this adapter failed (its next requests fail at once), raise."""
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        error = AdapterLoadError(message, status=422)
+        with self._lock:
+            self._host.pop(key, None)
+            self._failed[key] = error
+        metrics.ADAPTER_LOADS.labels("failed").inc()
+        raise error
 
     def _free_slot(self) -> int | None:
         used = set(self._slot_of.values())

@@ -24,10 +24,15 @@ class WorkerConfig:
     # Memory for the batch's KV cache. Sized explicitly, never from total system RAM.
     kv_cache_mb: int = 2048
     max_prefill_tokens: int = 4096  # padded prompt tokens per prefill pass
+    # No engine step for this long: health says not live (the gateway or Kubernetes replaces the worker).
+    stall_timeout_s: float = 60.0
+    keepalive_s: float = 2.0  # a blank line on each open stream this often while the engine is live
 
     def __post_init__(self) -> None:
         for field in ("torch_threads", "max_batch_size", "adapter_slots", "max_lora_rank", "kv_cache_mb"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1")
+        if not 0 < self.keepalive_s < self.stall_timeout_s:
+            raise ValueError("keepalive_s must be positive and below stall_timeout_s")
         if self.host_adapter_cache < self.adapter_slots:
             raise ValueError("host_adapter_cache must be at least adapter_slots")

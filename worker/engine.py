@@ -5,7 +5,12 @@ left-padded forward pass, then merged into the batch's left-padded KV cache, wit
 explicit KV budget), runs one decode forward for all
 running rows, and retires rows that finished, stopped or were aborted, freeing their
 KV memory at once. It runs on its own thread; other threads talk to it only through
-`submit`, `abort` and `stats`.
+`submit`, `abort`, `stats` and `liveness`.
+
+The thread never dies of a request: whatever a row's input or adapter causes (a sampling
+error, non-finite logits, an adapter that will not load) fails that row alone, and an
+error nobody foresaw fails the running batch and the loop goes on. Every turn of the loop
+is a heartbeat, so a stuck forward pass shows as a stall.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from worker import metrics
-from worker.adapter_cache import AdapterCache
+from worker.adapter_cache import AdapterCache, AdapterLoadError
 from worker.lora import LoraRouting
 from worker.protocol import GenerateRequest
-from worker.sampling import choose_tokens, make_generator
+from worker.sampling import NON_FINITE, RowFailure, choose_tokens, make_generator
 from worker.sequence import EventSink, Sequence
 
 log = logging.getLogger(__name__)
@@ -77,12 +82,15 @@ class BatchEngine:
         self.running: list[Sequence] = []
         self.kv: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [batch, cache_len] 1 where the cache holds a real token
+        self.last_beat = time.monotonic()  # start of the loop's latest turn
+        self.death: str | None = None  # why the loop ended, if it ended other than by `stop`
 
     # -- called from other threads -------------------------------------------------------
-    def submit(self, request: GenerateRequest, sink: EventSink) -> None:
+    def submit(self, request: GenerateRequest, prompt_ids: list[int], sink: EventSink) -> None:
+        """Queue a request whose prompt was tokenized already (worker.prompts, off this thread)."""
         if len(self._inbox) + len(self.waiting) >= self.limits.max_waiting:
             raise QueueFull(f"the worker's queue is full ({self.limits.max_waiting} waiting requests)")
-        self._inbox.append(Sequence(request=request, sink=sink))
+        self._inbox.append(Sequence(request=request, sink=sink, prompt_ids=prompt_ids))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -96,14 +104,35 @@ class BatchEngine:
         """(running, waiting)."""
         return len(self.running), len(self.waiting) + len(self._inbox)
 
+    def stalled_for(self, now: float | None = None) -> float:
+        """Seconds since the loop last came round (it comes round every 50 ms when idle)."""
+        return (time.monotonic() if now is None else now) - self.last_beat
+
     # -- the engine thread ---------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        with torch.inference_mode():
-            while not stop.is_set():
-                self._wake.clear()
-                self.step()
-                if not self.running:
-                    self._wake.wait(timeout=0.05)
+        try:
+            with torch.inference_mode():
+                while not stop.is_set():
+                    self.last_beat = time.monotonic()
+                    self._wake.clear()
+                    self._guarded_step()
+                    if not self.running:
+                        self._wake.wait(timeout=0.05)
+        except BaseException as exc:  # the loop itself broke: health reports it and the worker is replaced
+            self.death = f"{type(exc).__name__}: {exc}"
+            log.critical("engine loop died: %s", self.death, exc_info=True)
+            raise
+
+    def _guarded_step(self) -> None:
+        try:
+            self.step()
+        except Exception as exc:  # a bug, not a request's fault: fail the batch, keep serving
+            log.exception("engine step failed; failing the %d running requests", len(self.running))
+            for seq in self.running:
+                if seq.finish_reason is None:
+                    seq.fail(f"internal error in the engine: {type(exc).__name__}")
+                self._release_slot(seq)
+            self.running, self.kv, self.mask = [], None, None
 
     def step(self) -> None:
         self._take_inbox()
@@ -120,37 +149,14 @@ class BatchEngine:
         while self._inbox:
             seq = self._inbox.popleft()
             try:
-                seq.prompt_ids = self._tokenize(seq.request)
-            except ValueError as exc:
-                seq.fail(str(exc), status=400)
+                seq.generator = make_generator(seq.request.sampling)
+                if seq.request.adapter is not None:
+                    self.adapters.prefetch(seq.request.adapter)
+            except Exception as exc:  # this request's own parameters: it fails alone
+                log.exception("request %s could not be queued", seq.request_id)
+                seq.fail(f"the request could not be started: {exc}", status=400)
                 continue
-            seq.generator = make_generator(seq.request.sampling)
-            if seq.request.adapter is not None:
-                self.adapters.prefetch(seq.request.adapter)
             self.waiting.append(seq)
-
-    def _tokenize(self, request: GenerateRequest) -> list[int]:
-        if request.messages is not None:
-            chat = [m.model_dump() for m in request.messages]
-            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        else:
-            ids = self.tokenizer(request.prompt or "").input_ids
-        if not ids:
-            raise ValueError("the prompt is empty")
-        budget = self.limits.max_context
-        if len(ids) + request.sampling.max_tokens > budget:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; with max_tokens={request.sampling.max_tokens} "
-                f"that exceeds the model's context of {budget} tokens"
-            )
-        needed = len(ids) + request.sampling.max_tokens
-        if needed > self.limits.kv_cache_tokens:
-            raise ValueError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) needs more KV cache "
-                f"than the worker's budget of {self.limits.kv_cache_tokens} tokens (kv_cache_mb)"
-            )
-        return list(ids)
 
     def _apply_aborts(self) -> None:
         if not self._aborts:
@@ -178,11 +184,11 @@ class BatchEngine:
             seq = self.waiting.popleft()
             ref = seq.request.adapter
             if ref is not None:
-                error = self.adapters.load_error(ref.key)
-                if error is not None:
-                    seq.fail(error, status=500)
+                try:
+                    seq.slot = self.adapters.acquire(ref)
+                except AdapterLoadError as exc:  # its files or weights are unusable: its requests fail
+                    seq.fail(str(exc), status=exc.status)
                     continue
-                seq.slot = self.adapters.acquire(ref)
                 if seq.slot is None:  # still loading, or every slot pinned by running rows
                     self.adapters.prefetch(ref)  # again, in case its host copy was dropped meanwhile
                     blocked.append(seq)
@@ -192,12 +198,15 @@ class BatchEngine:
         if not admitted:
             return
         try:
-            self._prefill(admitted)
+            logits = self._prefill(admitted)
         except Exception as exc:  # a bad prefill fails its own requests, not the running batch
             log.exception("prefill failed for %d requests", len(admitted))
             for seq in admitted:
-                seq.fail(f"generation failed: {exc}")
+                seq.fail(f"generation failed: {type(exc).__name__}: {exc}")
                 self._release_slot(seq)
+            return
+        self.running.extend(admitted)
+        self._settle(admitted, logits)
 
     def _kv_fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
         """Would the padded cache stay within budget if every row ran to its max_tokens?"""
@@ -210,7 +219,8 @@ class BatchEngine:
         rows = [*admitted, seq]
         return len(rows) * max(len(s.prompt_ids) for s in rows) <= self.limits.max_prefill_tokens
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Run the prompts, merge their cache into the batch's; logits [rows, vocab] of the last position."""
         width = max(len(s.prompt_ids) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, device=self.device)  # [rows, width] left-padded
         mask = torch.zeros(len(seqs), width, dtype=torch.long, device=self.device)  # [rows, width]
@@ -229,11 +239,8 @@ class BatchEngine:
                          use_cache=True, logits_to_keep=1)
         metrics.STEP_TIME.labels("prefill").observe(time.monotonic() - started)
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in seqs))
-        tokens = choose_tokens(out.logits[:, -1], [s.request.sampling for s in seqs], [s.generator for s in seqs])
         self._merge(kv, mask)
-        self.running.extend(seqs)
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._accept(seq, token)
+        return out.logits[:, -1]
 
     def _merge(self, kv: DynamicCache, new_mask: torch.Tensor) -> None:
         """Append prefilled rows to the batch cache, left-padding the shorter side."""
@@ -274,19 +281,36 @@ class BatchEngine:
                 if seq.finish_reason is None:
                     seq.fail(f"generation failed: {exc}")
             return
-        tokens = choose_tokens(
-            out.logits[:, -1], [s.request.sampling for s in rows], [s.generator for s in rows]
-        )
         metrics.STEP_TIME.labels("decode").observe(time.monotonic() - started)
         metrics.BATCH_SIZE.observe(len(rows))
+        self._settle(rows, out.logits[:, -1])
+
+    def _settle(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        """Choose each row's next token from logits [rows, vocab]; a row that cannot go on fails alone."""
+        tokens = choose_tokens(logits, [s.request.sampling for s in rows], [s.generator for s in rows])
         for seq, token in zip(rows, tokens, strict=True):
-            if seq.finish_reason is None:
+            if seq.finish_reason is not None:
+                continue  # aborted while the step ran
+            if isinstance(token, RowFailure):
+                self._fail_row(seq, token)
+                continue
+            try:
                 self._accept(seq, token)
+            except Exception as exc:
+                log.exception("request %s failed after its forward pass", seq.request_id)
+                seq.fail(f"generation failed: {type(exc).__name__}")
+
+    def _fail_row(self, seq: Sequence, failure: RowFailure) -> None:
+        if failure.message == NON_FINITE and seq.request.adapter is not None:
+            # Rows are computed independently, so the values came from this row's adapter.
+            seq.fail("the adapter produced non-finite values (NaN or Inf); it cannot serve this prompt", 422)
+        else:
+            seq.fail(f"generation failed: {failure.message}", failure.status)
 
     def _route(self, rows: list[Sequence]) -> None:
         zero = self.adapters.zero_slot
         slots = [zero if s.slot is None else s.slot for s in rows]
-        self.routing.route(slots, zero, self.adapters.rank_of, self.adapters.dtype, self.device)
+        self.routing.route(slots, zero, self.adapters.rank_of, self.device)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)

@@ -26,13 +26,12 @@ class LoraRouting:
     active: frozenset[int] = field(default_factory=frozenset)  # slots used in this pass
     rank: int = 0  # widest rank among the active adapters
     single: int | None = None  # the one active slot, when there is exactly one
-    row_mask: torch.Tensor | None = None  # [batch, 1, 1] 1.0 on rows of `single`; None: every row
+    single_rows: torch.Tensor | None = None  # [rows of `single`] batch indices, when other rows have none
 
     def clear(self) -> None:
-        self.slots, self.active, self.rank, self.single, self.row_mask = None, frozenset(), 0, None, None
+        self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
 
-    def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], dtype: torch.dtype,
-              device: torch.device) -> None:
+    def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device) -> None:
         """Set the routing for a batch whose row i uses `slots[i]` (`zero_slot`: the base model)."""
         active = frozenset(slot for slot in slots if slot != zero_slot)
         if not active:
@@ -42,9 +41,9 @@ class LoraRouting:
         self.active = active
         self.rank = max(rank_of(slot) for slot in active)
         self.single = next(iter(active)) if len(active) == 1 else None
-        self.row_mask = None
+        self.single_rows = None
         if self.single is not None and zero_slot in slots:
-            self.row_mask = (self.slots != zero_slot).to(dtype).view(-1, 1, 1)  # [batch, 1, 1]
+            self.single_rows = (self.slots != zero_slot).nonzero().view(-1)  # [rows with the adapter]
 
 
 class MultiLoraLinear(nn.Module):
@@ -76,24 +75,35 @@ class MultiLoraLinear(nn.Module):
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
         if route.single is not None:
-            h = x @ self.lora_a[route.single, :rank].T  # [batch, tokens, rank]
-            if route.row_mask is not None:
-                h = h * route.row_mask  # rows on the base model add nothing
-            delta = h @ self.lora_b[route.single, :rank]  # [batch, tokens, out]
+            rows = route.single_rows
+            if rows is not None:
+                # Only the adapter's rows are computed and added: base rows keep the base layer's
+                # exact values whatever the adapter holds (masking by x 0 turned its inf into NaN there).
+                x = x.index_select(0, rows)
+            h = x @ self.lora_a[route.single, :rank].T  # [rows, tokens, rank]
+            delta = h @ self.lora_b[route.single, :rank]  # [rows, tokens, out]
+            if rows is not None:
+                return y.index_add(0, rows, delta.to(y.dtype))
         else:
             a = self.lora_a[:, :rank].index_select(0, route.slots)  # [batch, rank, in]
             b = self.lora_b[:, :rank].index_select(0, route.slots)  # [batch, rank, out]
             delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)  # [batch, tokens, out]
         return y + delta.to(y.dtype)
 
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> None:
-        """Copy A [rank, in] and B [out, rank] (any float dtype) into a slot, B scaled."""
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> bool:
+        """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.
+
+        False when a value is not finite in the slot's dtype (the caller refuses the adapter).
+        """
         rank = a.shape[0]
         self.lora_a[slot, rank:].zero_()  # a narrower adapter than the slot: the rest adds nothing
         self.lora_b[slot, rank:].zero_()
-        self.lora_a[slot, :rank].copy_(a)
-        torch.mul(b.T, scale, out=self.lora_b[slot, :rank])
+        self.lora_a[slot, :rank].copy_(a)  # copy_ converts dtype and crosses devices (host file -> GPU)
+        b_slot = self.lora_b[slot, :rank]
+        b_slot.copy_(b.T)
+        b_slot.mul_(scale)
         self.filled.add(slot)
+        return bool(torch.isfinite(self.lora_a[slot, :rank]).all() and torch.isfinite(b_slot).all())
 
     def clear_slot(self, slot: int) -> None:
         if slot in self.filled:

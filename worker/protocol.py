@@ -2,9 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+# Bounds every request is held to, at the gateway's edge and again here (a worker trusts no caller).
+MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; 2**64 and above raised on the engine thread
+MIN_TEMPERATURE = 0.01  # below this (denormals included) logits / temperature overflows: use 0 for greedy
+MAX_TEMPERATURE = 2.0
+
+
+def _encodable(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (it holds a lone surrogate)") from None
+    return text
+
+
+def _temperature(value: float) -> float:
+    if value != 0 and not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE} and {MAX_TEMPERATURE}")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # tenant text: encodable, so the tokenizer can take it
+Temperature = Annotated[float, AfterValidator(_temperature)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ChatRole = Literal["system", "user", "assistant"]  # the roles every chat template knows
 
 
 class AdapterRef(BaseModel):
@@ -16,22 +41,24 @@ class AdapterRef(BaseModel):
 
 
 class SamplingParams(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
     max_tokens: int = Field(default=128, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0)
+    temperature: Temperature = 0.0
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
+    seed: Seed | None = None
+    stop: list[Text] = Field(default_factory=list)
     ignore_eos: bool = False  # run to max_tokens (benchmarks: equal lengths on every line)
 
 
 class ChatMessage(BaseModel):
-    role: str
-    content: str
+    role: ChatRole
+    content: Text
 
 
 class GenerateRequest(BaseModel):
     request_id: str
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     adapter: AdapterRef | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
@@ -72,6 +99,7 @@ class EvictRequest(BaseModel):
 
 class WorkerHealth(BaseModel):
     ready: bool
+    live: bool = True  # False: the engine thread died, or made no step for the stall timeout
     model: str | None = None
     device: str | None = None
     running: int = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import psutil
@@ -15,6 +16,7 @@ from worker.config import WorkerConfig
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora import LoraRouting, install_lora_layers
 from worker.model import adaptable_linears, load_base_model, resolve_device
+from worker.prompts import PromptEncoder, PromptLimits
 from worker.protocol import WorkerHealth
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 class LoadedWorker:
     engine: BatchEngine
     adapters: AdapterCache
+    prompts: PromptEncoder
     device: torch.device
     max_context: int
     quantization: str = "bnb-nf4"
@@ -49,10 +52,11 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once
+    prompts = PromptEncoder(tokenizer, PromptLimits(max_context, kv_tokens))
     quant = getattr(model.config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     quantization = "bnb-nf4" if method in (None, "bitsandbytes") else str(getattr(method, "value", method))
-    return LoadedWorker(engine, adapters, device, max_context, quantization)
+    return LoadedWorker(engine, adapters, prompts, device, max_context, quantization)
 
 
 class WorkerRuntime:
@@ -64,6 +68,8 @@ class WorkerRuntime:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+        # Chat templating and tokenization: one thread of their own, never the engine's.
+        self.prompt_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prompts")
 
     def start(self) -> None:
         self._thread.start()
@@ -73,6 +79,7 @@ class WorkerRuntime:
         if self.loaded is not None:
             self.loaded.engine.wake()
             self.loaded.adapters.shutdown()
+        self.prompt_thread.shutdown(wait=False, cancel_futures=True)
         self._thread.join(timeout)
 
     def _main(self) -> None:
@@ -85,9 +92,24 @@ class WorkerRuntime:
         log.info("worker ready: %s on %s", self.config.model_name, self.loaded.device)
         self.loaded.engine.run(self._stop)
 
-    def health(self) -> WorkerHealth:
+    def liveness_problem(self) -> str | None:
+        """Why this worker cannot serve any more (its engine died, stalled or never loaded); None if live."""
+        if self.error is not None:
+            return self.error
         if self.loaded is None:
-            return WorkerHealth(ready=False, model=self.config.model_name, error=self.error)
+            return None  # still loading
+        engine = self.loaded.engine
+        if engine.death is not None or (not self._thread.is_alive() and not self._stop.is_set()):
+            return f"the engine thread died: {engine.death or 'unknown cause'}"
+        stalled = engine.stalled_for()
+        if stalled > self.config.stall_timeout_s:
+            return f"the engine has made no step for {stalled:.0f} s (stall timeout {self.config.stall_timeout_s:g} s)"
+        return None
+
+    def health(self) -> WorkerHealth:
+        problem = self.liveness_problem()
+        if self.loaded is None or problem is not None:
+            return WorkerHealth(ready=False, live=problem is None, model=self.config.model_name, error=problem)
         running, waiting = self.loaded.engine.stats()
         return WorkerHealth(
             ready=True,

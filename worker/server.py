@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import metrics
 from worker.engine import QueueFull
+from worker.prompts import PromptError
 from worker.protocol import AbortRequest, EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
 from worker.runtime import WorkerRuntime
 
@@ -39,26 +40,45 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
         loaded = runtime.loaded
         if loaded is None:
             return _error(503, "the worker is still loading its base model")
+        problem = runtime.liveness_problem()
+        if problem is not None:
+            return _error(503, f"the worker cannot serve: {problem}")
         loop = asyncio.get_running_loop()
+        try:
+            prompt_ids = await loop.run_in_executor(runtime.prompt_thread, loaded.prompts.encode, body)
+        except PromptError as exc:
+            return _error(400, str(exc))
         events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
 
         def sink(event: GenerateEvent) -> None:  # runs on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            loaded.engine.submit(body, sink)
+            loaded.engine.submit(body, prompt_ids, sink)
         except QueueFull as exc:
             return _error(503, str(exc))
         metrics.REQUESTS.inc()
-        return StreamingResponse(_ndjson(events, lambda: loaded.engine.abort(body.request_id)),
-                                 media_type="application/x-ndjson")
+        stream = _ndjson(events, lambda: loaded.engine.abort(body.request_id), runtime)
+        return StreamingResponse(stream, media_type="application/x-ndjson")
 
 
-async def _ndjson(events: asyncio.Queue[GenerateEvent], abort: Callable[[], None]) -> AsyncIterator[bytes]:
+async def _ndjson(
+    events: asyncio.Queue[GenerateEvent], abort: Callable[[], None], runtime: WorkerRuntime
+) -> AsyncIterator[bytes]:
+    """Events as NDJSON lines; a blank line every keepalive_s while the engine is live.
+
+    The keep-alive is what lets the gateway tell a request that is waiting its turn from one
+    stuck in a hung engine: it stops as soon as the engine stops making steps.
+    """
     finished = False
     try:
         while not finished:
-            event = await events.get()
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=runtime.config.keepalive_s)
+            except TimeoutError:
+                if runtime.liveness_problem() is None:
+                    yield b"\n"
+                continue
             finished = event.finished
             yield event.model_dump_json(exclude_none=True).encode() + b"\n"
     finally:
@@ -70,6 +90,18 @@ def _add_control_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
     @app.get("/health", response_model=WorkerHealth)
     async def health() -> WorkerHealth:
         return runtime.health()
+
+    @app.get("/health/live")
+    async def live() -> JSONResponse:
+        """200 while loading or serving; 503 once the engine died or stalled (a liveness probe restarts it)."""
+        problem = runtime.liveness_problem()
+        return JSONResponse({"live": problem is None, "error": problem}, status_code=200 if problem is None else 503)
+
+    @app.get("/health/ready")
+    async def ready() -> JSONResponse:
+        """200 only while the worker takes requests (a readiness probe)."""
+        state = runtime.health()
+        return JSONResponse({"ready": state.ready, "error": state.error}, status_code=200 if state.ready else 503)
 
     @app.post("/abort")
     async def abort(body: AbortRequest) -> dict[str, bool]:

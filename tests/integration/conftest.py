@@ -13,6 +13,7 @@ import pytest
 from adapters.blobstore import LocalBlobStore
 from tests.conftest import ADAPTERS
 from worker.config import WorkerConfig
+from worker.prompts import PromptError
 from worker.protocol import AdapterRef, ChatMessage, GenerateEvent, GenerateRequest, SamplingParams
 from worker.runtime import LoadedWorker, WorkerRuntime
 
@@ -59,7 +60,13 @@ class Worker:
     def submit(self, question: str, adapter: str | None = None, **sampling: object) -> tuple[str, Outcome]:
         request = worker_request(question, self.refs[adapter] if adapter else None, **sampling)
         outcome = Outcome()
-        self.loaded.engine.submit(request, outcome.sink)
+        try:
+            prompt_ids = self.loaded.prompts.encode(request)  # as the worker's API does, off the engine thread
+        except PromptError as exc:  # the API answers 400 before the engine sees the request
+            outcome.sink(GenerateEvent(request_id=request.request_id, finished=True, finish_reason="error",
+                                       error=str(exc), error_status=400))
+            return request.request_id, outcome
+        self.loaded.engine.submit(request, prompt_ids, outcome.sink)
         return request.request_id, outcome
 
     def ask(self, question: str, adapter: str | None = None, **sampling: object) -> str:

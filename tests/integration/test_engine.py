@@ -134,10 +134,11 @@ def test_more_adapters_than_slots_all_answer_in_their_own_way(worker: Worker) ->
 
 
 def test_kv_budget_queues_rows_that_do_not_fit_and_refuses_one_that_never_can(worker: Worker) -> None:
-    engine = worker.loaded.engine
-    saved = engine.limits
-    prompt_tokens = len(engine._tokenize(worker_request(FRANCE)))
+    engine, prompts = worker.loaded.engine, worker.loaded.prompts
+    saved, saved_prompt_limits = engine.limits, prompts.limits
+    prompt_tokens = len(prompts.encode(worker_request(FRANCE)))
     engine.limits = replace(saved, kv_cache_tokens=prompt_tokens + 40)  # one row of max_tokens=30 fits, not two
+    prompts.limits = replace(saved_prompt_limits, kv_cache_tokens=prompt_tokens + 40)
     try:
         _, too_big = worker.submit(FRANCE, max_tokens=60)
         assert too_big.final.error_status == 400 and "kv_cache_mb" in (too_big.final.error or "")
@@ -148,16 +149,16 @@ def test_kv_budget_queues_rows_that_do_not_fit_and_refuses_one_that_never_can(wo
         assert first.finished_at <= second_started  # it waited for the first row's KV memory
         assert second.final.error is None and "Paris" in second.text
     finally:
-        engine.limits = saved
+        engine.limits, prompts.limits = saved, saved_prompt_limits
 
 
 def test_prefill_passes_stay_within_the_prefill_token_limit(worker: Worker, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     engine = worker.loaded.engine
-    prompt_tokens = len(engine._tokenize(worker_request(FRANCE)))
+    prompt_tokens = len(worker.loaded.prompts.encode(worker_request(FRANCE)))
     monkeypatch.setattr(engine, "limits", replace(engine.limits, max_prefill_tokens=2 * prompt_tokens))
     passes: list[int] = []
     prefill = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda seqs: (passes.append(len(seqs)), prefill(seqs)))
+    monkeypatch.setattr(engine, "_prefill", lambda seqs: passes.append(len(seqs)) or prefill(seqs))
     submitted = [worker.submit(FRANCE, max_tokens=6) for _ in range(5)]
     for _, outcome in submitted:
         assert outcome.final.error is None and "Paris" in outcome.text

@@ -27,7 +27,7 @@ def make_layer() -> tuple[MultiLoraLinear, LoraRouting, dict[int, tuple[torch.Te
 
 def route(routing: LoraRouting, slots: list[int | None], ranks: dict[int, int]) -> None:
     ids = [SLOTS if s is None else s for s in slots]  # the last slot is the always-zero one
-    routing.route(ids, SLOTS, lambda slot: ranks[slot], torch.float32, torch.device("cpu"))
+    routing.route(ids, SLOTS, lambda slot: ranks[slot], torch.device("cpu"))
 
 
 def expected(layer: MultiLoraLinear, x: torch.Tensor, slots: list[int | None], weights: dict) -> torch.Tensor:  # type: ignore[type-arg]
@@ -72,3 +72,28 @@ def test_cleared_slot_adds_nothing() -> None:
     x = torch.randn(2, 1, IN)
     weights.pop(1)
     torch.testing.assert_close(layer(x), expected(layer, x, [None, 0], weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan"), 3e38])
+@pytest.mark.parametrize("slots", [[0, None, None, 0], [0, None, 1, None]])
+def test_base_rows_keep_exact_base_values_whatever_an_adapter_in_the_batch_holds(
+    poison: float, slots: list[int | None]
+) -> None:
+    """One adapter beside base rows used to be masked by x 0, and inf x 0 = NaN reached the base rows."""
+    layer, routing, weights = make_layer()
+    a, b = weights[0]
+    layer.load_slot(0, torch.full_like(a, poison), torch.full_like(b, poison), 1.0)
+    route(routing, slots, {s: w[0].shape[0] for s, w in weights.items()})
+    x = torch.randn(len(slots), 3, IN)
+    out = layer(x)
+    for row, slot in enumerate(slots):
+        if slot is None:
+            assert torch.equal(out[row], layer.base(x[row : row + 1])[0])  # bit for bit
+
+
+def test_load_slot_reports_values_that_overflow_the_slot_dtype() -> None:
+    layer, _, _ = make_layer()
+    big = torch.full((2, IN), 1e300, dtype=torch.float64)  # finite in float64, inf in the float32 slot
+    assert layer.load_slot(0, big, torch.ones(OUT, 2), 1.0) is False
+    assert layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e38), 10.0) is False  # the scale overflows
+    assert layer.load_slot(0, torch.ones(2, IN), torch.ones(OUT, 2), 2.0) is True

@@ -1,0 +1,59 @@
+"""Turning a request's prompt or chat messages into token ids, off the engine thread.
+
+Chat templating and tokenization cost time in proportion to the request's size; done on
+the engine thread they would stall every running row, so the worker's API runs them on a
+thread of their own before a request reaches the engine, and refuses what cannot run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import TemplateError
+
+from worker.protocol import GenerateRequest
+
+
+class PromptError(ValueError):
+    """The request's prompt cannot run on this worker; the message says why (a 400)."""
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    max_context: int  # prompt + max_tokens, the model's context
+    kv_cache_tokens: int  # the worker's whole KV budget: one request must fit it alone
+
+
+class PromptEncoder:
+    def __init__(self, tokenizer: Any, limits: PromptLimits) -> None:
+        self.tokenizer = tokenizer
+        self.limits = limits
+
+    def encode(self, request: GenerateRequest) -> list[int]:
+        """Token ids of the request's prompt, checked against the context and the KV budget."""
+        try:
+            ids = self._ids(request)
+        except (ValueError, TypeError, UnicodeError, TemplateError) as exc:
+            raise PromptError(f"the prompt could not be tokenized: {exc}") from exc
+        if not ids:
+            raise PromptError("the prompt is empty")
+        wanted = len(ids) + request.sampling.max_tokens
+        if wanted > self.limits.max_context:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens; with max_tokens={request.sampling.max_tokens} "
+                f"that exceeds the model's context of {self.limits.max_context} tokens"
+            )
+        if wanted > self.limits.kv_cache_tokens:
+            raise PromptError(
+                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) needs more KV "
+                f"cache than the worker's budget of {self.limits.kv_cache_tokens} tokens (kv_cache_mb)"
+            )
+        return ids
+
+    def _ids(self, request: GenerateRequest) -> list[int]:
+        if request.messages is not None:
+            chat = [m.model_dump() for m in request.messages]
+            text = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return list(self.tokenizer(request.prompt or "").input_ids)
