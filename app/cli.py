@@ -120,7 +120,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
         host=args.host, port=args.port, device=args.device, torch_threads=args.threads,
         max_batch_size=args.max_batch_size, adapter_slots=args.adapter_slots,
         host_adapter_cache=args.host_adapter_cache, max_lora_rank=args.max_lora_rank,
-        max_waiting=args.max_waiting, kv_cache_mb=args.kv_cache_mb,
+        max_waiting=args.max_waiting, kv_cache_mb=args.kv_cache_mb, stall_timeout_s=args.stall_timeout,
     )
     app = build_worker_app(WorkerRuntime(config))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--max-lora-rank", type=int, default=32)
     worker.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
     worker.add_argument("--kv-cache-mb", type=int, default=2048, help="memory for the batch's KV cache")
+    worker.add_argument("--stall-timeout", type=float, default=60.0,
+                        help="seconds without an engine step before health reports the worker not live")
     worker.set_defaults(func=cmd_worker)
 
     runner = sub.add_parser("job-runner", help="run quantization jobs from the database (`serve` starts one)")

@@ -75,7 +75,8 @@ class GenerationFailed(ApiError):
 
 
 def error_body(kind: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"type": kind, "message": message}}
+    # A message may quote the client's input, lone surrogates included: keep it encodable.
+    return {"error": {"type": kind, "message": message.encode("utf-8", "replace").decode("utf-8")}}
 
 
 def _response(status: int, kind: str, message: str, retry_after: int | None = None) -> JSONResponse:

@@ -47,7 +47,10 @@ def check_limits(services: Services, job: GenerationInput) -> None:
         raise BadRequest("give exactly one of 'prompt' or 'messages'")
     if job.messages is not None and not job.messages:
         raise BadRequest("'messages' must not be empty")
-    chars = len(job.prompt or "") + sum(len(m.content) for m in job.messages or [])
+    if len(job.messages or []) > s.max_messages:
+        raise BadRequest(f"'messages' has {len(job.messages or [])} messages; the limit is {s.max_messages} "
+                         "(max_messages)")
+    chars = len(job.prompt or "") + sum(len(m.role) + len(m.content) for m in job.messages or [])
     if chars > s.max_prompt_chars:
         raise BadRequest(f"the prompt has {chars} characters; the limit is {s.max_prompt_chars} (max_prompt_chars)")
     if job.sampling.max_tokens > s.max_tokens_limit:
@@ -69,6 +72,7 @@ async def resolve_adapter(services: Services, tenant: Tenant, ref: str | None) -
 
 log = logging.getLogger(__name__)
 
+MAX_RETRIES = 1  # another worker after a worker failure, never after the worker refused the request itself
 WORKER_HEADER = "X-Loraplex-Worker"  # which worker answered: makes adapter-affinity routing visible
 
 
@@ -187,9 +191,16 @@ class Generation:
                 metrics.QUEUE_TIME.observe(event.queue_seconds)
 
     def _fail_over(self) -> None:
-        """Move to another ready worker, or raise 503 when none is left."""
+        """Move to another ready worker once, or raise 503.
+
+        Once only: a request that kills or hangs every worker it reaches (a poison pill) must not
+        take the whole fleet down one worker at a time.
+        """
         self._tried.append(self.slot)
         failed = self.slot.client.name
+        if len(self._tried) > MAX_RETRIES:
+            raise WorkerUnavailable(f"the request failed on {len(self._tried)} workers (last: {failed}); "
+                                    "it is not retried further")
         self.slot = self.services.pool.pick(self.request.adapter.key if self.request.adapter else None,
                                             exclude=self._tried)
         metrics.RETRIES.inc()

@@ -43,7 +43,7 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
     services = Services(
         settings=settings,
         sessions=sessions,
-        registry=AdapterRegistry(sessions, blobs, settings.max_lora_rank),
+        registry=AdapterRegistry(sessions, blobs, settings.max_lora_rank, settings.max_adapter_delta),
         tenants=TenantService(sessions),
         pool=pool if pool is not None else _configured_pool(settings, sessions),
         admin_key=admin_key,
@@ -84,13 +84,16 @@ def _configured_pool(settings: Settings, sessions: sessionmaker[Session]) -> Wor
                 threads=settings.worker_threads, max_batch_size=settings.max_batch_size,
                 adapter_slots=settings.adapter_slots, host_adapter_cache=settings.host_adapter_cache,
                 max_lora_rank=settings.max_lora_rank, max_waiting=settings.max_waiting,
-                kv_cache_mb=settings.kv_cache_mb,
+                kv_cache_mb=settings.kv_cache_mb, stall_timeout_s=settings.worker_stall_timeout_s,
             )
-            client = HttpWorkerClient(f"local-{i}", f"http://127.0.0.1:{launch.port}")
+            client = HttpWorkerClient(f"local-{i}", f"http://127.0.0.1:{launch.port}",
+                                      idle_timeout=settings.worker_idle_timeout_s)
             slots.append(WorkerSlot(client=client, process=LocalWorkerProcess(launch)))
     for i, url in enumerate(settings.worker_urls):
-        slots.append(WorkerSlot(client=HttpWorkerClient(f"remote-{i}", url)))
-    return WorkerPool(slots, overload=settings.max_batch_size)
+        client = HttpWorkerClient(f"remote-{i}", url, idle_timeout=settings.worker_idle_timeout_s)
+        slots.append(WorkerSlot(client=client))
+    return WorkerPool(slots, overload=settings.max_batch_size, hang_timeout=settings.worker_stall_timeout_s,
+                      start_timeout=settings.worker_start_timeout_s)
 
 
 async def _count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.errors import BadRequest
-from worker.protocol import ChatMessage, SamplingParams
+from worker.protocol import ChatMessage, SamplingParams, Seed, Temperature, Text
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 
@@ -22,21 +22,22 @@ class StreamOptions(BaseModel):
 
 
 class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown extras are checked in `refuse_unsupported`
+    # Unknown extras are checked in `refuse_unsupported`; no number may be NaN or infinite.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: Temperature = Field(default=1.0, description="0 for greedy, else 0.01-2")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = Field(default=None, description="0 to 2**63-1")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Text | None = None
 
     def refuse_unsupported(self) -> None:
         if self.n != 1:
@@ -57,7 +58,7 @@ class _SamplingFields(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
@@ -75,13 +76,13 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessageIn(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
 
     def plain(self) -> ChatMessage:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     worker_device: str = "auto"
     worker_threads: int = Field(default=1, ge=1)
     worker_start_timeout_s: float = 600.0
+    # A worker whose engine makes no step for this long while it has work reports itself not live,
+    # and the gateway kills and restarts a local worker that stays not live (or unreachable) this long.
+    worker_stall_timeout_s: float = Field(default=60.0, gt=0)
+    # The gateway gives up on a worker that sends nothing (workers send a keep-alive every
+    # few seconds while a request waits) for this long: the request fails over or fails.
+    worker_idle_timeout_s: float = Field(default=30.0, gt=0)
     max_batch_size: int = Field(default=16, ge=1)
     max_waiting: int = Field(default=256, ge=1)  # requests queued in a worker before it answers 503
     kv_cache_mb: int = Field(default=2048, ge=1)  # per worker, sized explicitly (never from system RAM)
@@ -54,7 +60,9 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=32, ge=1)
     max_adapter_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     max_tokens_limit: int = Field(default=2048, ge=1)
-    max_prompt_chars: int = Field(default=100_000, ge=1)
+    max_prompt_chars: int = Field(default=100_000, ge=1)  # every character of prompt, roles and contents
+    max_messages: int = Field(default=256, ge=1)
+    max_adapter_delta: float = Field(default=1000.0, gt=0, allow_inf_nan=False)  # largest |scale·B·A| entry
     max_stop_sequences: int = 4
     max_stop_length: int = 64
 

@@ -22,7 +22,7 @@ from app.generation import (
     complete_unless_disconnected,
     resolve_adapter,
 )
-from worker.protocol import ChatMessage, SamplingParams
+from worker.protocol import ChatMessage, SamplingParams, Seed, Temperature, Text
 
 router = APIRouter(tags=["generation"])
 
@@ -30,16 +30,16 @@ DEFAULT_MAX_TOKENS = 128
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
-    adapter: str | None = Field(default=None, description="adapter name, or name@version")
+    adapter: Text | None = Field(default=None, description="adapter name, or name@version")
     max_tokens: int | None = Field(default=None, ge=1, description="default: 128, or the limit if lower")
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: Temperature = Field(default=0.0, description="0 for greedy, else 0.01-2")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: Seed | None = Field(default=None, description="0 to 2**63-1")
     stream: bool = False
 
     def to_input(self, max_tokens_limit: int) -> GenerationInput:

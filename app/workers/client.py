@@ -32,10 +32,12 @@ class WorkerClient(Protocol):
 class HttpWorkerClient:
     """Talks to a worker's internal API, local or on another machine."""
 
-    def __init__(self, name: str, base_url: str, *, connect_timeout: float = 2.0) -> None:
+    def __init__(self, name: str, base_url: str, *, connect_timeout: float = 2.0, idle_timeout: float = 30.0) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
-        timeout = httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=30.0)
+        # A live worker sends a line (an event or a blank keep-alive) every few seconds on every
+        # open stream; silence for `idle_timeout` means it is hung, and the request moves on.
+        timeout = httpx.Timeout(connect=connect_timeout, read=idle_timeout, write=30.0, pool=30.0)
         self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
@@ -48,6 +50,8 @@ class HttpWorkerClient:
                 async for line in resp.aiter_lines():
                     if line:
                         yield GenerateEvent.model_validate_json(line)
+        except httpx.TimeoutException as exc:
+            raise WorkerUnavailable(f"worker {self.name} sent nothing for too long (hung?)") from exc
         except httpx.TransportError as exc:
             raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request") from exc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 from app.errors import WorkerUnavailable
@@ -21,6 +22,8 @@ class WorkerSlot:
     health: WorkerHealth = field(default_factory=lambda: WorkerHealth(ready=False))
     in_flight: int = 0  # requests this gateway has open on it
     draining: bool = False  # being moved onto another base model: no new requests
+    answered: bool = False  # its health has answered since its process last started
+    unwell_since: float | None = None  # when a worker that had answered stopped being live
 
     @property
     def load(self) -> int:
@@ -28,10 +31,15 @@ class WorkerSlot:
 
 
 class WorkerPool:
-    def __init__(self, slots: list[WorkerSlot], *, poll_interval: float = 0.5, overload: int = 16) -> None:
+    def __init__(
+        self, slots: list[WorkerSlot], *, poll_interval: float = 0.5, overload: int = 16,
+        hang_timeout: float = 60.0, start_timeout: float = 600.0,
+    ) -> None:
         self.slots = slots
         self.poll_interval = poll_interval
         self.overload = overload  # a worker above this load loses its adapter affinity
+        self.hang_timeout = hang_timeout  # a local worker not live (or unreachable) this long is killed
+        self.start_timeout = start_timeout  # ... and one not ready this long after it started
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -127,9 +135,34 @@ class WorkerPool:
     async def _refresh(self, slot: WorkerSlot) -> None:
         if slot.process is not None and slot.process.exited() and not slot.draining:
             slot.health = WorkerHealth(ready=False, error="worker process exited; restarting")
-            slot.process.restart()
+            if slot.process.restart():
+                slot.answered, slot.unwell_since = False, None
             return
         try:
             slot.health = await slot.client.health()
+            slot.answered = True
         except Exception as exc:
-            slot.health = WorkerHealth(ready=False, error=f"unreachable: {type(exc).__name__}")
+            slot.health = WorkerHealth(ready=False, live=False, error=f"unreachable: {type(exc).__name__}")
+        if slot.process is not None and not slot.draining:
+            await self._replace_if_hung(slot)
+
+    async def _replace_if_hung(self, slot: WorkerSlot) -> None:
+        """Kill and restart a local worker that is alive but not serving: liveness is progress."""
+        assert slot.process is not None
+        now = time.monotonic()
+        if slot.health.ready:
+            slot.unwell_since = None
+            return
+        reason = None
+        if slot.answered and not slot.health.live:
+            slot.unwell_since = slot.unwell_since or now
+            if now - slot.unwell_since > self.hang_timeout:
+                reason = f"not live for {now - slot.unwell_since:.0f} s ({slot.health.error})"
+        elif now - slot.process.started_at > self.start_timeout:
+            reason = f"not ready {self.start_timeout:g} s after it started ({slot.health.error})"
+        if reason is None:
+            return
+        log.error("worker %s is hung: %s; killing and restarting it", slot.client.name, reason)
+        await asyncio.to_thread(slot.process.kill_and_restart)
+        slot.health = WorkerHealth(ready=False, error=f"restarted: {reason}")
+        slot.answered, slot.unwell_since = False, None

@@ -30,6 +30,7 @@ class WorkerLaunch:
     max_lora_rank: int
     max_waiting: int
     kv_cache_mb: int
+    stall_timeout_s: float
 
     def argv(self) -> list[str]:
         return [
@@ -46,6 +47,7 @@ class WorkerLaunch:
             "--max-lora-rank", str(self.max_lora_rank),
             "--max-waiting", str(self.max_waiting),
             "--kv-cache-mb", str(self.kv_cache_mb),
+            "--stall-timeout", str(self.stall_timeout_s),
         ]  # fmt: skip
 
 
@@ -91,12 +93,25 @@ class LocalWorkerProcess:
     def exited(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
 
-    def restart(self) -> None:
-        # Back off when a worker dies right after starting, so a broken one does not spin.
+    @property
+    def started_at(self) -> float:
+        return self._last_start
+
+    def restart(self) -> bool:
+        """Start again after an exit; False while backing off (a worker that dies at once must not spin)."""
         if time.monotonic() - self._last_start < min(30.0, 2.0 * 2**self.restarts):
-            return
+            return False
         code = self.proc.returncode if self.proc else None
         log.warning("worker on port %d exited with %s; restarting", self.launch.port, code)
+        self.restarts += 1
+        self.start()
+        return True
+
+    def kill_and_restart(self) -> None:
+        """Replace a hung worker: SIGKILL (a hung process may ignore SIGTERM), then start anew."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         self.restarts += 1
         self.start()
 

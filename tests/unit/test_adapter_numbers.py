@@ -62,7 +62,7 @@ def test_pattern_values_must_be_finite_and_bounded(extra: str, message: str) -> 
 
 def test_deeply_nested_config_is_refused_not_a_crash() -> None:
     nested = "[" * 100_000 + "]" * 100_000
-    with pytest.raises(InvalidAdapter, match="nested too deeply|not valid JSON"):
+    with pytest.raises(InvalidAdapter, match=r"nested too deeply|not valid JSON"):
         check(*with_config(f'{{{BASE_CONFIG}, "lora_alpha": 8, "extra": {nested}}}'))
 
 
@@ -80,7 +80,7 @@ def qv_tensors(a_value: float, b_value: float, dtype: str = "float32") -> dict[s
 
 def test_float64_weights_that_overflow_float32_are_refused() -> None:
     config, _ = adapter_files(QV, rank=4)
-    with pytest.raises(InvalidAdapter, match="NaN or Inf values .*float32"):
+    with pytest.raises(InvalidAdapter, match=r"NaN or Inf values .*float32"):
         check(config, weights_of(qv_tensors(1e300, 1e-300, dtype="float64")))
 
 
@@ -94,7 +94,7 @@ def test_the_delta_bound_counts_the_scale_and_is_configurable() -> None:
     base = f'{{{BASE_CONFIG}, "lora_alpha": LORA_ALPHA}}'
     weights = weights_of(qv_tensors(1.0, 1.0))  # B·A entries are 4 (rank 4), as is the bound (2 x 2)
     assert check(base.replace("LORA_ALPHA", "4").encode(), weights).rank == 4  # scale 1: 4
-    with pytest.raises(InvalidAdapter, match="may reach 1.2e.03, above the limit of 1000"):
+    with pytest.raises(InvalidAdapter, match=r"may reach 1\.2e\+03, above the limit of 1000"):
         check(base.replace("LORA_ALPHA", "1200").encode(), weights)  # scale 300: 1200
     with pytest.raises(InvalidAdapter, match="above the limit of 3 "):
         check(base.replace("LORA_ALPHA", "4").encode(), weights, max_delta=3)
