@@ -48,7 +48,7 @@ USER loraplex
 VOLUME ["/data"]
 EXPOSE 8000 8100
 
-# The gateway's liveness by default; a worker sets LORAPLEX_HEALTH_URL to its own /health.
+# The gateway's liveness by default; a worker sets LORAPLEX_HEALTH_URL to its own /health/live.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
     CMD curl -fsS "$LORAPLEX_HEALTH_URL" >/dev/null || exit 1
 
