@@ -190,6 +190,7 @@ def _check_module_fits(m: LoraModule, linear_modules: dict[str, list[int]], max_
 
 
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+_BFLOAT16_MAX = 3.3895313892515355e38  # GPU workers compute in bfloat16: float32's range, rounded
 
 
 def _as_float32(dtype: str, raw: bytes) -> np.ndarray:
@@ -216,12 +217,15 @@ def check_weights(
     for m in modules:
         a = _as_float32(tensors[m.a_key].dtype, weights[tensors[m.a_key].start : tensors[m.a_key].end])
         b = _as_float32(tensors[m.b_key].dtype, weights[tensors[m.b_key].start : tensors[m.b_key].end])
-        for key, values in ((m.a_key, a), (m.b_key, b)):
+        scale = abs(module_scaling(config, m.module, m.rank))
+        for key, values, factor in ((m.a_key, a, 1.0), (m.b_key, b, scale)):  # workers store B scaled
             if not np.isfinite(values).all():
                 raise InvalidAdapter(f"tensor {key!r} holds NaN or Inf values (in float32, as the worker computes)")
+            if values.size and float(np.abs(values).max()) * factor > _BFLOAT16_MAX:
+                raise InvalidAdapter(f"tensor {key!r} (times the adapter's scale {factor:g}) overflows the "
+                                     "float32 / bfloat16 range workers compute in")
         a64 = a.astype(np.float64).reshape(m.rank, m.in_features)
         b64 = b.astype(np.float64).reshape(m.out_features, m.rank)
-        scale = abs(module_scaling(config, m.module, m.rank))
         bound = scale * float(np.sqrt((b64 * b64).sum(axis=1).max())) * float(np.sqrt((a64 * a64).sum(axis=0).max()))
         if not bound <= max_delta:
             raise InvalidAdapter(

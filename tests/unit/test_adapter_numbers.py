@@ -84,6 +84,14 @@ def test_float64_weights_that_overflow_float32_are_refused() -> None:
         check(config, weights_of(qv_tensors(1e300, 1e-300, dtype="float64")))
 
 
+def test_weights_that_overflow_once_scaled_or_in_bfloat16_are_refused() -> None:
+    config = b'{"peft_type": "LORA", "r": 4, "lora_alpha": 64}'  # scale 16
+    with pytest.raises(InvalidAdapter, match=r"times the adapter's scale 16\) overflows"):
+        check(config, weights_of(qv_tensors(1e-37, 1e38)))  # B fits float32, B * 16 does not
+    with pytest.raises(InvalidAdapter, match="overflows the float32 / bfloat16 range"):
+        check(config, weights_of(qv_tensors(3.4e38, 1e-38)))  # finite in float32, inf in bfloat16
+
+
 def test_finite_weights_whose_product_can_only_overflow_are_refused() -> None:
     config, _ = adapter_files(QV, rank=4)
     with pytest.raises(InvalidAdapter, match=r"may reach .* above the limit of 1000 \(max_adapter_delta\)"):
