@@ -56,6 +56,12 @@ QUANTIZATION_JOBS = Gauge("loraplex_quantization_jobs", "Quantization jobs in th
 RETRIES = Counter(
     "loraplex_failover_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
 )
+WORKER_RESTARTS = Counter(
+    "loraplex_worker_restarts", "Local workers restarted by the gateway: exited, or hung (alive, not serving)",
+    ["reason"], registry=REGISTRY,
+)
+for _reason in ("exited", "hung"):
+    WORKER_RESTARTS.labels(_reason)
 
 
 def record_tokens(prompt: int, completion: int) -> None:

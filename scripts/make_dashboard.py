@@ -61,9 +61,13 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Running and waiting requests", "short", [
             ("sum by (instance) (loraplex_worker_running_requests)", "{{instance}} running"),
             ("sum by (instance) (loraplex_worker_waiting_requests)", "{{instance}} waiting")]),
-        ("Worker up and ready", "short", [
+        ("Worker up, live and ready", "short", [
             ('up{job="loraplex-worker"}', "{{instance}} up"),
+            ("loraplex_worker_live", "{{instance}} live"),
             ("loraplex_worker_ready", "{{instance}} ready")]),
+        ("Engine heartbeat age", "s", [("loraplex_worker_engine_heartbeat_age_seconds", "{{instance}}")]),
+        ("Workers restarted by the gateway", "ops", [
+            (f"sum by (reason) (rate(loraplex_worker_restarts_total[{RATE}]))", "{{reason}}")]),
         ("Requests accepted per second", "reqps", [
             (f"sum by (instance) (rate(loraplex_worker_requests_total[{RATE}]))", "{{instance}}")]),
         ("Mean decode batch size", "short", [

@@ -25,6 +25,11 @@ REQUESTS = Counter("loraplex_worker_requests", "Generate requests accepted by th
 RUNNING = Gauge("loraplex_worker_running_requests", "Requests in the running batch", registry=REGISTRY)
 WAITING = Gauge("loraplex_worker_waiting_requests", "Requests waiting for admission", registry=REGISTRY)
 READY = Gauge("loraplex_worker_ready", "1 once the base model is loaded", registry=REGISTRY)
+LIVE = Gauge("loraplex_worker_live", "1 while the engine thread runs and makes steps (0: died or stalled)",
+             registry=REGISTRY)
+HEARTBEAT_AGE = Gauge("loraplex_worker_engine_heartbeat_age_seconds",
+                      "Seconds since the engine loop last came round (it does every 50 ms when idle)",
+                      registry=REGISTRY)
 BATCH_SIZE = Histogram("loraplex_worker_batch_size", "Rows in each decode step",
                        buckets=(1, 2, 4, 8, 16, 32, 64), registry=REGISTRY)
 STEP_TIME = Histogram("loraplex_worker_step_duration_seconds", "Time of one forward pass, by phase", ["phase"],
@@ -67,6 +72,7 @@ def observe(runtime: WorkerRuntime) -> None:
     """Refresh the gauges from the runtime's plain stats, at scrape time."""
     health = runtime.health()
     READY.set(1 if health.ready else 0)
+    LIVE.set(1 if health.live else 0)
     RUNNING.set(health.running)
     WAITING.set(health.waiting)
     rss = psutil.Process().memory_info().rss
@@ -74,6 +80,7 @@ def observe(runtime: WorkerRuntime) -> None:
     loaded = runtime.loaded
     if loaded is None:
         return
+    HEARTBEAT_AGE.set(loaded.engine.stalled_for())
     BASE_MODEL.info({"model": runtime.config.model_name, "quantization": loaded.quantization,
                      "device": str(loaded.device)})
     for tier, (count, nbytes) in loaded.adapters.tier_stats().items():

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from app import metrics
 from app.errors import WorkerUnavailable
 from app.workers.client import WorkerClient
 from app.workers.supervisor import LocalWorkerProcess
@@ -136,6 +137,7 @@ class WorkerPool:
         if slot.process is not None and slot.process.exited() and not slot.draining:
             slot.health = WorkerHealth(ready=False, error="worker process exited; restarting")
             if slot.process.restart():
+                metrics.WORKER_RESTARTS.labels("exited").inc()
                 slot.answered, slot.unwell_since = False, None
             return
         try:
@@ -164,5 +166,6 @@ class WorkerPool:
             return
         log.error("worker %s is hung: %s; killing and restarting it", slot.client.name, reason)
         await asyncio.to_thread(slot.process.kill_and_restart)
+        metrics.WORKER_RESTARTS.labels("hung").inc()
         slot.health = WorkerHealth(ready=False, error=f"restarted: {reason}")
         slot.answered, slot.unwell_since = False, None

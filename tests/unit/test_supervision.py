@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from app import metrics
 from app.workers.pool import WorkerPool, WorkerSlot
 from tests.unit.fakes import FakeWorkerClient
 from worker.protocol import WorkerHealth
@@ -58,9 +59,11 @@ def test_a_worker_that_stops_answering_is_killed_after_the_hang_timeout(monkeypa
     poll_at(pool, clock, 2.0)
     poll_at(pool, clock, 11.0)
     assert process.kills == 0 and not slot.health.ready  # not routed to, not yet replaced
+    hung_before = metrics.WORKER_RESTARTS.labels("hung")._value.get()
     poll_at(pool, clock, 12.5)
     assert process.kills == 1
     assert "restarted" in (slot.health.error or "")
+    assert metrics.WORKER_RESTARTS.labels("hung")._value.get() == hung_before + 1  # operators see it
 
 
 def test_a_worker_whose_engine_died_or_stalled_is_replaced(monkeypatch) -> None:  # type: ignore[no-untyped-def]
