@@ -171,3 +171,44 @@ def test_patterns_re2_cannot_run_are_refused_with_the_reason(pattern: str, messa
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "alpha_pattern": {pattern: 2}}
     with pytest.raises(InvalidAdapter, match=message):
         check(*with_config(json.dumps(config)))
+
+
+def _raw_safetensors(header: dict[str, object], data: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def test_safetensors_data_ranges_must_tile_the_file() -> None:
+    from adapters.peft_format import FormatError, read_safetensors_header
+
+    a = {"dtype": "F32", "shape": [1, 2]}
+    ok = _raw_safetensors({"x": {**a, "data_offsets": [0, 8]}, "y": {**a, "data_offsets": [8, 16]}}, bytes(16))
+    assert set(read_safetensors_header(ok)) == {"x", "y"}
+    cases = {
+        "overlaps another tensor": ({"x": {**a, "data_offsets": [0, 8]}, "y": {**a, "data_offsets": [4, 12]}}, 16),
+        "bytes after its last tensor": ({"x": {**a, "data_offsets": [0, 8]}}, 64),
+        "unused bytes before it": ({"x": {**a, "data_offsets": [8, 16]}}, 16),
+    }
+    for message, (header, size) in cases.items():
+        with pytest.raises(FormatError, match=message):
+            read_safetensors_header(_raw_safetensors(header, bytes(size)))
+    with pytest.raises(FormatError, match="negative dimension"):
+        read_safetensors_header(_raw_safetensors({"x": {"dtype": "F32", "shape": [-1, -2], "data_offsets": [0, 8]}},
+                                                 bytes(8)))
+    with pytest.raises(FormatError, match="malformed header entry"):
+        read_safetensors_header(_raw_safetensors({"x": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}},
+                                                 bytes(8)))
+
+
+def test_a_header_of_many_keys_is_checked_in_linear_time() -> None:
+    from adapters.peft_format import MAX_TENSORS, FormatError, read_safetensors_header
+
+    many = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(60_000)}
+    started = time.monotonic()
+    with pytest.raises(FormatError, match=f"the limit is {MAX_TENSORS}"):
+        read_safetensors_header(_raw_safetensors(many, b""))
+    pairs = ", ".join(f'"t{i}": 1' for i in range(60_000))
+    raw = ("{" + pairs + ', "t7": 1}').encode()
+    with pytest.raises(FormatError, match="'t7' more than once"):
+        read_safetensors_header(len(raw).to_bytes(8, "little") + raw)
+    assert time.monotonic() - started < 5  # list.count took minutes at this size
