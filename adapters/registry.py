@@ -103,8 +103,10 @@ class AdapterRegistry:
         check_name(name)
         with self.sessions() as session:
             base = self.active_base_model(session)
-            checked = validate_adapter(files, base.linear_modules, self.max_rank, self.max_delta)
-            base_id = base.id
+            linear_modules, base_id = dict(base.linear_modules), base.id
+        # Outside the session: validation takes time in proportion to the upload, and must not hold
+        # one of the pool's connections meanwhile.
+        checked = validate_adapter(files, linear_modules, self.max_rank, self.max_delta)
         for attempt in range(_WRITE_ATTEMPTS - 1):
             try:
                 return self._record_version(tenant_id, name, files, checked, base_id, quota)
