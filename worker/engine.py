@@ -5,7 +5,7 @@ left-padded forward pass, then merged into the batch's left-padded KV cache, wit
 explicit KV budget), runs one decode forward for all
 running rows, and retires rows that finished, stopped or were aborted, freeing their
 KV memory at once. It runs on its own thread; other threads talk to it only through
-`submit`, `abort`, `stats` and `liveness`.
+`submit`, `abort`, `stats` and `stalled_for`.
 
 The thread never dies of a request: whatever a row's input or adapter causes (a sampling
 error, non-finite logits, an adapter that will not load) fails that row alone, and an
@@ -30,7 +30,7 @@ from worker import metrics
 from worker.adapter_cache import AdapterCache, AdapterLoadError
 from worker.lora import LoraRouting
 from worker.protocol import GenerateRequest
-from worker.sampling import NON_FINITE, RowFailure, choose_tokens, make_generator
+from worker.sampling import RowFailure, choose_tokens, make_generator
 from worker.sequence import EventSink, Sequence
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,6 @@ class QueueFull(RuntimeError):
 class EngineLimits:
     max_batch_size: int
     max_waiting: int
-    max_context: int
     kv_cache_tokens: int  # token positions the batch's (left-padded) KV cache may hold in all
     max_prefill_tokens: int = 4096  # padded prompt tokens prefilled in one forward pass (activation memory)
 
@@ -301,7 +300,7 @@ class BatchEngine:
                 seq.fail(f"generation failed: {type(exc).__name__}")
 
     def _fail_row(self, seq: Sequence, failure: RowFailure) -> None:
-        if failure.message == NON_FINITE and seq.request.adapter is not None:
+        if failure.non_finite and seq.request.adapter is not None:
             # Rows are computed independently, so the values came from this row's adapter.
             seq.fail("the adapter produced non-finite values (NaN or Inf); it cannot serve this prompt", 422)
         else:

@@ -44,7 +44,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     )
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
     kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, dtype)
-    limits = EngineLimits(config.max_batch_size, config.max_waiting, max_context, kv_tokens, config.max_prefill_tokens)
+    limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens)
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
         layers, open_blob_store(config.blob_url), config.adapter_slots, config.host_adapter_cache,

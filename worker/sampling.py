@@ -17,9 +17,7 @@ from worker.protocol import SamplingParams
 class RowFailure:
     message: str
     status: int
-
-
-NON_FINITE = "non-finite values"
+    non_finite: bool = False  # the row's logits held NaN or Inf
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -42,7 +40,7 @@ def choose_tokens(
     chosen: list[int | RowFailure] = list(logits.argmax(dim=-1).tolist())
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if not finite[row]:
-            chosen[row] = RowFailure(NON_FINITE, 500)
+            chosen[row] = RowFailure("non-finite values", 500, non_finite=True)
         elif p.temperature > 0:
             chosen[row] = _sample_row(logits[row], p, generator)
     return chosen
