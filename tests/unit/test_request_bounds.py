@@ -157,3 +157,13 @@ def test_a_request_the_worker_refused_is_not_retried(three_workers) -> None:  # 
     resp = client.post("/generate", headers=tenant, json={"prompt": "x"})
     assert resp.status_code == 500 and "non-finite" in resp.json()["error"]["message"]
     assert sum(len(w.requests) for w in workers) == 1
+
+
+def test_a_lone_surrogate_in_a_key_is_a_json_4xx(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("attacker")
+    body = json.dumps({"model": "tiny-base", "prompt": "hi", "\ud800odd": 1})
+    resp = gateway.client.post("/v1/completions", headers={**tenant, "content-type": "application/json"},
+                               content=body)
+    assert 400 <= resp.status_code < 500, resp.text
+    assert resp.json()["error"]["type"] == "invalid_request"
+    assert gateway.worker.requests == []
