@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
+
+from adapters.peft_format import Buffer
 
 
 class BlobNotFound(LookupError):
@@ -24,9 +27,10 @@ class BlobCorrupt(ValueError):
 
 
 class BlobStore(Protocol):
-    def put(self, data: bytes) -> str: ...
+    def put(self, data: Buffer) -> str: ...
     def get(self, digest: str, *, verify: bool = True) -> bytearray: ...
     def delete(self, digest: str) -> None: ...
+    def digests(self) -> Iterator[str]: ...
     def clean_temp(self) -> int: ...
 
 
@@ -63,7 +67,7 @@ class LocalBlobStore:
         check_digest(digest)
         return self.root / "sha256" / digest[:2] / digest
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: Buffer) -> str:
         """Store bytes; return their sha256. Idempotent."""
         digest = hashlib.sha256(data).hexdigest()
         final = self.path_for(digest)
@@ -98,6 +102,12 @@ class LocalBlobStore:
 
     def delete(self, digest: str) -> None:
         self.path_for(digest).unlink(missing_ok=True)
+
+    def digests(self) -> Iterator[str]:
+        """Every stored blob's digest."""
+        for path in (self.root / "sha256").glob("*/*"):
+            if len(path.name) == 64 and path.parent.name == path.name[:2]:
+                yield path.name
 
     def clean_temp(self) -> int:
         """Remove temp files left by a crash mid-write; return how many."""

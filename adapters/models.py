@@ -28,6 +28,8 @@ class Tenant(Base):
     tokens_per_minute: Mapped[int | None] = mapped_column(default=None)
     max_adapters: Mapped[int | None] = mapped_column(default=None)
     max_adapter_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # A suspended tenant's keys are refused (403); nothing of it is deleted.
+    suspended_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):
@@ -39,6 +41,7 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)  # to the minute: not a write per request
 
     tenant: Mapped[Tenant] = relationship()
 
@@ -50,8 +53,10 @@ class Adapter(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(128))
-    public: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The highest version number ever given out. The row outlives its versions (a tombstone), so a
+    # number, once used, never names other weights: `name@3` deleted stays deleted.
+    last_version: Mapped[int] = mapped_column(Integer, default=0)
 
     versions: Mapped[list[AdapterVersion]] = relationship(
         back_populates="adapter", order_by="AdapterVersion.version", cascade="all, delete-orphan"
@@ -76,11 +81,28 @@ class AdapterVersion(Base):
     declared_base_model: Mapped[str | None] = mapped_column(String(512), default=None)
     base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Shared with every tenant. Per version: publishing never shares weights uploaded later.
+    public: Mapped[bool] = mapped_column(default=False)
 
     adapter: Mapped[Adapter] = relationship(back_populates="versions")
 
 
-class BaseModel(Base):
+class Blob(Base):
+    """A stored file and how many adapter versions refer to it (blobs are shared by content).
+
+    The count changes in the transaction that adds or removes the referring rows; a blob whose
+    count reaches zero is removed from the store under this row's lock, so an upload of the same
+    content at that moment either keeps it or writes it again, never loses it.
+    """
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    refcount: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class BaseCheckpoint(Base):
     """A base checkpoint workers can serve, with the linear layers adapters may target."""
 
     __tablename__ = "base_models"
@@ -110,7 +132,7 @@ class QuantizationJob(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(256))  # of the base model it will register
     source_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # worker.quantize.QuantizeSpec fields
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # worker.quantize_spec.QuantizeSpec fields
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     progress_done: Mapped[int] = mapped_column(default=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import re
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[A
 
 SAFETENSORS_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+# What an adapter's bytes may live in: memory, or a file mapped read-only (a spooled upload).
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
@@ -64,7 +68,7 @@ def _ints(values: Any) -> tuple[int, ...]:
     return tuple(values)
 
 
-def read_safetensors_header(data: bytes | bytearray) -> dict[str, TensorInfo]:
+def read_safetensors_header(data: Buffer) -> dict[str, TensorInfo]:
     """Parse a safetensors header and check every tensor lies inside the file."""
     if len(data) < 8:
         raise FormatError("adapter_model.safetensors is truncated: no header")
@@ -72,7 +76,7 @@ def read_safetensors_header(data: bytes | bytearray) -> dict[str, TensorInfo]:
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(data):
         raise FormatError("adapter_model.safetensors is not a safetensors file (bad header length)")
     try:
-        header = json.loads(data[8 : 8 + header_len], object_pairs_hook=_unique_keys)
+        header = json.loads(bytes(data[8 : 8 + header_len]), object_pairs_hook=_unique_keys)
     except FormatError:
         raise
     except (ValueError, RecursionError) as exc:  # JSON errors, and integers too long to convert

@@ -10,8 +10,10 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from adapters.bases import BaseCheckpoints
+from adapters.blobrefs import BlobReferences
 from adapters.blobstore import BlobStore
-from adapters.models import Adapter, AdapterVersion, BaseModel
+from adapters.models import Adapter, AdapterVersion
 from adapters.validation import DEFAULT_MAX_DELTA, AdapterFiles, ValidatedAdapter, validate_adapter
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -19,6 +21,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 class AdapterNotFound(LookupError):
     pass
+
+
+class AdapterVersionDeleted(AdapterNotFound):
+    """The reference names a version (or an adapter) that existed and was deleted."""
 
 
 class InvalidAdapterName(ValueError):
@@ -36,10 +42,6 @@ class StorageQuotaExceeded(RuntimeError):
 class StorageQuota:
     max_adapters: int
     max_adapter_bytes: int
-
-
-class NoActiveBaseModel(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -77,20 +79,31 @@ def parse_reference(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+@dataclass(frozen=True)
+class AdapterView:
+    """An adapter as one tenant sees it: all versions of its own, the shared versions of another's."""
+
+    name: str
+    owner_id: int
+    versions: list[AdapterVersion]
+    last_version: int  # the highest number ever given out, deleted or not
+
+    @property
+    def public(self) -> bool:
+        return any(v.public for v in self.versions)
+
+
 class AdapterRegistry:
     def __init__(
-        self, sessions: sessionmaker[Session], blobs: BlobStore, max_rank: int, max_delta: float = DEFAULT_MAX_DELTA
+        self, sessions: sessionmaker[Session], blobs: BlobStore, max_rank: int, max_delta: float = DEFAULT_MAX_DELTA,
+        bases: BaseCheckpoints | None = None,
     ) -> None:
         self.sessions = sessions
         self.blobs = blobs
+        self.bases = bases or BaseCheckpoints(sessions)
         self.max_rank = max_rank
         self.max_delta = max_delta
-
-    def active_base_model(self, session: Session) -> BaseModel:
-        base = session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
-        if base is None:
-            raise NoActiveBaseModel("no base model is registered; run `loraplex models prepare`")
-        return base
+        self.blob_refs = BlobReferences(sessions, blobs)
 
     def create_version(
         self, tenant_id: int, name: str, files: AdapterFiles, quota: StorageQuota | None = None
@@ -101,9 +114,8 @@ class AdapterRegistry:
         distinct, consecutive versions: a transaction that loses the race is run again.
         """
         check_name(name)
-        with self.sessions() as session:
-            base = self.active_base_model(session)
-            linear_modules, base_id = dict(base.linear_modules), base.id
+        base = self.bases.active()
+        linear_modules, base_id = base.linear_modules, base.id
         # Outside the session: validation takes time in proportion to the upload, and must not hold
         # one of the pool's connections meanwhile.
         checked = validate_adapter(files, linear_modules, self.max_rank, self.max_delta)
@@ -124,25 +136,23 @@ class AdapterRegistry:
                 select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name).with_for_update()
             )
             if quota is not None:
-                _check_quota(session, tenant_id, quota, new_name=adapter is None, new_bytes=len(files.weights))
-            weights_sha = self.blobs.put(files.weights)
-            config_sha = self.blobs.put(checked.stored_config)  # patterns resolved: workers run no regex
+                new_name = adapter is None or not adapter.versions
+                _check_quota(session, tenant_id, quota, new_name=new_name, new_bytes=files.weights_size)
             if adapter is None:
-                adapter = Adapter(tenant_id=tenant_id, name=name)
+                adapter = Adapter(tenant_id=tenant_id, name=name, last_version=0)
                 session.add(adapter)
                 session.flush()
-            latest = session.scalar(
-                select(func.max(AdapterVersion.version)).where(AdapterVersion.adapter_id == adapter.id)
-            )
+            adapter.last_version += 1  # never max(existing) + 1: a deleted number stays used
             version = AdapterVersion(
                 adapter_id=adapter.id,
-                version=(latest or 0) + 1,
+                version=adapter.last_version,
                 rank=checked.rank,
                 lora_alpha=checked.lora_alpha,
                 target_modules=checked.target_modules,
-                weights_sha256=weights_sha,
-                config_sha256=config_sha,
-                size_bytes=len(files.weights),
+                # The blobs are written under their reference rows' locks, inside this transaction.
+                weights_sha256=self.blob_refs.hold(session, files.weights, files.weights_sha256),
+                config_sha256=self.blob_refs.hold(session, checked.stored_config),  # patterns resolved
+                size_bytes=files.weights_size,
                 declared_base_model=checked.declared_base_model,
                 base_model_id=base_id,
             )
@@ -150,91 +160,135 @@ class AdapterRegistry:
             session.flush()
             return adapter, version
 
-    def list_adapters(self, tenant_id: int) -> list[Adapter]:
+    def list_adapters(self, tenant_id: int) -> list[AdapterView]:
+        """The tenant's adapters and others' shared ones, each with the versions it may use."""
         with self.sessions() as session:
-            visible = (Adapter.tenant_id == tenant_id) | Adapter.public.is_(True)
-            adapters = session.scalars(select(Adapter).where(visible).order_by(Adapter.name)).all()
-            for a in adapters:
-                _ = a.versions  # load before the session closes
-            return list(adapters)
+            shared_ids = select(AdapterVersion.adapter_id).where(AdapterVersion.public.is_(True))
+            visible = (Adapter.tenant_id == tenant_id) | Adapter.id.in_(shared_ids)
+            adapters = session.scalars(select(Adapter).where(visible).order_by(Adapter.name, Adapter.id)).all()
+            views = [_view(a, tenant_id) for a in adapters]
+            return [v for v in views if v.versions]
 
-    def set_public(self, tenant_id: int, name: str, public: bool) -> None:
-        """Public adapters can be used (not changed) by every tenant."""
+    def set_public(self, tenant_id: int, name: str, public: bool, version: int | None = None) -> list[int]:
+        """Share (or stop sharing) one version with every tenant; `None` means the latest when
+        sharing, every version when unsharing. Returns the versions now shared.
+
+        Sharing is per version: a version uploaded later stays private until it is shared too,
+        so an owner can never swap the weights under the tenants who use the shared one.
+        """
         with self.sessions.begin() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
-            if adapter is None:
+            if adapter is None or not adapter.versions:
                 raise AdapterNotFound(name)
-            adapter.public = public
+            if version is None:
+                chosen = [adapter.versions[-1]] if public else adapter.versions
+            else:
+                chosen = [v for v in adapter.versions if v.version == version]
+                if not chosen:
+                    raise AdapterNotFound(f"{name}@{version}")
+            for v in chosen:
+                v.public = public
+            return [v.version for v in adapter.versions if v.public]
 
-    def get(self, tenant_id: int, name: str) -> Adapter:
+    def get(self, tenant_id: int, name: str) -> AdapterView:
         with self.sessions() as session:
-            adapter = self._visible(session, tenant_id, name)
-            _ = adapter.versions
-            return adapter
+            return self._visible(session, tenant_id, name)
 
     def resolve(self, tenant_id: int, ref: str) -> ResolvedAdapter:
         """Pin `name` or `name@N` to one immutable version, once, at admission."""
         name, number = parse_reference(ref)
         with self.sessions() as session:
-            adapter = self._visible(session, tenant_id, name)
-            versions = {v.version: v for v in adapter.versions}
-            if not versions or (number is not None and number not in versions):
+            view = self._visible(session, tenant_id, name)
+            versions = {v.version: v for v in view.versions}
+            if number is not None and number not in versions:
+                if view.owner_id == tenant_id and number <= view.last_version:
+                    raise AdapterVersionDeleted(ref)
                 raise AdapterNotFound(ref)
             chosen = versions[number if number is not None else max(versions)]
             return ResolvedAdapter(name, chosen.version, chosen.weights_sha256, chosen.config_sha256)
 
     def delete(self, tenant_id: int, name: str) -> list[ResolvedAdapter]:
-        """Delete an adapter with all its versions; return them so workers can free them."""
+        """Delete every version of an adapter; return them so workers can free them.
+
+        The adapter's row stays as a tombstone that keeps its version numbers used.
+        """
         with self.sessions.begin() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
-            if adapter is None:
+            if adapter is None or not adapter.versions:
                 raise AdapterNotFound(name)
-            gone = [ResolvedAdapter(name, v.version, v.weights_sha256, v.config_sha256) for v in adapter.versions]
-            session.delete(adapter)
-        self._drop_unreferenced_blobs(gone)
+            gone = self._remove_versions(session, adapter, list(adapter.versions))
+        self.collect_blobs(gone)
         return gone
 
     def delete_version(self, tenant_id: int, name: str, number: int) -> ResolvedAdapter:
-        """Delete one version; the adapter goes with its last version."""
         with self.sessions.begin() as session:
             adapter = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
             version = next((v for v in adapter.versions if v.version == number), None) if adapter else None
             if adapter is None or version is None:
                 raise AdapterNotFound(f"{name}@{number}")
-            gone = ResolvedAdapter(name, version.version, version.weights_sha256, version.config_sha256)
-            if len(adapter.versions) == 1:
-                session.delete(adapter)
-            else:
-                adapter.versions.remove(version)
-        self._drop_unreferenced_blobs([gone])
+            gone = self._remove_versions(session, adapter, [version])
+        self.collect_blobs(gone)
+        return gone[0]
+
+    def collect_blobs(self, gone: list[ResolvedAdapter]) -> None:
+        """After the transaction that deleted `gone` committed: remove the blobs nothing refers to now."""
+        self.blob_refs.collect(_digests(gone))
+
+    def delete_tenant_adapters(self, session: Session, tenant_id: int) -> list[ResolvedAdapter]:
+        """Within the caller's transaction (deleting the tenant): release every version's blobs;
+        `collect_blobs` after the commit removes the unshared ones."""
+        gone: list[ResolvedAdapter] = []
+        for adapter in session.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id)).all():
+            gone += self._remove_versions(session, adapter, list(adapter.versions))
         return gone
 
-    def _drop_unreferenced_blobs(self, gone: list[ResolvedAdapter]) -> None:
-        with self.sessions() as session:
-            for digest in {d for g in gone for d in (g.weights_sha256, g.config_sha256)}:
-                still_used = session.scalar(
-                    select(func.count())
-                    .select_from(AdapterVersion)
-                    .where((AdapterVersion.weights_sha256 == digest) | (AdapterVersion.config_sha256 == digest))
-                )
-                if not still_used:
-                    self.blobs.delete(digest)
+    def _remove_versions(
+        self, session: Session, adapter: Adapter, versions: list[AdapterVersion]
+    ) -> list[ResolvedAdapter]:
+        gone = [ResolvedAdapter(adapter.name, v.version, v.weights_sha256, v.config_sha256) for v in versions]
+        for v in versions:
+            adapter.versions.remove(v)
+        session.flush()
+        self.blob_refs.release(session, _digests(gone))
+        return gone
 
     @staticmethod
-    def _visible(session: Session, tenant_id: int, name: str) -> Adapter:
-        # Own adapters first; another tenant's public one only when no own one has that name.
+    def _visible(session: Session, tenant_id: int, name: str) -> AdapterView:
+        # Own adapters first; another tenant's shared versions only when no own one has that name.
         own = session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+        if own is not None and own.versions:
+            return _view(own, tenant_id)
+        shared = session.scalar(
+            select(Adapter)
+            .where(Adapter.name == name, Adapter.tenant_id != tenant_id,
+                   Adapter.id.in_(select(AdapterVersion.adapter_id).where(AdapterVersion.public.is_(True))))
+            .order_by(Adapter.id)
+            .limit(1)
+        )
+        if shared is not None:
+            return _view(shared, tenant_id)
         if own is not None:
-            return own
-        public = session.scalar(select(Adapter).where(Adapter.name == name, Adapter.public.is_(True)))
-        if public is None:
-            raise AdapterNotFound(name)
-        return public
+            raise AdapterVersionDeleted(name)  # every version deleted: the name is known, its weights gone
+        raise AdapterNotFound(name)
+
+
+def _digests(gone: list[ResolvedAdapter]) -> list[str]:
+    return [d for g in gone for d in (g.weights_sha256, g.config_sha256)]
+
+
+def _view(adapter: Adapter, tenant_id: int) -> AdapterView:
+    mine = adapter.tenant_id == tenant_id
+    versions = [v for v in adapter.versions if mine or v.public]
+    return AdapterView(adapter.name, adapter.tenant_id, versions, adapter.last_version)
 
 
 def _check_quota(session: Session, tenant_id: int, quota: StorageQuota, *, new_name: bool, new_bytes: int) -> None:
     if new_name:
-        count = session.scalar(select(func.count(Adapter.id)).where(Adapter.tenant_id == tenant_id)) or 0
+        count = session.scalar(
+            select(func.count(func.distinct(AdapterVersion.adapter_id)))
+            .join(Adapter, AdapterVersion.adapter_id == Adapter.id)
+            .where(Adapter.tenant_id == tenant_id)
+        ) or 0
         if count >= quota.max_adapters:
             raise StorageQuotaExceeded(
                 f"the tenant already has {count} adapters, its limit (tenant limit max_adapters); delete one first"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import boto3
 from botocore.exceptions import ClientError
 
 from adapters.blobstore import BlobCorrupt, BlobNotFound, check_digest
+from adapters.peft_format import Buffer
 
 
 class S3BlobStore:
@@ -23,7 +25,7 @@ class S3BlobStore:
         check_digest(digest)
         return f"{self.prefix}sha256/{digest[:2]}/{digest}"
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: Buffer) -> str:
         """Store bytes; return their sha256. Idempotent; one PUT, so never a half object."""
         digest = hashlib.sha256(data).hexdigest()
         key = self.key_for(digest)
@@ -47,9 +49,19 @@ class S3BlobStore:
     def delete(self, digest: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=self.key_for(digest))
 
+    def digests(self) -> Iterator[str]:
+        pages = self._s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}sha256/")
+        for page in pages:
+            for obj in page.get("Contents", []):
+                name = obj["Key"].rsplit("/", 1)[-1]
+                if len(name) == 64:
+                    yield name
+
     def clean_temp(self) -> int:
-        """Abort multipart uploads a crash left behind (PUTs leave nothing); return how many."""
-        uploads = self._s3.list_multipart_uploads(Bucket=self.bucket, Prefix=self.prefix).get("Uploads", [])
+        """Abort multipart uploads to loraplex's own keys a crash left behind (PUTs leave nothing);
+        return how many. Only under `<prefix>sha256/`: the bucket may hold anyone else's uploads."""
+        own = f"{self.prefix}sha256/"
+        uploads = self._s3.list_multipart_uploads(Bucket=self.bucket, Prefix=own).get("Uploads", [])
         for upload in uploads:
             self._s3.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
         return len(uploads)

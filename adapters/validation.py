@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import io
+import functools
+import hashlib
 import itertools
 import json
-import tarfile
-import zipfile
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from adapters.patterns import MAX_PATTERNS, PatternError, resolve_module_pattern, targeted
 from adapters.peft_format import (
+    Buffer,
     FormatError,
     LoraModule,
     TensorInfo,
@@ -25,11 +24,6 @@ from adapters.peft_format import (
     target_modules,
 )
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
-
 
 class InvalidAdapter(ValueError):
     """The upload is not an adapter we can serve; the message names the problem."""
@@ -38,7 +32,15 @@ class InvalidAdapter(ValueError):
 @dataclass(frozen=True)
 class AdapterFiles:
     config: bytes
-    weights: bytes
+    weights: Buffer
+
+    @property
+    def weights_size(self) -> int:
+        return len(self.weights)
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        return hashlib.sha256(self.weights).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -50,94 +52,6 @@ class ValidatedAdapter:
     target_modules: list[str]
     declared_base_model: str | None
     stored_config: bytes  # adapter_config.json as stored: its module patterns resolved to full names
-
-
-def collect_files(files: list[tuple[str, bytes]], max_unpacked_bytes: int) -> AdapterFiles:
-    """Turn uploaded (filename, bytes) pairs into the two PEFT files.
-
-    Accepts the two files themselves or one archive holding them (at any depth).
-    """
-    found: dict[str, bytes] = {}
-    for filename, data in files:
-        name = PurePosixPath(filename.replace("\\", "/")).name
-        lower = name.lower()
-        if lower.endswith(PICKLE_SUFFIXES):
-            raise InvalidAdapter(
-                f"{name}: pickle weight files are refused (they can run code); upload {WEIGHTS_NAME}"
-            )
-        if lower.endswith(ARCHIVE_SUFFIXES):
-            for inner, inner_data in _unpack(name, data, max_unpacked_bytes).items():
-                _take(found, inner, inner_data)
-        else:
-            _take(found, name, data)
-    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if n not in found]
-    if missing:
-        raise InvalidAdapter(f"missing {' and '.join(missing)} in the upload")
-    return AdapterFiles(config=found[CONFIG_NAME], weights=found[WEIGHTS_NAME])
-
-
-def _take(found: dict[str, bytes], name: str, data: bytes) -> None:
-    if name.lower().endswith(PICKLE_SUFFIXES):
-        raise InvalidAdapter(f"{name}: pickle weight files are refused (they can run code)")
-    if name not in (CONFIG_NAME, WEIGHTS_NAME):
-        return  # README.md, training args and the like travel with adapters; ignore them
-    if name in found:
-        raise InvalidAdapter(f"{name} appears more than once in the upload")
-    found[name] = data
-
-
-def _unpack(archive_name: str, data: bytes, max_unpacked_bytes: int) -> dict[str, bytes]:
-    members: dict[str, bytes] = {}
-    total = 0
-    try:
-        if archive_name.lower().endswith(".zip"):
-            with zipfile.ZipFile(io.BytesIO(data)) as zf:
-                for info in zf.infolist():
-                    if info.is_dir():
-                        continue
-                    _check_member_name(archive_name, info.filename)
-                    total += info.file_size
-                    if total > max_unpacked_bytes:
-                        raise InvalidAdapter(
-                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit "
-                            "(max_adapter_bytes)"
-                        )
-                    members[PurePosixPath(info.filename).name] = _read_capped(
-                        zf.open(info), max_unpacked_bytes, archive_name
-                    )
-        else:
-            with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tf:
-                for member in tf.getmembers():
-                    if member.isdir():
-                        continue
-                    _check_member_name(archive_name, member.name)
-                    if not member.isfile():
-                        raise InvalidAdapter(f"{archive_name}: member {member.name!r} is not a regular file")
-                    total += member.size
-                    if total > max_unpacked_bytes:
-                        raise InvalidAdapter(
-                            f"{archive_name} unpacks to more than the {max_unpacked_bytes}-byte limit "
-                            "(max_adapter_bytes)"
-                        )
-                    fh = tf.extractfile(member)
-                    assert fh is not None
-                    members[PurePosixPath(member.name).name] = _read_capped(fh, max_unpacked_bytes, archive_name)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        raise InvalidAdapter(f"{archive_name} is not a readable archive: {exc}") from exc
-    return members
-
-
-def _read_capped(fh: Any, limit: int, archive_name: str) -> bytes:
-    data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise InvalidAdapter(f"{archive_name} unpacks to more than the {limit}-byte limit (max_adapter_bytes)")
-    return bytes(data)
-
-
-def _check_member_name(archive_name: str, member: str) -> None:
-    path = PurePosixPath(member)
-    if path.is_absolute() or ".." in path.parts:
-        raise InvalidAdapter(f"{archive_name}: member {member!r} points outside the archive")
 
 
 DEFAULT_MAX_DELTA = 1000.0
@@ -193,7 +107,7 @@ _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 _BFLOAT16_MAX = 3.3895313892515355e38  # GPU workers compute in bfloat16: float32's range, rounded
 
 
-def _as_float32(dtype: str, raw: bytes) -> np.ndarray:
+def _as_float32(dtype: str, raw: Buffer) -> np.ndarray:
     """The values as the worker computes with them (float32; bfloat16 on GPUs has the same range)."""
     if dtype == "BF16":
         # bfloat16 is the top half of a float32: widen it.
@@ -204,7 +118,7 @@ def _as_float32(dtype: str, raw: bytes) -> np.ndarray:
 
 
 def check_weights(
-    weights: bytes, tensors: dict[str, TensorInfo], modules: list[LoraModule], config: dict[str, Any],
+    weights: Buffer, tensors: dict[str, TensorInfo], modules: list[LoraModule], config: dict[str, Any],
     max_delta: float,
 ) -> None:
     """Every value finite in float32, and every module's update bounded.

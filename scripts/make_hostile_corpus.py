@@ -125,10 +125,46 @@ def cases() -> dict[str, tuple[int, str, dict[str, bytes], str]]:
         "duplicate-tensor": (422, "more than once", {**ok, "adapter_model.safetensors": _duplicate_header_keys()},
                              "twice"),
         "too-large": (413, "max_adapter_bytes", {**ok, "adapter_model.safetensors": WEIGHTS + bytes(300_000)}, "big"),
+        "tar-countless-empty-members": (422, "members", {"a.tar.gz": _tar(
+            [tarfile.TarInfo(f"empty-{i}") for i in range(5000)], {})}, "headers"),
+        "tar-pax-header-bomb": (422, "unpacks to more than", {"a.tar.gz": _pax_bomb()}, "pax"),
+        "zip-countless-members": (422, "members; the limit", {"a.zip": _zip(
+            {**ok, **{f"empty-{i}": b"" for i in range(1001)}})}, "many"),
+        "zip-encrypted-member": (422, "encrypted", {"a.zip": _patched_zip(flag=0x1, method=0)}, "locked"),
+        "zip-unknown-compression": (422, "compression method 9", {"a.zip": _patched_zip(flag=0, method=9)},
+                                    "deflate64"),
+        "zip-one-name-twice": (422, "appears more than once", {"a.zip": _zip(
+            {**ok, "other/adapter_model.safetensors": _tensors(first_a=np.zeros((4, 16), dtype=np.float32))})},
+                               "twice"),
+        "config-nan-alpha": (422, "must be finite", {**ok, "adapter_config.json": CONFIG.replace(
+            b'"lora_alpha": 8', b'"lora_alpha": NaN')}, "nan-alpha"),
+        "config-huge-integer": (422, "adapter_config.json", {**ok, "adapter_config.json": CONFIG.replace(
+            b'"r": 4', b'"r": ' + b"9" * 5000)}, "digits"),
+        "config-deep-nesting": (422, "nested too deeply", {**ok, "adapter_config.json": CONFIG[:-1] + b', "x": '
+                                + b"[" * 20_000 + b"]" * 20_000 + b"}"}, "deep"),
         "name-with-slash": (400, "adapter name", ok, "../etc"),
         "name-with-control": (400, "adapter name", ok, "bad\x07name"),
         "name-too-long": (400, "adapter name", ok, "x" * 65),
     }
+
+
+def _pax_bomb() -> bytes:
+    """One pax record of megabytes: a few KiB of gzip that unpack past the limit before any member."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("adapter_config.json")
+        info.pax_headers = {"comment": "x" * 3_000_000}
+        tf.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()
+
+
+def _patched_zip(flag: int, method: int) -> bytes:
+    """A zip whose weights member claims encryption or a compression method zipfile cannot read."""
+    data = bytearray(_zip({"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}))
+    at = data.rfind(b"PK\x01\x02")  # the last member's central directory entry
+    data[at + 8 : at + 10] = flag.to_bytes(2, "little")
+    data[at + 10 : at + 12] = method.to_bytes(2, "little")
+    return bytes(data)
 
 
 def _without(key: str) -> bytes:

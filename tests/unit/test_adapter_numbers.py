@@ -10,7 +10,8 @@ import pytest
 from safetensors.numpy import save
 
 from adapters.peft_format import module_scaling, parse_config
-from adapters.validation import InvalidAdapter, collect_files, validate_adapter
+from adapters.uploads import collect_files
+from adapters.validation import InvalidAdapter, validate_adapter
 from tests.factory import TINY_BASE, adapter_files
 
 QV = {k: v for k, v in TINY_BASE.items() if k.endswith(("q_proj", "v_proj"))}

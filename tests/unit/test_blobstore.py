@@ -57,3 +57,23 @@ def test_temp_files_left_by_a_crash_are_removed_when_the_gateway_starts(tmp_path
     leftover.write_bytes(b"half an adapter")
     build_app(Settings(data_dir=tmp_path, admin_key=SecretStr("k" * 20)), pool=WorkerPool([]))
     assert not leftover.exists()
+
+
+def test_digests_lists_every_stored_blob(store: BlobStore) -> None:
+    stored = {store.put(f"blob {i}".encode()) for i in range(3)}
+    assert stored <= set(store.digests())
+
+
+def test_s3_temp_cleanup_leaves_other_uploads_in_a_shared_bucket_alone(s3_url: str) -> None:
+    """With no prefix, the cleanup used to abort every multipart upload in the bucket."""
+    import boto3
+
+    endpoint = s3_url.split("endpoint=")[1]
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    theirs = s3.create_multipart_upload(Bucket="loraplex-test", Key="backups/db.tar")["UploadId"]
+    ours = s3.create_multipart_upload(Bucket="loraplex-test", Key="sha256/ab/" + "ab" * 32)["UploadId"]
+    store = open_blob_store(f"s3://loraplex-test?endpoint={endpoint}")
+    assert store.clean_temp() == 1
+    left = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket="loraplex-test").get("Uploads", [])}
+    assert theirs in left and ours not in left
+    s3.abort_multipart_upload(Bucket="loraplex-test", Key="backups/db.tar", UploadId=theirs)

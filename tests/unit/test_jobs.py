@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from adapters.jobs import JobConflict, JobStore, QuantizeSpec
-from adapters.models import BaseModel, QuantizationJob
+from adapters.models import BaseCheckpoint, QuantizationJob
 from app.jobrunner import TMP_PREFIX, JobRunner
 from tests.unit.conftest import Gateway
 
@@ -112,14 +112,14 @@ def test_a_dead_runners_job_fails_and_its_files_go(gateway: Gateway, tmp_path) -
     (left / "model").mkdir(parents=True)
     (left / "model" / "model.safetensors").write_bytes(b"half written")
     time.sleep(0.05)  # longer than the stale limit without a heartbeat
-    JobRunner(settings, name="next-runner").reap()
+    JobRunner(settings.job_runner_config(), name="next-runner").reap()
     failed = jobs.get(job.id)
     assert failed.state == "failed" and "no heartbeat" in (failed.error or "")
     assert not left.exists()
     with pytest.raises(JobConflict):
         jobs.succeed(job.id, "/nowhere", "gptq", {}, "")  # a late finish cannot register it
     with gateway.client.app.state.services.sessions() as session:  # type: ignore[attr-defined]
-        assert session.query(BaseModel).filter_by(name="q").count() == 0
+        assert session.query(BaseCheckpoint).filter_by(name="q").count() == 0
 
 
 def test_a_result_is_registered_with_its_lineage_and_report(gateway: Gateway) -> None:
@@ -138,7 +138,7 @@ def test_a_result_is_registered_with_its_lineage_and_report(gateway: Gateway) ->
 
 def test_activating_an_unrelated_or_unknown_base_is_refused(gateway: Gateway) -> None:
     with gateway.client.app.state.services.sessions.begin() as session:  # type: ignore[attr-defined]
-        session.add(BaseModel(name="other", path="/x", quantization="none", linear_modules={}, max_context=8))
+        session.add(BaseCheckpoint(name="other", path="/x", quantization="none", linear_modules={}, max_context=8))
     models = {m["name"]: m for m in gateway.client.get("/admin/base-models", headers=gateway.admin()).json()}
     resp = gateway.client.post(f"/admin/base-models/{models['other']['id']}/activate", headers=gateway.admin())
     assert resp.status_code == 409 and "not derived" in resp.json()["error"]["message"]
@@ -174,7 +174,7 @@ def test_reap_leaves_a_live_jobs_directory(gateway: Gateway, tmp_path) -> None: 
     live = tmp_path / f"{TMP_PREFIX}{job.id}-abcd1234"
     live.mkdir()
     settings = gateway.settings.model_copy(update={"models_dir": tmp_path})
-    runner = JobRunner(settings, name="other")
+    runner = JobRunner(settings.job_runner_config(), name="other")
     runner.stale_after = timedelta(hours=1)
     runner.reap()
     assert live.exists() and jobs.get(job.id).state == "running"
@@ -204,3 +204,19 @@ def test_the_runner_reads_progress_from_the_childs_output() -> None:
     assert child.progress == ("quantizing", 5, 30)  # GPTQModel counts layers from 0 and says "of" the last
     assert child.last_line() == "ValueError: boom"
     assert "Quantizing layer 4 of 29" in child.tail()
+
+
+def test_a_leftover_result_directory_does_not_fail_the_job(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A restored database or a second deployment on the volume can leave `<name>-job<id>` behind."""
+    from app.jobrunner import _move_into_place
+
+    wanted = tmp_path / "quantized" / "small-job1"
+    (wanted / "old").mkdir(parents=True)
+    (wanted / "old" / "model.safetensors").write_bytes(b"someone else's")
+    out = tmp_path / "work"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"this job's")
+    final = _move_into_place(out, wanted)
+    assert final != wanted and final.parent == wanted.parent and final.name.startswith("small-job1-")
+    assert (final / "model.safetensors").read_bytes() == b"this job's"
+    assert (wanted / "old" / "model.safetensors").read_bytes() == b"someone else's"

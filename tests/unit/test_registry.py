@@ -8,7 +8,7 @@ import pytest
 
 from adapters.blobstore import LocalBlobStore
 from adapters.db import make_engine, make_sessionmaker
-from adapters.models import BaseModel, Tenant
+from adapters.models import BaseCheckpoint, Tenant
 from adapters.registry import AdapterNotFound, AdapterRegistry, InvalidAdapterName
 from adapters.validation import AdapterFiles, InvalidAdapter
 from tests.factory import TINY_BASE, adapter_files
@@ -20,7 +20,7 @@ def registry(tmp_path, database_url) -> Iterator[AdapterRegistry]:  # type: igno
     sessions = make_sessionmaker(engine)
     with sessions.begin() as session:
         session.add_all([Tenant(name="a"), Tenant(name="b")])
-        session.add(BaseModel(name="tiny", path="/x", quantization="none", linear_modules=TINY_BASE,
+        session.add(BaseCheckpoint(name="tiny", path="/x", quantization="none", linear_modules=TINY_BASE,
                               max_context=512, active=True))
     yield AdapterRegistry(sessions, LocalBlobStore(tmp_path / "blobs"), max_rank=8)
     engine.dispose()
@@ -136,3 +136,106 @@ def test_migrations_build_exactly_the_models_schema(database_url) -> None:  # ty
     engine.dispose()
     assert diff == []
     make_engine(database_url).dispose()  # a second start finds nothing to do
+
+
+def _stored(registry: AdapterRegistry) -> set[str]:
+    return set(registry.blobs.digests())
+
+
+def test_a_delete_racing_an_upload_of_identical_content_never_loses_the_new_versions_blob(
+    registry: AdapterRegistry,
+) -> None:
+    """Blobs are shared by content across tenants: tenant 1 deletes while tenant 2 uploads the same
+    bytes. Whatever the interleaving, every version that exists afterwards has its blobs."""
+    import threading
+
+    same = files(seed=7)
+    for round_ in range(12):
+        registry.create_version(1, "original", same)
+        start = threading.Barrier(2)
+
+        def delete(start: threading.Barrier = start) -> None:
+            start.wait()
+            registry.delete(1, "original")
+
+        def upload(start: threading.Barrier = start, name: str = f"copy{round_}") -> None:
+            start.wait()
+            registry.create_version(2, name, same)
+
+        threads = [threading.Thread(target=delete), threading.Thread(target=upload)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        resolved = registry.resolve(2, f"copy{round_}")
+        assert {resolved.weights_sha256, resolved.config_sha256} <= _stored(registry), f"round {round_}"
+        registry.blobs.get(resolved.weights_sha256)  # readable, and matches its digest
+
+
+def test_the_sweep_removes_orphaned_blobs_and_keeps_referenced_ones(registry: AdapterRegistry) -> None:
+    _, kept = registry.create_version(1, "kept", files(seed=1))
+    orphan = registry.blobs.put(b"written, then the process died before its row committed")
+    assert registry.blob_refs.sweep() == 1
+    assert _stored(registry) == {kept.weights_sha256, kept.config_sha256}
+    assert registry.blob_refs.sweep() == 0
+    assert orphan not in _stored(registry)
+
+
+def test_a_gateway_killed_between_writing_a_blob_and_committing_leaves_an_orphan_the_sweep_removes(
+    registry: AdapterRegistry, database_url: str, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    """A real process, killed (os._exit, no cleanup) right after the blob is written."""
+    import subprocess
+    import sys
+
+    script = f"""
+import os
+from adapters.blobstore import LocalBlobStore
+from adapters.blobrefs import BlobReferences
+from adapters.db import make_engine, make_sessionmaker
+from adapters.registry import AdapterRegistry
+from adapters.validation import AdapterFiles
+from tests.factory import TINY_BASE, adapter_files
+
+hold = BlobReferences.hold
+def hold_then_die(self, session, data, digest=None):
+    done = hold(self, session, data, digest)
+    os._exit(9)  # the blob is on disk; its row is not committed
+BlobReferences.hold = hold_then_die
+blobs = LocalBlobStore({str(tmp_path / 'blobs')!r})
+registry = AdapterRegistry(make_sessionmaker(make_engine({database_url!r})), blobs, 8)
+config, weights = adapter_files(TINY_BASE, seed=3)
+registry.create_version(1, "doomed", AdapterFiles(config, weights))
+"""
+    died = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert died.returncode == 9, died.stderr
+    assert len(_stored(registry)) == 1  # the orphan
+    with pytest.raises(AdapterNotFound):
+        registry.resolve(1, "doomed")
+    assert registry.blob_refs.sweep() == 1
+    assert _stored(registry) == set()
+
+
+def test_uploads_racing_deletes_never_give_one_number_to_two_sets_of_weights(registry: AdapterRegistry) -> None:
+    """Every number handed out is handed out once; every surviving version keeps its own weights."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    uploads = [files(seed=i) for i in range(10)]
+    given: dict[int, str] = {}
+
+    def upload(f: AdapterFiles) -> None:
+        version = registry.create_version(1, "churn", f)[1]
+        assert given.setdefault(version.version, version.weights_sha256) == version.weights_sha256
+        registry.delete_version(1, "churn", version.version) if version.version % 3 == 0 else None
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(upload, uploads))
+    assert sorted(given) == list(range(1, 11))
+    for number, sha in given.items():
+        if number % 3:
+            assert registry.resolve(1, f"churn@{number}").weights_sha256 == sha
+        else:
+            with pytest.raises(AdapterNotFound, match=f"churn@{number}"):
+                registry.resolve(1, f"churn@{number}")
+    registry.delete(1, "churn")
+    assert registry.create_version(1, "churn", files(seed=99))[1].version == 11

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
+import tarfile
+import time
+import zipfile
 
 import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from adapters.validation import InvalidAdapter, collect_files, validate_adapter
+from adapters.uploads import MAX_ARCHIVE_MEMBERS, MAX_CONFIG_BYTES, collect_files
+from adapters.validation import InvalidAdapter, validate_adapter
 from tests.factory import TINY_BASE, adapter_files, tar_gz_of, zip_of
 
 QV = {k: v for k, v in TINY_BASE.items() if k.endswith(("q_proj", "v_proj"))}
@@ -140,3 +145,71 @@ def test_config_that_is_not_json_is_refused() -> None:
     _, weights = adapter_files(QV)
     refused(b"{not json", weights, "not valid JSON")
     refused(json.dumps([1, 2]).encode(), weights, "JSON object")
+
+
+def _tar_gz_of_empty_members(count: int) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as tf:
+        for i in range(count):
+            tf.addfile(tarfile.TarInfo(f"empty-{i}"), io.BytesIO(b""))
+    return raw.getvalue()
+
+
+def test_an_archive_of_countless_empty_members_is_refused_while_reading() -> None:
+    """Empty members unpack to zero bytes; only a member cap stops 200k of them (84 MiB, 9.6 s before)."""
+    bomb = _tar_gz_of_empty_members(200_000)
+    started = time.monotonic()
+    with pytest.raises(InvalidAdapter, match=f"more than {MAX_ARCHIVE_MEMBERS} members"):
+        collect_files([("a.tar.gz", bomb)], LIMIT)
+    assert time.monotonic() - started < 2.0  # stops at the cap, not after reading every header
+    many = zipfile.ZipFile(raw := io.BytesIO(), "w")
+    for i in range(MAX_ARCHIVE_MEMBERS + 1):
+        many.writestr(f"empty-{i}", b"")
+    many.close()
+    with pytest.raises(InvalidAdapter, match="members; the limit"):
+        collect_files([("a.zip", raw.getvalue())], LIMIT)
+
+
+def test_a_gzip_bomb_in_tar_headers_is_refused_at_the_limit() -> None:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("adapter_config.json")
+        info.pax_headers = {"comment": "x" * 3_000_000}  # one pax record, megabytes when unpacked
+        tf.addfile(info, io.BytesIO(b""))
+    assert len(raw.getvalue()) < 50_000
+    with pytest.raises(InvalidAdapter, match="unpacks to more than"):
+        collect_files([("a.tar.gz", raw.getvalue())], LIMIT)
+
+
+def test_encrypted_and_unsupported_zip_members_are_422_not_500() -> None:
+    config, weights = adapter_files(QV)
+    for flag, method, problem in ((0x1, zipfile.ZIP_STORED, "encrypted"), (0, 9, "compression method 9")):
+        raw = io.BytesIO()
+        with zipfile.ZipFile(raw, "w") as zf:
+            zf.writestr("adapter_config.json", config)
+            info = zipfile.ZipInfo("adapter_model.safetensors")
+            zf.writestr(info, weights)
+        data = bytearray(raw.getvalue())
+        # Patch the member's central directory entry: general purpose flags and method.
+        at = data.rfind(b"PK\x01\x02")
+        data[at + 8 : at + 10] = flag.to_bytes(2, "little")
+        data[at + 10 : at + 12] = method.to_bytes(2, "little")
+        with pytest.raises(InvalidAdapter, match=problem):
+            collect_files([("a.zip", bytes(data))], LIMIT)
+
+
+def test_two_archive_members_with_one_file_name_are_refused() -> None:
+    config, weights = adapter_files(QV)
+    _, other = adapter_files(QV, seed=9)
+    members = {"a/adapter_config.json": config, "a/adapter_model.safetensors": weights,
+               "b/adapter_model.safetensors": other}
+    for archive in (("a.zip", zip_of(members)), ("a.tar.gz", tar_gz_of(members))):
+        with pytest.raises(InvalidAdapter, match=r"adapter_model\.safetensors appears more than once"):
+            collect_files([archive], LIMIT)
+
+
+def test_an_oversized_adapter_config_is_refused() -> None:
+    _, weights = adapter_files(QV)
+    with pytest.raises(InvalidAdapter, match=r"adapter_config\.json is larger than"):
+        collect_files([("adapter_config.json", b" " * (MAX_CONFIG_BYTES + 1)),
+                       ("adapter_model.safetensors", weights)], 10 * MAX_CONFIG_BYTES)
