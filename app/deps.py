@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
-from adapters.jobs import BaseModels, JobStore
+from adapters.bases import BaseCheckpoints
+from adapters.jobs import JobStore
 from adapters.models import Tenant
 from adapters.registry import AdapterRegistry
 from app.auth import TenantService, is_admin_key
 from app.errors import Forbidden, Unauthorized
+from app.gate import Principal, Refusal
 from app.metrics import TenantLabels
 from app.quotas import RequestQuotas
 from app.settings import Settings
@@ -30,7 +34,7 @@ class Services:
     quotas: RequestQuotas
     tenant_labels: TenantLabels
     jobs: JobStore
-    base_models: BaseModels
+    base_models: BaseCheckpoints
 
 
 def get_services(request: Request) -> Services:
@@ -41,31 +45,40 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+def _principal(request: Request) -> Principal:
+    # Set by the request gate, which refuses a missing or invalid key before the body is read.
+    principal: Principal | None = request.scope.get("state", {}).get("principal")
+    if principal is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-    return token.strip()
+    return principal
 
 
-def require_tenant(request: Request, services: ServicesDep) -> Tenant:
-    key = _bearer(request)
-    if is_admin_key(key, services.admin_key):
+def require_tenant(request: Request) -> Tenant:
+    principal = _principal(request)
+    if principal.tenant is None:
         raise Forbidden("the admin key cannot act as a tenant; create a tenant and use its key")
-    tenant = services.tenants.authenticate(key)
-    if tenant is None:
-        raise Unauthorized("invalid or revoked API key")
-    return tenant
+    return principal.tenant
 
 
-def require_admin(request: Request, services: ServicesDep) -> None:
-    key = _bearer(request)
-    if is_admin_key(key, services.admin_key):
-        return
-    if services.tenants.authenticate(key) is not None:
+def require_admin(request: Request) -> None:
+    if not _principal(request).admin:
         raise Forbidden("this route needs the admin key")
-    raise Unauthorized("invalid API key")
+
+
+def principal_for(services: Services) -> Callable[[str], Awaitable[Principal]]:
+    """The request gate's authenticator: the admin key, or an active tenant's unrevoked key."""
+
+    async def authenticate(key: str) -> Principal:
+        if is_admin_key(key, services.admin_key):
+            return Principal(admin=True)
+        tenant = await run_in_threadpool(services.tenants.authenticate, key)
+        if tenant is None:
+            raise Refusal(401, "unauthorized", "invalid or revoked API key")
+        if tenant.suspended_at is not None:
+            raise Refusal(403, "forbidden", "the tenant is suspended; ask the service's operators")
+        return Principal(admin=False, tenant=tenant)
+
+    return authenticate
 
 
 TenantDep = Annotated[Tenant, Depends(require_tenant)]

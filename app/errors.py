@@ -6,14 +6,23 @@ Every error body is `{"error": {"type", "message"}}`.
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.bases import NoActiveBaseModel
 from adapters.jobs import InvalidJob, JobConflict, JobNotFound
-from adapters.registry import AdapterNotFound, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded
+from adapters.registry import (
+    AdapterNotFound,
+    AdapterVersionDeleted,
+    InvalidAdapterName,
+    StorageQuotaExceeded,
+)
 from adapters.validation import InvalidAdapter
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,20 @@ class GenerationFailed(ApiError):
     status, type = 500, "generation_failed"
 
 
+def worker_error(status: int | None, message: str, request_id: str, worker: str) -> ApiError:
+    """A worker's refusal or failure as the client sees it: the request's own problems (400, 422)
+    verbatim; the worker's (5xx) as a request id to quote, the detail (torch errors, paths,
+    storage errors) only in the log."""
+    if status == 400:
+        return BadRequest(message)
+    if status == 422:
+        return UnprocessableAdapter(message)
+    log.error("request %s failed on worker %s (%s): %s", request_id, worker, status, message)
+    if status == 503:
+        return WorkerUnavailable(f"no worker could take the request now (request id {request_id}); retry")
+    return GenerationFailed(f"generation failed (request id {request_id}); the service's logs have the detail")
+
+
 def error_body(kind: str, message: str) -> dict[str, dict[str, str]]:
     # A message may quote the client's input, lone surrogates included: keep it encodable.
     return {"error": {"type": kind, "message": message.encode("utf-8", "replace").decode("utf-8")}}
@@ -84,26 +107,27 @@ def _response(status: int, kind: str, message: str, retry_after: int | None = No
     return JSONResponse(error_body(kind, message), status_code=status, headers=headers)
 
 
+# The registry's and job store's own exceptions, in the API's vocabulary (first match wins).
+_MAPPED: list[tuple[type[Exception], Callable[[Exception], ApiError]]] = [
+    (AdapterVersionDeleted, lambda e: NotFound(f"adapter {e.args[0]!r} was deleted; a deleted version's "
+                                               "number is never given to other weights")),
+    (AdapterNotFound, lambda e: NotFound(f"adapter {e.args[0]!r} not found")),
+    (InvalidAdapter, lambda e: UnprocessableAdapter(str(e))),
+    (InvalidAdapterName, lambda e: BadRequest(str(e))),
+    (StorageQuotaExceeded, lambda e: TooManyRequests(str(e), retry_after=60)),
+    (NoActiveBaseModel, lambda e: WorkerUnavailable(str(e), retry_after=10)),
+    (InvalidJob, lambda e: BadRequest(str(e))),
+    (JobNotFound, lambda e: NotFound(f"{e.args[0]} not found")),
+    (JobConflict, lambda e: Conflict(str(e))),
+]
+
+
 def as_api_error(exc: Exception) -> ApiError:
-    """Map the registry's own exceptions onto the API's set."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, AdapterNotFound):
-        return NotFound(f"adapter {exc.args[0]!r} not found")
-    if isinstance(exc, InvalidAdapter):
-        return UnprocessableAdapter(str(exc))
-    if isinstance(exc, InvalidAdapterName):
-        return BadRequest(str(exc))
-    if isinstance(exc, StorageQuotaExceeded):
-        return TooManyRequests(str(exc), retry_after=60)
-    if isinstance(exc, NoActiveBaseModel):
-        return WorkerUnavailable(str(exc), retry_after=10)
-    if isinstance(exc, InvalidJob):
-        return BadRequest(str(exc))
-    if isinstance(exc, JobNotFound):
-        return NotFound(f"{exc.args[0]} not found")
-    if isinstance(exc, JobConflict):
-        return Conflict(str(exc))
+    for cls, to_api in _MAPPED:
+        if isinstance(exc, cls):
+            return to_api(exc)
     return ApiError("internal error")
 
 
@@ -111,9 +135,14 @@ def as_api_error(exc: Exception) -> ApiError:
 _HTTP_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
+def _problem(error: dict[str, Any]) -> str:
+    if error.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {error.get('ctx', {}).get('error', 'malformed')}"
+    return f"{'.'.join(str(p) for p in error['loc'] if p != 'body')}: {error['msg']}"
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    mapped = (ApiError, AdapterNotFound, InvalidAdapter, InvalidAdapterName, NoActiveBaseModel, StorageQuotaExceeded,
-              InvalidJob, JobNotFound, JobConflict)
+    mapped: list[type[Exception]] = [ApiError, *(cls for cls, _ in _MAPPED)]
 
     async def on_mapped(_: Request, exc: Exception) -> JSONResponse:
         err = as_api_error(exc)
@@ -121,9 +150,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_validation(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e) for e in exc.errors())
         return _response(422, "invalid_request", problems or "invalid request")
 
     async def on_http(_: Request, exc: Exception) -> JSONResponse:
@@ -133,8 +160,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Logged here with its traceback; the client gets the usual JSON shape and nothing internal.
-        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return _response(500, "internal_error", "internal error")
+        request_id = uuid.uuid4().hex
+        log.error("request %s: unhandled error on %s %s", request_id, request.method, request.url.path, exc_info=exc)
+        return _response(500, "internal_error", f"internal error (request id {request_id}); the service's logs "
+                         "have the detail")
 
     for cls in mapped:
         app.add_exception_handler(cls, on_mapped)

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.bases import BaseCheckpoints
 from adapters.blobstore import open_blob_store
 from adapters.db import make_engine, make_sessionmaker
-from adapters.jobs import BaseModels, JobStore
-from adapters.models import BaseModel
+from adapters.jobs import JobStore
 from adapters.registry import AdapterRegistry
 from app import metrics
 from app.auth import TenantService, load_or_create_admin_key
-from app.body_limit import BodySizeLimit
-from app.deps import Services
+from app.deps import Services, principal_for
 from app.errors import install_error_handlers
+from app.gate import BodyLimits, RequestGate
 from app.quotas import RequestQuotas
-from app.routes import adapters, admin, generate, health, jobs, openai
+from app.routes import adapters, admin, generate, health, jobs, keys, openai
 from app.settings import Settings
 from app.workers.client import HttpWorkerClient
 from app.workers.pool import WorkerPool, WorkerSlot
-from app.workers.supervisor import LocalWorkerProcess, WorkerLaunch, device_for, visible_gpu_count
+from app.workers.supervisor import LocalWorkerProcess, device_for, visible_gpu_count
 
 log = logging.getLogger(__name__)
 
@@ -40,55 +41,65 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
     admin_key = (
         settings.admin_key.get_secret_value() if settings.admin_key else load_or_create_admin_key(settings.data_dir)
     )
+    bases = BaseCheckpoints(sessions)
+    registry = AdapterRegistry(sessions, blobs, settings.max_lora_rank, settings.max_adapter_delta, bases)
     services = Services(
         settings=settings,
         sessions=sessions,
-        registry=AdapterRegistry(sessions, blobs, settings.max_lora_rank, settings.max_adapter_delta),
-        tenants=TenantService(sessions),
-        pool=pool if pool is not None else _configured_pool(settings, sessions),
+        registry=registry,
+        tenants=TenantService(sessions, registry),
+        pool=pool if pool is not None else _configured_pool(settings, bases),
         admin_key=admin_key,
         quotas=RequestQuotas(),
         tenant_labels=metrics.TenantLabels(settings.metrics_top_tenants),
         jobs=JobStore(sessions),
-        base_models=BaseModels(sessions),
+        base_models=bases,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await services.pool.start()
+        sweeper = asyncio.create_task(_sweep_blobs(registry, settings.blob_sweep_interval_s))
         yield
+        sweeper.cancel()
         await services.pool.stop()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    app.middleware("http")(_count_requests)
-    app.add_middleware(BodySizeLimit, limit=settings.max_adapter_bytes)  # outermost: before anything reads
-    for module in (health, admin, jobs, adapters, generate, openai):
+    limits = BodyLimits(upload_bytes=settings.max_adapter_bytes, request_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestGate, limits=limits, authenticate=principal_for(services))
+    app.add_middleware(RequestMetrics)  # outermost: counts what the gate refuses too
+    for module in (health, admin, jobs, adapters, keys, generate, openai):
         app.include_router(module.router)
     return app
 
 
-def _configured_pool(settings: Settings, sessions: sessionmaker[Session]) -> WorkerPool:
+async def _sweep_blobs(registry: AdapterRegistry, interval_s: float) -> None:
+    """At start and then periodically: remove blobs no version refers to (a crash between writing a
+    blob and committing its row leaves one). Safe beside uploads, on any number of gateways."""
+    while True:
+        try:
+            removed = await run_in_threadpool(registry.blob_refs.sweep)
+            if removed:
+                log.info("blob sweep: removed %d unreferenced blobs", removed)
+        except Exception:  # a database or store that is down now: the next sweep tries again
+            log.exception("blob sweep failed")
+        await asyncio.sleep(interval_s)
+
+
+def _configured_pool(settings: Settings, bases: BaseCheckpoints) -> WorkerPool:
     slots: list[WorkerSlot] = []
     if settings.workers:
-        with sessions() as session:
-            base = session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
+        base = bases.active_or_none()
         if base is None:
             raise RuntimeError("no base model is registered: run `loraplex models prepare` first")
         gpus = visible_gpu_count() if settings.worker_device in ("auto", "cuda") else 0
         for i in range(settings.workers):
-            launch = WorkerLaunch(
-                port=settings.worker_base_port + i, model_path=base.path, model_name=base.name,
-                blob_url=settings.resolved_blob_url, device=device_for(settings.worker_device, i, gpus),
-                threads=settings.worker_threads, max_batch_size=settings.max_batch_size,
-                adapter_slots=settings.adapter_slots, host_adapter_cache=settings.host_adapter_cache,
-                max_lora_rank=settings.max_lora_rank, max_waiting=settings.max_waiting,
-                kv_cache_mb=settings.kv_cache_mb, stall_timeout_s=settings.worker_stall_timeout_s,
-            )
-            client = HttpWorkerClient(f"local-{i}", f"http://127.0.0.1:{launch.port}",
+            config = settings.worker_config(i, base.path, base.name, device_for(settings.worker_device, i, gpus))
+            client = HttpWorkerClient(f"local-{i}", f"http://127.0.0.1:{config.port}",
                                       idle_timeout=settings.worker_idle_timeout_s)
-            slots.append(WorkerSlot(client=client, process=LocalWorkerProcess(launch)))
+            slots.append(WorkerSlot(client=client, process=LocalWorkerProcess(config)))
     for i, url in enumerate(settings.worker_urls):
         client = HttpWorkerClient(f"remote-{i}", url, idle_timeout=settings.worker_idle_timeout_s)
         slots.append(WorkerSlot(client=client))
@@ -96,13 +107,31 @@ def _configured_pool(settings: Settings, sessions: sessionmaker[Session]) -> Wor
                       start_timeout=settings.worker_start_timeout_s)
 
 
-async def _count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    started = time.monotonic()
-    response = await call_next(request)
-    route = request.scope.get("route")
-    path = getattr(route, "path", "unmatched")  # the route template, never the raw path
-    status = response.status_code
-    metrics.HTTP_REQUESTS.labels(path, f"{status // 100}xx", metrics.outcome(status)).inc()
-    if path != "/generate":
-        metrics.REQUEST_LATENCY.labels(path).observe(time.monotonic() - started)
-    return response
+class RequestMetrics:
+    """Outermost: every request is counted, those refused at the gate and those that ended in an
+    unhandled exception (the 500 the error handler sends) included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")  # the route template, never the raw path
+            metrics.HTTP_REQUESTS.labels(path, f"{status // 100}xx", metrics.outcome(status)).inc()
+            if path not in metrics.GENERATION_ROUTES:
+                metrics.REQUEST_LATENCY.labels(path).observe(time.monotonic() - started)

@@ -25,7 +25,9 @@ REQUEST_LATENCY = Histogram(
     "loraplex_request_duration_seconds", "End-to-end request latency by route", ["route"],
     buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
-for _route in ("/generate", "/v1/completions", "/v1/chat/completions"):
+# Their latency is observed when the answer ends (a stream's last byte), not when it starts.
+GENERATION_ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
+for _route in GENERATION_ROUTES:
     REQUEST_LATENCY.labels(_route)  # from zero, so that the first requests show in rate()
 TIME_TO_FIRST_TOKEN = Histogram(
     "loraplex_time_to_first_token_seconds", "Time from admission to the first generated text",

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import ExitStack
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from adapters.models import Adapter, AdapterVersion
-from adapters.registry import parse_reference
-from adapters.validation import collect_files
+from adapters.models import AdapterVersion
+from adapters.peft_format import Buffer
+from adapters.registry import AdapterView, parse_reference
+from adapters.uploads import collect_files, map_file
 from app.deps import ServicesDep, TenantDep
 from app.errors import BadRequest, PayloadTooLarge
+from app.json_body import StrictJsonRoute
 from app.quotas import storage_quota
 from app.schemas import UtcDatetime
 
-router = APIRouter(prefix="/adapters", tags=["adapters"])
-
-_READ_CHUNK = 1024 * 1024
-
+router = APIRouter(prefix="/adapters", tags=["adapters"], route_class=StrictJsonRoute)
 
 class AdapterVersionPublic(BaseModel):
     name: str
     version: int
+    public: bool = Field(description="shared with every tenant (sharing is per version)")
     rank: int
     lora_alpha: float
     target_modules: list[str]
@@ -36,7 +38,7 @@ class AdapterVersionPublic(BaseModel):
 
 class AdapterPublic(BaseModel):
     name: str
-    public: bool
+    public: bool = Field(description="at least one version is shared with every tenant")
     latest_version: int
     versions: list[AdapterVersionPublic]
 
@@ -49,30 +51,29 @@ def _version_public(name: str, v: AdapterVersion, active_base: str | None = None
             f"{active_base!r}; accepted because every tensor fits the base's layers"
         )
     return AdapterVersionPublic(
-        name=name, version=v.version, rank=v.rank, lora_alpha=v.lora_alpha, target_modules=v.target_modules,
+        name=name, version=v.version, public=v.public, rank=v.rank, lora_alpha=v.lora_alpha,
+        target_modules=v.target_modules,
         size_bytes=v.size_bytes, sha256=v.weights_sha256, base_model=v.declared_base_model,
         created_at=v.created_at, warnings=warnings,
     )
 
 
-def _adapter_public(a: Adapter) -> AdapterPublic:
+def _adapter_public(a: AdapterView) -> AdapterPublic:
     versions = [_version_public(a.name, v) for v in a.versions]
     return AdapterPublic(name=a.name, public=a.public, latest_version=max(v.version for v in versions),
                          versions=versions)
 
 
-def _read_uploads(files: list[UploadFile], limit: int) -> list[tuple[str, bytes]]:
-    """Read the parts in chunks, refusing as soon as their total passes the limit."""
-    out, total = [], 0
-    for upload in files:
-        chunks = []
-        while chunk := upload.file.read(_READ_CHUNK):
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"the upload is larger than the {limit}-byte limit (max_adapter_bytes)")
-            chunks.append(chunk)
-        out.append((upload.filename or "", b"".join(chunks)))
-    return out
+def _mapped_uploads(files: list[UploadFile], limit: int, stack: ExitStack) -> list[tuple[str, Buffer]]:
+    """Each part as the multipart parser spooled it to disk, mapped read-only: an upload is never
+    held in the gateway's memory (validation reads the tensors one at a time)."""
+    sizes = [os.fstat(upload.file.fileno()).st_size for upload in files]
+    if sum(sizes) > limit:
+        raise PayloadTooLarge(f"the upload is larger than the {limit}-byte limit (max_adapter_bytes)")
+    parts: list[tuple[str, Buffer]] = []
+    for upload, size in zip(files, sizes, strict=True):
+        parts.append((upload.filename or "", map_file(upload.file.fileno(), size, stack)))
+    return parts
 
 
 @router.post("", response_model=AdapterVersionPublic, status_code=201)
@@ -85,12 +86,11 @@ def upload_adapter(
     if not files:
         raise BadRequest("no files uploaded: send adapter_config.json and adapter_model.safetensors")
     limit = services.settings.max_adapter_bytes
-    adapter_files = collect_files(_read_uploads(files, limit), max_unpacked_bytes=limit)
     quota = storage_quota(tenant, services.settings)
-    adapter, version = services.registry.create_version(tenant.id, name, adapter_files, quota)
-    with services.sessions() as session:
-        base = services.registry.active_base_model(session)
-    return _version_public(adapter.name, version, base.name)
+    with ExitStack() as stack:
+        adapter_files = collect_files(_mapped_uploads(files, limit, stack), limit, stack)
+        adapter, version = services.registry.create_version(tenant.id, name, adapter_files, quota)
+    return _version_public(adapter.name, version, services.base_models.active().name)
 
 
 @router.get("", response_model=list[AdapterPublic])

@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from app import metrics
+from adapters.registry import ResolvedAdapter
 from app.deps import ServicesDep, TenantDep
-from app.errors import as_api_error, error_body
-from app.generation import (
-    WORKER_HEADER,
-    Generation,
-    GenerationInput,
-    check_limits,
-    complete_unless_disconnected,
-    resolve_adapter,
-)
-from worker.protocol import ChatMessage, SamplingParams, Seed, Temperature, Text
+from app.errors import ApiError, error_body
+from app.generation import WORKER_HEADER, GenerationInput, resolve_adapter, start
+from app.json_body import StrictJsonRoute
+from worker.protocol import ChatMessage, GenerateEvent, SamplingParams, Seed, Temperature, Text
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], route_class=StrictJsonRoute)
 
 DEFAULT_MAX_TOKENS = 128
 
@@ -69,47 +60,42 @@ async def generate(
     body: GenerateBody, tenant: TenantDep, services: ServicesDep, request: Request, response: Response
 ) -> GenerateResponse | StreamingResponse:
     job = body.to_input(services.settings.max_tokens_limit)
-    check_limits(services, job)
     adapter = await resolve_adapter(services, tenant, job.adapter)
-    generation = Generation(services, tenant, job, adapter)
-    started = time.monotonic()
+    generation = start(services, tenant, "/generate", job, adapter)
     if body.stream:
-        return StreamingResponse(_sse(generation, started), media_type="text/event-stream",
-                                 headers={WORKER_HEADER: generation.slot.client.name})
-    completion = await complete_unless_disconnected(request, generation)
+        return generation.sse(_GenerateEvents(adapter))
+    done = await generation.complete(request)
     response.headers[WORKER_HEADER] = generation.slot.client.name  # the worker that answered
-    metrics.REQUEST_LATENCY.labels("/generate").observe(time.monotonic() - started)
-    usage = UsagePublic(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
-                        total_tokens=completion.prompt_tokens + completion.completion_tokens)
+    usage = UsagePublic(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                        total_tokens=done.prompt_tokens + done.completion_tokens)
     return GenerateResponse(
-        text=completion.text, finish_reason=completion.finish_reason, usage=usage,
+        text=done.text, finish_reason=done.finish_reason, usage=usage,
         adapter=adapter.name if adapter else None, adapter_version=adapter.version if adapter else None,
     )
 
 
-def _sse_event(payload: dict[str, object]) -> bytes:
-    return f"data: {json.dumps(payload)}\n\n".encode()
+class _GenerateEvents:
+    """The /generate stream: token events, then a `done` event (or an `error` event after the 200)."""
 
+    closing = b""
 
-async def _sse(generation: Generation, started: float) -> AsyncIterator[bytes]:
-    """Token events, then a final one; a failure after the 200 ends with an error event."""
-    adapter = generation.adapter
-    try:
-        async with aclosing(generation.events()) as events:
-            async for event in events:
-                if event.text:
-                    yield _sse_event({"type": "token", "text": event.text})
-                if event.finished and event.usage is not None:
-                    metrics.record_tokens(event.usage.prompt_tokens, event.usage.completion_tokens)
-                    yield _sse_event({
-                        "type": "done",
-                        "finish_reason": event.finish_reason,
-                        "usage": {**event.usage.model_dump(), "total_tokens": event.usage.total_tokens},
-                        "adapter": adapter.name if adapter else None,
-                        "adapter_version": adapter.version if adapter else None,
-                    })
-    except Exception as exc:  # after the 200 the only way to report is in-band
-        err = as_api_error(exc)
-        yield _sse_event({"type": "error", **error_body(err.type, err.message)})
-    finally:
-        metrics.REQUEST_LATENCY.labels("/generate").observe(time.monotonic() - started)
+    def __init__(self, adapter: ResolvedAdapter | None) -> None:
+        self.adapter = adapter
+
+    def opening(self) -> list[dict[str, Any]]:
+        return []
+
+    def on_event(self, event: GenerateEvent) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{"type": "token", "text": event.text}] if event.text else []
+        if event.finished and event.usage is not None:
+            out.append({
+                "type": "done",
+                "finish_reason": event.finish_reason,
+                "usage": {**event.usage.model_dump(), "total_tokens": event.usage.total_tokens},
+                "adapter": self.adapter.name if self.adapter else None,
+                "adapter_version": self.adapter.version if self.adapter else None,
+            })
+        return out
+
+    def on_error(self, err: ApiError) -> dict[str, Any]:
+        return {"type": "error", **error_body(err.type, err.message)}

@@ -11,8 +11,9 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.deps import ServicesDep
+from app.json_body import StrictJsonRoute
 
-router = APIRouter(tags=["ops"])
+router = APIRouter(tags=["ops"], route_class=StrictJsonRoute)
 
 
 @router.get("/health/live")

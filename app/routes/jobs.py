@@ -10,11 +10,12 @@ from pydantic import ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from adapters.jobs import QuantizeSpec
-from adapters.models import BaseModel, QuantizationJob
+from adapters.models import BaseCheckpoint, QuantizationJob
 from app.deps import AdminDep, ServicesDep
+from app.json_body import StrictJsonRoute
 from app.schemas import UtcDatetime
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep], route_class=StrictJsonRoute)
 
 
 class JobCreate(Schema):
@@ -107,7 +108,7 @@ def cancel_job(job_id: int, services: ServicesDep) -> JobPublic:
     return JobPublic.of(services.jobs.cancel(job_id))
 
 
-def _public(m: BaseModel) -> BaseModelPublic:
+def _public(m: BaseCheckpoint) -> BaseModelPublic:
     return BaseModelPublic(id=m.id, name=m.name, quantization=m.quantization, active=m.active,
                            parent_id=m.parent_id, max_context=m.max_context, created_at=m.created_at,
                            report=m.report)

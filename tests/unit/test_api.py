@@ -214,10 +214,13 @@ def test_a_version_deleted_before_the_worker_loads_it_is_404(gateway: Gateway) -
                                    json={"prompt": "hi", "adapter": "support", "stream": stream})
         body = json.loads(resp.text.strip().split("data: ")[-1]) if stream else resp.json()
         assert resp.status_code == (200 if stream else 404) and body["error"]["type"] == "not_found", resp.text
-        assert "'support@1' was deleted while the request waited" in body["error"]["message"]
+        # Each upload after the delete is a new version: numbers are never given out twice.
+        assert f"'support@{1 + stream}' was deleted while the request waited" in body["error"]["message"]
     # The same failure for an adapter that still exists stays a failure.
     resp = gateway.client.post("/generate", headers=tenant, json={"prompt": "hi", "adapter": "other"})
-    assert resp.status_code == 500 and resp.json()["error"]["message"] == "adapter could not be loaded: blob not found"
+    # The worker's detail stays in the log; the client gets a request id to quote.
+    message = resp.json()["error"]["message"]
+    assert resp.status_code == 500 and "request id" in message and "blob" not in message, message
 
 
 def test_a_chunked_upload_over_the_limit_is_refused(gateway: Gateway) -> None:
@@ -245,6 +248,6 @@ def test_an_unexpected_failure_is_a_json_500_without_internals(gateway: Gateway,
     services = gateway.client.app.state.services  # type: ignore[attr-defined]
     monkeypatch.setattr(services.registry, "list_adapters", lambda _: 1 / 0)
     resp = TestClient(gateway.client.app, raise_server_exceptions=False).get("/adapters", headers=tenant)  # type: ignore[arg-type]
-    assert resp.status_code == 500
-    assert resp.json() == {"error": {"type": "internal_error", "message": "internal error"}}
+    assert resp.status_code == 500 and resp.json()["error"]["type"] == "internal_error"
+    assert "request id" in resp.json()["error"]["message"]  # to quote to the operators, who find it in the log
     assert "ZeroDivision" not in resp.text
