@@ -1,27 +1,34 @@
-"""Generation service: resolve the adapter once, pick a worker, relay its events."""
+"""The generation service the three generation routes call: admit, pick a worker, relay its
+events as one JSON answer or as an SSE stream, and account for the request once it ends.
+
+Routes only parse, call `start`, and shape the answer (`SseFormat` for streams).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
-import weakref
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any, Protocol
 
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from adapters.models import Tenant
 from adapters.registry import AdapterNotFound, ResolvedAdapter
 from app import metrics
 from app.deps import Services
-from app.errors import BadRequest, GenerationFailed, NotFound, WorkerUnavailable
-from app.quotas import effective_limits
+from app.errors import ApiError, BadRequest, NotFound, WorkerUnavailable, as_api_error, worker_error
+from app.quotas import QuotaLease, effective_limits
 from app.workers.pool import WorkerSlot
-from worker.protocol import AdapterRef, ChatMessage, GenerateEvent, GenerateRequest, SamplingParams
+from worker.protocol import AdapterRef, ChatMessage, GenerateEvent, GenerateRequest, SamplingParams, Usage
 
 
 @dataclass(frozen=True)
@@ -76,13 +83,26 @@ MAX_RETRIES = 1  # another worker after a worker failure, never after the worker
 WORKER_HEADER = "X-Loraplex-Worker"  # which worker answered: makes adapter-affinity routing visible
 
 
+def start(services: Services, tenant: Tenant, route: str, job: GenerationInput, adapter: ResolvedAdapter | None
+          ) -> Generation:
+    """Check the limits and admit the request: 400, 429 and 503 come here, before any response starts."""
+    check_limits(services, job)
+    return Generation(services, tenant, route, job, adapter)
+
+
 class Generation:
-    """One request in flight: the events of the worker it landed on."""
+    """One request in flight: the events of the worker it landed on.
+
+    It holds a lease on the tenant's quota from admission until `finish` (an `async with` block
+    around the work, or a streaming response's background task): what was generated is charged
+    and the slot freed, however the request ended.
+    """
 
     def __init__(
-        self, services: Services, tenant: Tenant, job: GenerationInput, adapter: ResolvedAdapter | None
+        self, services: Services, tenant: Tenant, route: str, job: GenerationInput, adapter: ResolvedAdapter | None
     ) -> None:
         self.services = services
+        self.route = route
         self.tenant_id = tenant.id
         self.tenant_label = services.tenant_labels.label(tenant.name)
         self.started = time.monotonic()
@@ -101,10 +121,22 @@ class Generation:
         # Picked and admitted now, so that 503 and 429 come before any response starts.
         self.slot = services.pool.pick(self.request.adapter.key if self.request.adapter else None)
         self._tried: list[WorkerSlot] = []
-        release = services.quotas.admit(tenant.id, effective_limits(tenant, services.settings))
-        # Released when the events end, or when this object goes away if they never started
-        # (a client that disconnects before a stream's first byte).
-        self._release = weakref.finalize(self, release)
+        self.lease = QuotaLease(services.quotas, tenant.id, effective_limits(tenant, services.settings))
+        self._finished = False
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        self.finish()
+
+    def finish(self) -> None:
+        """Settle the quota lease and record the request's latency; once, however it ended."""
+        if self._finished:
+            return
+        self._finished = True
+        self.lease.settle()
+        metrics.REQUEST_LATENCY.labels(self.route).observe(time.monotonic() - self.started)
 
     async def events(self) -> AsyncGenerator[GenerateEvent, None]:
         """Worker events as they come; fails over to another worker while nothing was produced."""
@@ -122,18 +154,52 @@ class Generation:
                         raise  # the client has part of an answer: a retryable error, not a silent restart
                     self._fail_over()
         finally:
-            self._release()
+            self.finish()
 
-    async def complete(self) -> Completion:
-        """The whole answer; nothing reaches the client before the end, so any worker failure fails over."""
-        try:
-            while True:
-                try:
-                    return await self._complete_once()
-                except WorkerUnavailable:
-                    self._fail_over()
-        finally:
-            self._release()
+    async def complete(self, request: Request) -> Completion:
+        """The whole answer, or an abort (in the worker too) the moment the client goes away.
+
+        Nothing reaches the client before the end, so any worker failure fails over.
+        """
+        async with self:
+            work = asyncio.ensure_future(self._complete())
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+                if not work.done():
+                    work.cancel()  # closes the worker stream, which aborts the row
+            if work.cancelled():
+                raise asyncio.CancelledError
+            return work.result()
+
+    async def _complete(self) -> Completion:
+        while True:
+            try:
+                return await self._complete_once()
+            except WorkerUnavailable:
+                self._fail_over()
+
+    def sse(self, fmt: SseFormat) -> StreamingResponse:
+        """The events as Server-Sent Events in `fmt`'s shapes; the lease ends with the stream, or
+        in the response's background task if the stream never started (a client gone at once)."""
+        return StreamingResponse(self._sse(fmt), media_type="text/event-stream",
+                                 headers={WORKER_HEADER: self.slot.client.name}, background=BackgroundTask(self.finish))
+
+    async def _sse(self, fmt: SseFormat) -> AsyncIterator[bytes]:
+        async with self:
+            try:
+                for payload in fmt.opening():
+                    yield _frame(payload)
+                async with aclosing(self.events()) as events:
+                    async for event in events:
+                        for payload in fmt.on_event(event):
+                            yield _frame(payload)
+            except Exception as exc:  # after the 200 the only way to report is in-band, never a cut socket
+                yield _frame(fmt.on_error(as_api_error(exc)))
+            if fmt.closing:
+                yield fmt.closing
 
     async def _complete_once(self) -> Completion:
         parts: list[str] = []
@@ -142,7 +208,6 @@ class Generation:
                 parts.append(event.text)
                 if event.finished:
                     assert event.usage is not None
-                    metrics.record_tokens(event.usage.prompt_tokens, event.usage.completion_tokens)
                     return Completion("".join(parts), event.finish_reason or "stop",
                                       event.usage.prompt_tokens, event.usage.completion_tokens)
         raise WorkerUnavailable("the worker ended the stream without finishing the request")
@@ -155,8 +220,10 @@ class Generation:
         try:
             async for event in slot.client.generate(self.request):
                 if event.error is not None:
+                    self._count(event.usage)
                     await self._raise_if_deleted()
-                    raise _event_error(event)
+                    raise worker_error(event.error_status or 500, event.error or "generation failed",
+                                       self.request.request_id, slot.client.name)
                 self._observe(event)
                 yield event
         finally:
@@ -182,13 +249,18 @@ class Generation:
             else:
                 metrics.INTER_TOKEN_LATENCY.observe(now - self._last_text)
             self._last_text = now
+        self._count(event.usage or event.progress)
         if event.finished and event.usage is not None:
-            self.services.quotas.charge(self.tenant_id, event.usage.total_tokens)
+            metrics.record_tokens(event.usage.prompt_tokens, event.usage.completion_tokens)
             metrics.TENANT_LATENCY.labels(self.tenant_label).observe(now - self.started)
             metrics.TENANT_TOKENS.labels(self.tenant_label, "prompt").inc(event.usage.prompt_tokens)
             metrics.TENANT_TOKENS.labels(self.tenant_label, "completion").inc(event.usage.completion_tokens)
             if event.queue_seconds is not None:
                 metrics.QUEUE_TIME.observe(event.queue_seconds)
+
+    def _count(self, usage: Usage | None) -> None:
+        if usage is not None:
+            self.lease.tokens = usage.total_tokens  # the worker's running count of this attempt
 
     def _fail_over(self) -> None:
         """Move to another ready worker once, or raise 503.
@@ -208,22 +280,23 @@ class Generation:
                     self.slot.client.name)
 
 
-async def complete_unless_disconnected(request: Request, generation: Generation) -> Completion:
-    """Run to completion, or cancel (and so abort in the worker) when the client goes away."""
-    work = asyncio.ensure_future(generation.complete())
-    while True:
-        done, _ = await asyncio.wait({work}, timeout=0.5)
-        if done:
-            return work.result()
-        if await request.is_disconnected():
-            work.cancel()
-            raise asyncio.CancelledError
+class SseFormat(Protocol):
+    """How a route shapes a stream: payloads to open with, per event, on an error, and a last line."""
+
+    closing: bytes
+
+    def opening(self) -> list[dict[str, Any]]: ...
+
+    def on_event(self, event: GenerateEvent) -> list[dict[str, Any]]: ...
+
+    def on_error(self, err: ApiError) -> dict[str, Any]: ...
 
 
-def _event_error(event: GenerateEvent) -> Exception:
-    message = event.error or "generation failed"
-    if event.error_status == 400:
-        return BadRequest(message)
-    if event.error_status == 503:
-        return WorkerUnavailable(message)
-    return GenerationFailed(message)
+def _frame(payload: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away: the server's next message after the body is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

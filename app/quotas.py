@@ -55,6 +55,26 @@ class _Usage:
     tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (when, tokens) in the last minute
 
 
+class QuotaLease:
+    """One request's hold on its tenant's concurrency, and the tokens it is charged. Settled once,
+    however the request ends (finished, failed, or the client gone): the tokens generated so far
+    are charged and the concurrency slot is freed."""
+
+    def __init__(self, quotas: RequestQuotas, tenant_id: int, limits: TenantLimits) -> None:
+        self._quotas, self._tenant_id = quotas, tenant_id
+        self._release = quotas.admit(tenant_id, limits)  # 429 here, before any response starts
+        self.tokens = 0
+        self._settled = False
+
+    def settle(self) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self.tokens:
+            self._quotas.charge(self._tenant_id, self.tokens)
+        self._release()
+
+
 class RequestQuotas:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -93,6 +113,13 @@ class RequestQuotas:
                 usage.in_flight -= 1
 
         return release
+
+    def usage(self, tenant_id: int) -> tuple[int, int]:
+        """(requests in flight, tokens charged in the last minute) for one tenant."""
+        with self._lock:
+            usage = self._usage.get(tenant_id, _Usage())
+            now = self._clock()
+            return usage.in_flight, sum(n for when, n in usage.tokens if when > now - WINDOW_S)
 
     def charge(self, tenant_id: int, tokens: int) -> None:
         with self._lock:

@@ -48,7 +48,10 @@ def test_versions_swap_under_traffic_and_a_delete_drains(server: Server) -> None
         time.sleep(2.0)
         deleted_at = time.monotonic()
         assert client.delete("/adapters/swap").status_code == 204
-        time.sleep(1.0)
+        # Until a request that started after the delete has its answer (seconds on a loaded machine).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and sum(1 for when, _, _ in results if when >= deleted_at) < 4:
+            time.sleep(0.2)
         stop.set()
         for t in threads:
             t.join(60)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import openai
+import pytest
 
 from tests.e2e.conftest import Server
 from tests.e2e.test_user_path import fixture_files
@@ -41,15 +43,21 @@ def test_openai_client_chat_completions_and_models(two_workers: Server) -> None:
     assert "Paris" in completion.choices[0].text and completion.usage is not None
 
 
-def test_disconnecting_mid_stream_frees_the_workers_row(server: Server) -> None:
-    key = server.new_tenant("quitter")
-    with server.client(key) as client, client.stream("POST", "/generate", json={
-        "prompt": "Write a very long story about the sea.", "max_tokens": 250, "stream": True,
-    }) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))  # it is generating
-    # The stream is closed after one token: the worker must drop the row now, not after 250 tokens.
-    deadline = time.monotonic() + 5
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_goes_away_frees_the_workers_row(server: Server, stream: bool) -> None:
+    """Streamed or not: the gateway notices the closed connection (no polling) and the worker
+    drops the row at once, not after 256 tokens (several seconds here)."""
+    key = server.new_tenant(f"quitter-{stream}")
+    story = [{"role": "user", "content": "Write a very long story about the sea, with many chapters."}]
+    body = {"messages": story, "max_tokens": 256, "temperature": 1.0, "seed": 1, "stream": stream}
+    if stream:
+        with server.client(key) as client, client.stream("POST", "/generate", json=body) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # it is generating
+    else:
+        with server.client(key, timeout=1.0) as client, pytest.raises(httpx.ReadTimeout):
+            client.post("/generate", json=body)  # gives up, and closes the connection, after 1 s
+    deadline = time.monotonic() + 3
     with server.client(server.admin_key) as admin:
         while time.monotonic() < deadline:
             workers = admin.get("/admin/workers").json()

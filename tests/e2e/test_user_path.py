@@ -65,7 +65,7 @@ def test_upload_then_generate_with_and_without_the_adapter(server: Server) -> No
     pinned = ask(server, key, adapter="support-bot@1")
     assert pinned["text"] == answer["text"]
 
-    # Loading the adapter after inference must not corrupt the 4-bit base (DESIGN.md's bitsandbytes bug).
+    # Loading the adapter after inference must not corrupt the 4-bit base (docs/architecture.md).
     assert ask(server, key)["text"] == base_before["text"]
 
 

@@ -94,8 +94,32 @@ def test_public_adapters_are_usable_by_every_tenant_but_not_deletable(gateway: G
                     if t["name"] == "owner")
     resp = gateway.client.put(f"/admin/tenants/{owner_id}/adapters/shared/visibility", headers=gateway.admin(),
                               json={"public": True})
-    assert resp.status_code == 204
+    assert resp.status_code == 200 and resp.json()["public_versions"] == [1]
     assert gateway.client.post("/generate", headers=user, json={"prompt": "hi", "adapter": "shared"}).status_code == 200
     assert gateway.client.delete("/adapters/shared", headers=user).status_code == 404
     assert gateway.client.put(f"/admin/tenants/{owner_id}/adapters/shared/visibility", headers=user,
                               json={"public": False}).status_code == 403
+
+
+def test_a_stream_the_client_leaves_early_is_still_charged_for_what_was_generated(gateway: Gateway) -> None:
+    import asyncio
+
+    from app.generation import Generation, GenerationInput
+    from worker.protocol import SamplingParams
+
+    gateway.new_tenant("leaver")
+    services = gateway.client.app.state.services  # type: ignore[attr-defined]
+    tenant = services.tenants.all()[0]
+    job = GenerationInput(prompt="one two three four five six", messages=None, adapter=None,
+                          sampling=SamplingParams(max_tokens=6))
+
+    async def leave_after_three() -> None:
+        generation = Generation(services, tenant, "/generate", job, None)
+        events = generation.events()
+        for _ in range(3):
+            await anext(events)
+        await events.aclose()  # the client went away mid-answer
+
+    asyncio.run(leave_after_three())
+    # The prompt and the three tokens that were generated; the request no longer counts in flight.
+    assert services.quotas.usage(tenant.id) == (0, 6 + 3)
