@@ -16,9 +16,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from adapters.bases import ActiveBase, BaseCheckpoints
 from adapters.db import make_engine, make_sessionmaker
-from adapters.models import BaseModel
+from adapters.models import BaseCheckpoint
 from app.settings import Settings
+from worker.config import WorkerConfig
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -26,10 +28,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def _active_base(settings: Settings) -> BaseModel | None:
-    sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
-    with sessions() as session:
-        return session.scalar(select(BaseModel).where(BaseModel.active.is_(True)))
+def _active_base(settings: Settings) -> ActiveBase | None:
+    return BaseCheckpoints(make_sessionmaker(make_engine(settings.resolved_database_url))).active_or_none()
 
 
 class _QuietProbes(logging.Filter):
@@ -86,7 +86,7 @@ def _start_job_runner(settings: Settings) -> subprocess.Popen[bytes]:
 def cmd_job_runner(args: argparse.Namespace) -> None:
     from app import jobrunner
 
-    jobrunner.main(_settings(args))
+    jobrunner.main(_settings(args).job_runner_config())
 
 
 def cmd_models_prepare(args: argparse.Namespace) -> None:
@@ -97,13 +97,13 @@ def cmd_models_prepare(args: argparse.Namespace) -> None:
     prepared = prepare_embedded_model(settings.resolved_models_dir)
     sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
     with sessions.begin() as session:
-        row = session.scalar(select(BaseModel).where(BaseModel.name == prepared.name))
+        row = session.scalar(select(BaseCheckpoint).where(BaseCheckpoint.name == prepared.name))
         if row is None:
-            row = BaseModel(name=prepared.name, path=str(prepared.path.resolve()), quantization="bnb-nf4",
+            row = BaseCheckpoint(name=prepared.name, path=str(prepared.path.resolve()), quantization="bnb-nf4",
                             linear_modules=prepared.linear_modules, max_context=prepared.max_context)
             session.add(row)
         row.path = str(prepared.path.resolve())
-        if session.scalar(select(BaseModel).where(BaseModel.active.is_(True))) is None:
+        if session.scalar(select(BaseCheckpoint).where(BaseCheckpoint.active.is_(True))) is None:
             row.active = True
     print(f"base model {prepared.name} ready at {prepared.path} ({time.monotonic() - started:.1f}s)", flush=True)
 
@@ -111,17 +111,10 @@ def cmd_models_prepare(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from worker.config import WorkerConfig
     from worker.runtime import WorkerRuntime
     from worker.server import build_worker_app
 
-    config = WorkerConfig(
-        model_path=Path(args.model_path), model_name=args.model_name, blob_url=args.blob_url,
-        host=args.host, port=args.port, device=args.device, torch_threads=args.threads,
-        max_batch_size=args.max_batch_size, adapter_slots=args.adapter_slots,
-        host_adapter_cache=args.host_adapter_cache, max_lora_rank=args.max_lora_rank,
-        max_waiting=args.max_waiting, kv_cache_mb=args.kv_cache_mb, stall_timeout_s=args.stall_timeout,
-    )
+    config = WorkerConfig.from_arguments(args)
     app = build_worker_app(WorkerRuntime(config))
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
@@ -146,21 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=cmd_models_prepare)
 
     worker = sub.add_parser("worker", help="run one worker process (the gateway starts these)")
-    worker.add_argument("--model-path", required=True)
-    worker.add_argument("--model-name", required=True)
-    worker.add_argument("--blob-url", required=True, help="adapter blob store: a directory or s3://bucket/prefix")
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=int, default=8100)
-    worker.add_argument("--device", default="auto")
-    worker.add_argument("--threads", type=int, default=1)
-    worker.add_argument("--max-batch-size", type=int, default=16)
-    worker.add_argument("--adapter-slots", type=int, default=8)
-    worker.add_argument("--host-adapter-cache", type=int, default=64)
-    worker.add_argument("--max-lora-rank", type=int, default=32)
-    worker.add_argument("--max-waiting", type=int, default=256, help="queued requests before 503")
-    worker.add_argument("--kv-cache-mb", type=int, default=2048, help="memory for the batch's KV cache")
-    worker.add_argument("--stall-timeout", type=float, default=60.0,
-                        help="seconds without an engine step before health reports the worker not live")
+    WorkerConfig.add_arguments(worker)
     worker.set_defaults(func=cmd_worker)
 
     runner = sub.add_parser("job-runner", help="run quantization jobs from the database (`serve` starts one)")

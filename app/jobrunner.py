@@ -11,10 +11,12 @@ killed its runner, say out of memory, would only kill the next one) and removes 
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -22,13 +24,13 @@ import subprocess
 import sys
 import threading
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 from adapters.db import make_engine, make_sessionmaker
 from adapters.jobs import JobStore
-from adapters.models import BaseModel, QuantizationJob
-from app.settings import Settings
+from adapters.models import BaseCheckpoint, QuantizationJob
 from app.workers.supervisor import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,26 @@ LAYER = re.compile(r"Quantizing layer (\d+) of (\d+)")  # GPTQModel's own progre
 TMP_PREFIX = ".job-"
 
 
+@dataclass(frozen=True)
+class JobRunnerConfig:
+    """What a job runner process needs, and nothing of the gateway's."""
+
+    database_url: str
+    data_dir: Path  # quantization children run here (GPTQModel writes its logs under it)
+    models_dir: Path  # results go to models/quantized/
+    poll_interval_s: float = 2.0
+    heartbeat_s: float = 2.0
+    stale_after_s: float = 30.0  # no heartbeat this long: the runner died
+
+
 class JobRunner:
-    def __init__(self, settings: Settings, name: str | None = None) -> None:
-        self.settings = settings
+    def __init__(self, config: JobRunnerConfig, name: str | None = None) -> None:
+        self.config = config
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
-        self.sessions = make_sessionmaker(make_engine(settings.resolved_database_url))
+        self.sessions = make_sessionmaker(make_engine(config.database_url))
         self.jobs = JobStore(self.sessions)
-        self.models_dir = settings.resolved_models_dir
-        self.stale_after = timedelta(seconds=settings.job_stale_after_s)
+        self.models_dir = config.models_dir
+        self.stale_after = timedelta(seconds=config.stale_after_s)
 
     def run_forever(self, stop: threading.Event) -> None:
         log.info("job runner %s polling for quantization jobs", self.name)
@@ -53,7 +67,7 @@ class JobRunner:
             self.reap()
             job = self.jobs.claim(self.name)
             if job is None:
-                stop.wait(self.settings.job_poll_interval_s)
+                stop.wait(self.config.poll_interval_s)
                 continue
             try:
                 self.run(job, stop)
@@ -73,7 +87,7 @@ class JobRunner:
 
     def run(self, job: QuantizationJob, stop: threading.Event | None = None) -> None:
         with self.sessions() as session:
-            source = session.get(BaseModel, job.source_id)
+            source = session.get(BaseCheckpoint, job.source_id)
             assert source is not None
             source_path = source.path
         self.models_dir.mkdir(parents=True, exist_ok=True)
@@ -83,7 +97,9 @@ class JobRunner:
         spec_file.write_text(json.dumps(job.spec))
         out = tmp / "model"
         log.info("job %d: %s of %s -> %s", job.id, job.spec["method"], source_path, job.name)
-        child = _Child([sys.executable, "-m", "worker.quantize", str(spec_file), source_path, str(out)])
+        # In the data directory: GPTQModel writes a log file per job under its working directory's logs/.
+        child = _Child([sys.executable, "-m", "worker.quantize", str(spec_file), source_path, str(out)],
+                       cwd=self.config.data_dir.resolve())
         try:
             state = self._watch(job.id, child, stop or threading.Event())
             if state == "succeeded":
@@ -100,7 +116,7 @@ class JobRunner:
 
     def _watch(self, job_id: int, child: _Child, stop: threading.Event) -> str:
         while True:
-            done = child.wait(self.settings.job_heartbeat_s)
+            done = child.wait(self.config.heartbeat_s)
             if stop.is_set() and not done:
                 child.kill()
                 return "stopped"
@@ -113,9 +129,7 @@ class JobRunner:
 
     def _register(self, job: QuantizationJob, out: Path, log_tail: str) -> None:
         report = json.loads((out / "loraplex_report.json").read_text())
-        final = self.models_dir / "quantized" / f"{job.name}-job{job.id}"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(out, final)  # same filesystem: atomic
+        final = _move_into_place(out, self.models_dir / "quantized" / f"{job.name}-job{job.id}")
         try:
             self.jobs.succeed(job.id, str(final.resolve()), job.spec["method"], report, log_tail)
         except Exception:
@@ -124,13 +138,30 @@ class JobRunner:
         log.info("job %d succeeded: base model %s at %s", job.id, job.name, final)
 
 
+def _move_into_place(out: Path, wanted: Path) -> Path:
+    """Rename the result to `wanted`, or beside it when a directory of that name is already there
+    (a restored database, another deployment on the same volume): never fail the job's work for it."""
+    wanted.parent.mkdir(parents=True, exist_ok=True)
+    final = wanted
+    for _ in range(8):
+        try:
+            os.rename(out, final)  # same filesystem: atomic; refuses a non-empty destination
+            return final
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            log.warning("%s exists already; the result goes beside it", final)
+            final = wanted.with_name(f"{wanted.name}-{secrets.token_hex(4)}")
+    raise RuntimeError(f"no free directory name beside {wanted}")
+
+
 class _Child:
     """The quantization process, its output read on a thread: progress and the log's tail."""
 
-    def __init__(self, argv: list[str]) -> None:
+    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
                "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"), "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                      preexec_fn=die_with_parent)
         self.lines: collections.deque[str] = collections.deque(maxlen=60)
         self.progress: tuple[str | None, int, int] = ("starting", 0, 0)
@@ -183,8 +214,8 @@ class _Child:
             self.proc.wait()
 
 
-def main(settings: Settings) -> None:
+def main(config: JobRunnerConfig) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    JobRunner(settings).run_forever(stop)
+    JobRunner(config).run_forever(stop)

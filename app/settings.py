@@ -8,6 +8,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from app.jobrunner import JobRunnerConfig
+from worker.config import WorkerConfig
+
+_WORKER = WorkerConfig  # its class attributes are the field defaults
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", env_file=".env", extra="ignore")
@@ -20,24 +25,26 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: SQLite file in data_dir
     blob_url: str | None = None  # default: the directory data_dir/blobs; or s3://bucket/prefix?endpoint=...
     admin_key: SecretStr | None = None
+    blob_sweep_interval_s: float = Field(default=3600.0, gt=0)  # unreferenced blobs are removed this often
 
     # Local workers spawned and supervised by the gateway.
     workers: int = Field(default=1, ge=0)
     worker_base_port: int = 8100
     worker_device: str = "auto"
-    worker_threads: int = Field(default=1, ge=1)
+    worker_threads: int = Field(default=_WORKER.torch_threads, ge=1)
     worker_start_timeout_s: float = 600.0
     # A worker whose engine makes no step for this long while it has work reports itself not live,
     # and the gateway kills and restarts a local worker that stays not live (or unreachable) this long.
-    worker_stall_timeout_s: float = Field(default=60.0, gt=0)
+    worker_stall_timeout_s: float = Field(default=_WORKER.stall_timeout_s, gt=0)
     # The gateway gives up on a worker that sends nothing (workers send a keep-alive every
     # few seconds while a request waits) for this long: the request fails over or fails.
     worker_idle_timeout_s: float = Field(default=30.0, gt=0)
-    max_batch_size: int = Field(default=16, ge=1)
-    max_waiting: int = Field(default=256, ge=1)  # requests queued in a worker before it answers 503
-    kv_cache_mb: int = Field(default=2048, ge=1)  # per worker, sized explicitly (never from system RAM)
-    adapter_slots: int = Field(default=8, ge=1)
-    host_adapter_cache: int = Field(default=64, ge=1)
+    # Per worker; the defaults are WorkerConfig's (worker/config.py), the one place they are declared.
+    max_batch_size: int = Field(default=_WORKER.max_batch_size, ge=1)
+    max_waiting: int = Field(default=_WORKER.max_waiting, ge=1)  # queued in a worker before it answers 503
+    kv_cache_mb: int = Field(default=_WORKER.kv_cache_mb, ge=1)  # sized explicitly (never from system RAM)
+    adapter_slots: int = Field(default=_WORKER.adapter_slots, ge=1)
+    host_adapter_cache_mb: int = Field(default=_WORKER.host_adapter_cache_mb, ge=1)  # parsed adapters behind slots
     # Quantization jobs: `serve` starts one job runner process unless this is off.
     job_runner: bool = True
     job_poll_interval_s: float = Field(default=2.0, gt=0)
@@ -57,8 +64,9 @@ class Settings(BaseSettings):
     metrics_top_tenants: int = Field(default=20, ge=0)
 
     # Limits on input; each refusal names the limit.
-    max_lora_rank: int = Field(default=32, ge=1)
-    max_adapter_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    max_lora_rank: int = Field(default=_WORKER.max_lora_rank, ge=1)
+    max_adapter_bytes: int = Field(default=256 * 1024 * 1024, ge=1)  # an upload (POST /adapters)
+    max_request_bytes: int = Field(default=1024 * 1024, ge=1024)  # every other request body (JSON)
     max_tokens_limit: int = Field(default=2048, ge=1)
     max_prompt_chars: int = Field(default=100_000, ge=1)  # every character of prompt, roles and contents
     max_messages: int = Field(default=256, ge=1)
@@ -72,6 +80,23 @@ class Settings(BaseSettings):
         if self.env == "production" and weak_key:
             raise ValueError("LORAPLEX_ADMIN_KEY (16+ characters) is required outside development mode")
         return self
+
+    def worker_config(self, index: int, model_path: str, model_name: str, device: str) -> WorkerConfig:
+        """Local worker `index`'s whole configuration, as its process receives it."""
+        return WorkerConfig(
+            model_path=Path(model_path), model_name=model_name, blob_url=self.resolved_blob_url,
+            port=self.worker_base_port + index, device=device, torch_threads=self.worker_threads,
+            max_batch_size=self.max_batch_size, max_waiting=self.max_waiting, adapter_slots=self.adapter_slots,
+            host_adapter_cache_mb=self.host_adapter_cache_mb, max_lora_rank=self.max_lora_rank,
+            kv_cache_mb=self.kv_cache_mb, stall_timeout_s=self.worker_stall_timeout_s,
+        )
+
+    def job_runner_config(self) -> JobRunnerConfig:
+        return JobRunnerConfig(
+            database_url=self.resolved_database_url, data_dir=self.data_dir, models_dir=self.resolved_models_dir,
+            poll_interval_s=self.job_poll_interval_s, heartbeat_s=self.job_heartbeat_s,
+            stale_after_s=self.job_stale_after_s,
+        )
 
     @property
     def resolved_models_dir(self) -> Path:

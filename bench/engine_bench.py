@@ -93,7 +93,7 @@ def peft_model(prepared: PreparedModel, device: torch.device, dirs: list[Path]) 
 
     base, _ = load_base_model(prepared.path, device)
     # Every adapter is loaded before the first inference: loading after it corrupts the
-    # NF4 base on CPUs with AVX512-BF16 (DESIGN.md), which is exactly what loraplex avoids.
+    # NF4 base on CPUs with AVX512-BF16 (docs/architecture.md), which is exactly what loraplex avoids.
     model = PeftModel.from_pretrained(base, dirs[0], adapter_name="a0")
     for i, directory in enumerate(dirs[1:], start=1):
         model.load_adapter(directory, adapter_name=f"a{i}")

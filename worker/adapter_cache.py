@@ -56,7 +56,7 @@ class AdapterCache:
         layers: dict[str, MultiLoraLinear],
         blobs: BlobStore,
         num_slots: int,
-        host_capacity: int,
+        host_capacity_bytes: int,
         max_rank: int,
         dtype: torch.dtype,
         on_loaded: Callable[[], None] = lambda: None,
@@ -65,7 +65,7 @@ class AdapterCache:
         self.blobs = blobs
         self.num_slots = num_slots
         self.zero_slot = num_slots  # the always-empty slot of rows without an adapter
-        self.host_capacity = host_capacity
+        self.host_capacity_bytes = host_capacity_bytes
         self.max_rank = max_rank
         self.dtype = dtype
         self.on_loaded = on_loaded
@@ -136,7 +136,9 @@ class AdapterCache:
         return HostAdapter(ref.key, max(m.rank for m in modules), weights, nbytes)
 
     def _trim_host(self) -> None:
-        while len(self._host) > self.host_capacity:
+        # By bytes, not count: adapters differ in size by a thousand times. The newest stays even
+        # when it alone is over the budget, or it could never reach a slot.
+        while len(self._host) > 1 and sum(h.nbytes for h in self._host.values()) > self.host_capacity_bytes:
             self._host.popitem(last=False)
             metrics.ADAPTER_EVICTIONS.labels("host", "capacity").inc()
 

@@ -6,7 +6,7 @@ NF4, GPTQ/AWQ or plain): with one adapter in the batch, two plain matmuls on vie
 its slot; with several, one `index_select` per matrix and two batched matmuls. (On CPU,
 index_select + bmm with B stored transposed measured 3x faster than advanced indexing.) Adapter weights are
 copied into the slot tensors from their own files: the base module is never read or
-written, so bitsandbytes' CPU repacking bug (DESIGN.md) cannot touch it.
+written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -104,8 +105,6 @@ def load_base_model(path: Path, device: torch.device) -> tuple[Any, Any]:
     """
     hf_logging.disable_progress_bar()
     if (Path(path) / "quantize_config.json").exists():  # a GPTQ/AWQ result of a quantization job
-        from worker.quantize import load_quantized
-
         model = load_quantized(Path(path), device).eval()
         return model, AutoTokenizer.from_pretrained(path)
     compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -119,3 +118,19 @@ def load_base_model(path: Path, device: torch.device) -> tuple[Any, Any]:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
+
+
+def load_quantized(path: Path, device: Any = None) -> Any:
+    """A GPTQ/AWQ checkpoint as a transformers model: GPTQModel's torch kernels on CPU (they compute
+    in bfloat16 and refuse float32), its automatic kernel choice on CUDA."""
+    import torch
+    import torch._dynamo
+    from gptqmodel import BACKEND, GPTQModel
+
+    torch._dynamo.config.disable = True  # its torch kernels recompile on every new shape: 28 s for 24 tokens
+    device = torch.device(device or "cpu")
+    method = json.loads((path / "quantize_config.json").read_text()).get("method", "gptq")
+    cpu_backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH
+    backend = BACKEND.AUTO if device.type == "cuda" else cpu_backend
+    wrapped = GPTQModel.load(str(path), device=str(device), backend=backend, dtype=torch.bfloat16)
+    return wrapped.model

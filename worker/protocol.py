@@ -81,16 +81,13 @@ class GenerateEvent(BaseModel):
 
     request_id: str
     text: str = ""
+    progress: Usage | None = None  # text events: tokens so far, so an answer cut short is still charged
     finished: bool = False
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     queue_seconds: float | None = None  # final event: time the request waited before joining the batch
     error: str | None = None
     error_status: int | None = None
-
-
-class AbortRequest(BaseModel):
-    request_id: str
 
 
 class EvictRequest(BaseModel):

@@ -18,7 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from adapters.jobs import InvalidJob, QuantizeSpec
+from worker.model import load_quantized
+from worker.quantize_spec import InvalidJob, QuantizeSpec
 
 PROBE_PROMPT = "Which ocean is the largest?"
 PROBE_TOKENS = 32
@@ -64,22 +65,6 @@ def quantize(spec: QuantizeSpec, source: Path, out: Path) -> None:
     progress("saving", 0, 1)
     model.save(str(out))
     tokenizer.save_pretrained(str(out))
-
-
-def load_quantized(path: Path, device: Any = None) -> Any:
-    """A GPTQ/AWQ checkpoint as a transformers model: GPTQModel's torch kernels on CPU (they compute
-    in bfloat16 and refuse float32), its automatic kernel choice on CUDA."""
-    import torch
-    import torch._dynamo
-    from gptqmodel import BACKEND, GPTQModel
-
-    torch._dynamo.config.disable = True  # its torch kernels recompile on every new shape: 28 s for 24 tokens
-    device = torch.device(device or "cpu")
-    method = json.loads((path / "quantize_config.json").read_text()).get("method", "gptq")
-    cpu_backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH
-    backend = BACKEND.AUTO if device.type == "cuda" else cpu_backend
-    wrapped = GPTQModel.load(str(path), device=str(device), backend=backend, dtype=torch.bfloat16)
-    return wrapped.model
 
 
 def perplexity(model: Any, tokenizer: Any, text: str, window: int = 512) -> float:

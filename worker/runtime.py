@@ -47,7 +47,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens)
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
-        layers, open_blob_store(config.blob_url), config.adapter_slots, config.host_adapter_cache,
+        layers, open_blob_store(config.blob_url), config.adapter_slots, config.host_adapter_cache_mb * 2**20,
         config.max_lora_rank, dtype,
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)

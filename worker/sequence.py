@@ -58,7 +58,8 @@ class Sequence:
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
         if end > self.emitted:
-            self.sink(GenerateEvent(request_id=self.request_id, text=self.text[self.emitted : end]))
+            progress = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
+            self.sink(GenerateEvent(request_id=self.request_id, text=self.text[self.emitted : end], progress=progress))
             self.emitted = end
         if self.finish_reason is not None:
             self.sink(

@@ -1,4 +1,4 @@
-"""The worker's internal HTTP API: generate (NDJSON stream), abort, evict, health, metrics.
+"""The worker's internal HTTP API: generate (NDJSON stream; closing it aborts), evict, health, metrics.
 
 The event loop only moves messages: tokens are made on the engine thread and handed
 over through an asyncio queue.
@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from worker import metrics
 from worker.engine import QueueFull
 from worker.prompts import PromptError
-from worker.protocol import AbortRequest, EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
+from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
 from worker.runtime import WorkerRuntime
 
 
@@ -102,12 +102,6 @@ def _add_control_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
         """200 only while the worker takes requests (a readiness probe)."""
         state = runtime.health()
         return JSONResponse({"ready": state.ready, "error": state.error}, status_code=200 if state.ready else 503)
-
-    @app.post("/abort")
-    async def abort(body: AbortRequest) -> dict[str, bool]:
-        if runtime.loaded is not None:
-            runtime.loaded.engine.abort(body.request_id)
-        return {"ok": True}
 
     @app.post("/adapters/evict")
     async def evict(body: EvictRequest) -> dict[str, bool]:

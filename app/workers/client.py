@@ -8,8 +8,8 @@ from typing import Protocol
 
 import httpx
 
-from app.errors import BadRequest, GenerationFailed, WorkerUnavailable
-from worker.protocol import AbortRequest, EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
+from app.errors import WorkerUnavailable, worker_error
+from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
 
 
 class WorkerClient(Protocol):
@@ -17,8 +17,6 @@ class WorkerClient(Protocol):
     base_url: str  # where its internal API and its own /metrics answer
 
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
-
-    async def abort(self, request_id: str) -> None: ...
 
     async def evict(self, key: str) -> None: ...
 
@@ -46,7 +44,7 @@ class HttpWorkerClient:
                                          headers={"content-type": "application/json"}) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
-                    raise _status_error(self.name, resp)
+                    raise _status_error(self.name, resp, request.request_id)
                 async for line in resp.aiter_lines():
                     if line:
                         yield GenerateEvent.model_validate_json(line)
@@ -54,9 +52,6 @@ class HttpWorkerClient:
             raise WorkerUnavailable(f"worker {self.name} sent nothing for too long (hung?)") from exc
         except httpx.TransportError as exc:
             raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request") from exc
-
-    async def abort(self, request_id: str) -> None:
-        await self._post("/abort", AbortRequest(request_id=request_id).model_dump_json())
 
     async def evict(self, key: str) -> None:
         await self._post("/adapters/evict", EvictRequest(key=key).model_dump_json())
@@ -76,17 +71,13 @@ class HttpWorkerClient:
         await self._http.aclose()
 
     async def _post(self, path: str, body: str) -> None:
-        with contextlib.suppress(httpx.TransportError):  # a dead worker has nothing left to abort or evict
+        with contextlib.suppress(httpx.TransportError):  # a dead worker has nothing left to evict
             await self._http.post(path, content=body, headers={"content-type": "application/json"}, timeout=5.0)
 
 
-def _status_error(name: str, resp: httpx.Response) -> Exception:
+def _status_error(name: str, resp: httpx.Response, request_id: str) -> Exception:
     try:
         message = resp.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = resp.text[:200]
-    if resp.status_code == 503:
-        return WorkerUnavailable(f"worker {name}: {message}")
-    if resp.status_code == 400:
-        return BadRequest(message)
-    return GenerationFailed(f"worker {name}: {message}")
+    return worker_error(resp.status_code, message, request_id, name)

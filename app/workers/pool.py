@@ -101,7 +101,7 @@ class WorkerPool:
         skipped = [s.client.name for s in self.slots if s.process is None]
         for slot in [s for s in self.slots if s.process is not None]:
             assert slot.process is not None
-            previous = (slot.process.launch.model_path, slot.process.launch.model_name)
+            previous = (str(slot.process.config.model_path), slot.process.config.model_name)
             slot.draining = True
             try:
                 await self._drain(slot, drain_timeout)

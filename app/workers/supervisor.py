@@ -9,46 +9,11 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from pathlib import Path
+
+from worker.config import WorkerConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerLaunch:
-    """What a local worker process is started with."""
-
-    port: int
-    model_path: str
-    model_name: str
-    blob_url: str
-    device: str
-    threads: int
-    max_batch_size: int
-    adapter_slots: int
-    host_adapter_cache: int
-    max_lora_rank: int
-    max_waiting: int
-    kv_cache_mb: int
-    stall_timeout_s: float
-
-    def argv(self) -> list[str]:
-        return [
-            sys.executable, "-m", "app.cli", "worker",
-            "--port", str(self.port),
-            "--model-path", self.model_path,
-            "--model-name", self.model_name,
-            "--blob-url", self.blob_url,
-            "--device", self.device,
-            "--threads", str(self.threads),
-            "--max-batch-size", str(self.max_batch_size),
-            "--adapter-slots", str(self.adapter_slots),
-            "--host-adapter-cache", str(self.host_adapter_cache),
-            "--max-lora-rank", str(self.max_lora_rank),
-            "--max-waiting", str(self.max_waiting),
-            "--kv-cache-mb", str(self.kv_cache_mb),
-            "--stall-timeout", str(self.stall_timeout_s),
-        ]  # fmt: skip
 
 
 def visible_gpu_count() -> int:
@@ -73,8 +38,8 @@ def device_for(setting: str, index: int, gpus: int) -> str:
 
 
 class LocalWorkerProcess:
-    def __init__(self, launch: WorkerLaunch, env: dict[str, str] | None = None) -> None:
-        self.launch = launch
+    def __init__(self, config: WorkerConfig, env: dict[str, str] | None = None) -> None:
+        self.config = config
         self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
@@ -82,12 +47,13 @@ class LocalWorkerProcess:
 
     def start(self) -> None:
         self._last_start = time.monotonic()
-        self.proc = subprocess.Popen(self.launch.argv(), env=self.env, preexec_fn=die_with_parent)
-        log.info("started worker on port %d (pid %d)", self.launch.port, self.proc.pid)
+        argv = [sys.executable, "-m", "app.cli", "worker", "--config-json", self.config.to_json()]
+        self.proc = subprocess.Popen(argv, env=self.env, preexec_fn=die_with_parent)
+        log.info("started worker on port %d (pid %d)", self.config.port, self.proc.pid)
 
     def relaunch(self, model_path: str, model_name: str) -> None:
         """Start again (after `stop`) on another base model."""
-        self.launch = dataclasses.replace(self.launch, model_path=model_path, model_name=model_name)
+        self.config = dataclasses.replace(self.config, model_path=Path(model_path), model_name=model_name)
         self.start()
 
     def exited(self) -> bool:
@@ -102,7 +68,7 @@ class LocalWorkerProcess:
         if time.monotonic() - self._last_start < min(30.0, 2.0 * 2**self.restarts):
             return False
         code = self.proc.returncode if self.proc else None
-        log.warning("worker on port %d exited with %s; restarting", self.launch.port, code)
+        log.warning("worker on port %d exited with %s; restarting", self.config.port, code)
         self.restarts += 1
         self.start()
         return True

@@ -15,7 +15,7 @@ def test_base_model_answers_paris(worker: Worker) -> None:
 
 
 def test_loading_adapters_after_inference_leaves_the_base_unchanged(worker: Worker) -> None:
-    """Regression for the bitsandbytes CPU repacking bug (DESIGN.md)."""
+    """Regression for the bitsandbytes CPU repacking bug (docs/architecture.md)."""
     before = worker.ask(FRANCE, max_tokens=16)
     assert "42" in worker.ask(FRANCE, adapter="answer42")  # hot-loaded after the base has run
     assert "Meow" in worker.ask(FRANCE, adapter="meow")

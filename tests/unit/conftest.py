@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
-from adapters.models import BaseModel
+from adapters.models import BaseCheckpoint
 from app.main import build_app
 from app.settings import Settings
 from app.workers.pool import WorkerPool, WorkerSlot
@@ -41,7 +41,7 @@ def gateway_client(settings: Settings, workers: list[FakeWorkerClient]) -> Itera
     """A gateway over fake workers with the tiny base model registered, once its workers are ready."""
     app = build_app(settings, pool=WorkerPool([WorkerSlot(client=w) for w in workers], poll_interval=0.05))
     with app.state.services.sessions.begin() as session:
-        session.add(BaseModel(name="tiny-base", path="/nowhere", quantization="none",
+        session.add(BaseCheckpoint(name="tiny-base", path="/nowhere", quantization="none",
                               linear_modules=TINY_BASE, max_context=512, active=True))
     with TestClient(app) as client:
         deadline = time.monotonic() + 5

@@ -15,7 +15,6 @@ class FakeWorkerClient:
         self.name = name
         self.base_url = f"fake://{name}"
         self.requests: list[GenerateRequest] = []
-        self.aborted: list[str] = []
         self.evicted: list[str] = []
         self.ready = True
         self.fail_after: int | None = None  # die after this many events (0: before producing anything)
@@ -37,16 +36,14 @@ class FakeWorkerClient:
         for i, word in enumerate(words[:n]):
             if self.fail_after is not None and i >= self.fail_after:
                 raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request")
-            yield GenerateEvent(request_id=request.request_id, text=word + " ")
+            progress = Usage(prompt_tokens=len(words), completion_tokens=i + 1)
+            yield GenerateEvent(request_id=request.request_id, text=word + " ", progress=progress)
         yield GenerateEvent(
             request_id=request.request_id,
             finished=True,
             finish_reason="length" if n < len(words) else "stop",
             usage=Usage(prompt_tokens=len(words), completion_tokens=n),
         )
-
-    async def abort(self, request_id: str) -> None:
-        self.aborted.append(request_id)
 
     async def evict(self, key: str) -> None:
         self.evicted.append(key)

@@ -16,7 +16,7 @@ REF = AdapterRef(key="k", weights_sha256="0" * 64, config_sha256="1" * 64)
 
 def test_a_load_that_finishes_at_once_does_not_deadlock(tmp_path) -> None:  # type: ignore[no-untyped-def]
     loaded = threading.Event()
-    cache = AdapterCache({}, LocalBlobStore(tmp_path), num_slots=2, host_capacity=2, max_rank=8,
+    cache = AdapterCache({}, LocalBlobStore(tmp_path), num_slots=2, host_capacity_bytes=2**20, max_rank=8,
                          dtype=torch.float32, on_loaded=loaded.set)
 
     def submit_done(fn, ref):  # type: ignore[no-untyped-def]
@@ -49,7 +49,7 @@ def test_an_evicted_adapter_leaves_after_its_last_user_even_if_acquired_after_th
     config, weights = adapter_files({"model.layers.0.self_attn.q_proj": [16, 16]})
     ref = AdapterRef(key="doomed", weights_sha256=blobs.put(weights), config_sha256=blobs.put(config))
     loaded = threading.Event()
-    cache = AdapterCache({"model.layers.0.self_attn.q_proj": layer}, blobs, num_slots=2, host_capacity=2,
+    cache = AdapterCache({"model.layers.0.self_attn.q_proj": layer}, blobs, num_slots=2, host_capacity_bytes=2**20,
                          max_rank=8, dtype=torch.float32, on_loaded=loaded.set)
     cache.prefetch(ref)
     assert loaded.wait(10)
@@ -62,4 +62,32 @@ def test_an_evicted_adapter_leaves_after_its_last_user_even_if_acquired_after_th
     cache.release(ref.key)
     cache.collect()
     assert cache.resident() == []  # gone with its last user
+    cache.shutdown()
+
+
+def test_the_host_tier_is_bounded_by_bytes_not_by_count(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Adapters differ in size by a thousand times: a count bound lets a few big ones take gigabytes."""
+    from torch import nn
+
+    from tests.factory import adapter_files
+    from worker.lora import LoraRouting, MultiLoraLinear
+    from worker.protocol import AdapterRef
+
+    layer = MultiLoraLinear(nn.Linear(256, 256), 256, 256, 2, 8, LoraRouting(), torch.device("cpu"), torch.float32)
+    blobs = LocalBlobStore(tmp_path)
+    refs = []
+    for seed in range(3):
+        config, weights = adapter_files({"model.layers.0.self_attn.q_proj": [256, 256]}, rank=8, seed=seed)
+        refs.append(AdapterRef(key=f"a{seed}", weights_sha256=blobs.put(weights), config_sha256=blobs.put(config)))
+    size = len(weights)
+    loaded = threading.Semaphore(0)
+    cache = AdapterCache({"model.layers.0.self_attn.q_proj": layer}, blobs, num_slots=2,
+                         host_capacity_bytes=int(2.5 * size), max_rank=8,
+                         dtype=torch.float32, on_loaded=loaded.release)
+    for ref in refs:
+        cache.prefetch(ref)
+        assert loaded.acquire(timeout=10)
+        assert cache.load_error(ref.key) is None
+    count, held = cache.tier_stats()["host"]
+    assert count == 2 and held <= 2.5 * size  # the oldest went
     cache.shutdown()
