@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
@@ -50,6 +51,7 @@ class JobRunnerConfig:
     poll_interval_s: float = 2.0
     heartbeat_s: float = 2.0
     stale_after_s: float = 30.0  # no heartbeat this long: the runner died
+    exit_grace_s: float = 30.0  # a child that reported `done` and has not exited this long after is killed
 
 
 class JobRunner:
@@ -126,6 +128,13 @@ class JobRunner:
                 return "cancelled"
             if done:
                 return "succeeded" if child.returncode == 0 else "failed"
+            if child.done_at is not None and time.monotonic() - child.done_at > self.config.exit_grace_s:
+                # Its result and report are on disk before it says `done`; a library thread that
+                # keeps the interpreter from exiting must not hold the job (GPTQModel's AWQ did).
+                log.warning("job %d: the quantization process said done but did not exit in %.0f s; killed it",
+                            job_id, self.config.exit_grace_s)
+                child.kill()
+                return "succeeded"
 
     def _register(self, job: QuantizationJob, out: Path, log_tail: str) -> None:
         report = json.loads((out / "loraplex_report.json").read_text())
@@ -165,6 +174,7 @@ class _Child:
                                      preexec_fn=die_with_parent)
         self.lines: collections.deque[str] = collections.deque(maxlen=60)
         self.progress: tuple[str | None, int, int] = ("starting", 0, 0)
+        self.done_at: float | None = None  # when it said `PROGRESS done`: its result is complete
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -182,6 +192,8 @@ class _Child:
             return
         if (m := PROGRESS.search(line)) is not None:
             self.progress = (m.group(1), int(m.group(2)), int(m.group(3)))
+            if m.group(1) == "done":
+                self.done_at = time.monotonic()
             return
         if (m := LAYER.search(line)) is not None:
             self.progress = ("quantizing", int(m.group(1)) + 1, int(m.group(2)) + 1)  # layer k of n, 1-based

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -130,10 +131,17 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     quantize(spec, source, out)
     report = quality_report(source, out, started)
-    (out / "loraplex_report.json").write_text(json.dumps(report, indent=2))
-    progress("done", 1, 1)
+    partial = out / "loraplex_report.json.part"
+    partial.write_text(json.dumps(report, indent=2))
+    partial.rename(out / "loraplex_report.json")
+    progress("done", 1, 1)  # the runner takes the result from here on
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Not sys.exit: GPTQModel can leave non-daemon threads behind that keep the interpreter from
+    # exiting (seen with AWQ on the CPU); everything this process makes is on disk by now.
+    os._exit(status)

@@ -220,3 +220,37 @@ def test_a_leftover_result_directory_does_not_fail_the_job(tmp_path) -> None:  #
     assert final != wanted and final.parent == wanted.parent and final.name.startswith("small-job1-")
     assert (final / "model.safetensors").read_bytes() == b"this job's"
     assert (wanted / "old" / "model.safetensors").read_bytes() == b"someone else's"
+
+
+def test_a_child_that_said_done_but_does_not_exit_still_succeeds(gateway: Gateway) -> None:
+    """GPTQModel's AWQ left a thread that kept the quantizing process alive after its report was written;
+    the job sat in `running` forever. The result is complete once the child says `done`."""
+    from dataclasses import replace
+
+    from app.jobrunner import _Child
+
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    assert jobs.claim("r1") is not None
+    config = replace(gateway.settings.job_runner_config(), heartbeat_s=0.1, exit_grace_s=0.5)
+    child = _Child([sys.executable, "-c", "import time\nprint('PROGRESS done 1 1', flush=True)\ntime.sleep(600)\n"])
+    started = time.monotonic()
+    try:
+        assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event()) == "succeeded"
+    finally:
+        child.kill()
+    assert time.monotonic() - started < 30
+    assert child.returncode is not None  # killed, not left behind
+
+
+def test_a_child_that_stops_talking_before_done_is_not_taken_for_finished(gateway: Gateway) -> None:
+    from dataclasses import replace
+
+    from app.jobrunner import _Child
+
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    assert jobs.claim("r1") is not None
+    config = replace(gateway.settings.job_runner_config(), heartbeat_s=0.1, exit_grace_s=0.1)
+    child = _Child([sys.executable, "-c", "import sys\nprint('PROGRESS evaluating 1 2', flush=True)\nsys.exit(1)\n"])
+    assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event()) == "failed"
