@@ -27,9 +27,11 @@ class LoraRouting:
     rank: int = 0  # widest rank among the active adapters
     single: int | None = None  # the one active slot, when there is exactly one
     single_rows: torch.Tensor | None = None  # [rows of `single`] batch indices, when other rows have none
+    groups: SlotGroups | None = None  # several adapters: rows grouped by slot
 
     def clear(self) -> None:
         self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
+        self.groups = None
 
     def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device) -> None:
         """Set the routing for a batch whose row i uses `slots[i]` (`zero_slot`: the base model)."""
@@ -42,8 +44,46 @@ class LoraRouting:
         self.rank = max(rank_of(slot) for slot in active)
         self.single = next(iter(active)) if len(active) == 1 else None
         self.single_rows = None
+        self.groups = None
         if self.single is not None and zero_slot in slots:
             self.single_rows = (self.slots != zero_slot).nonzero().view(-1)  # [rows with the adapter]
+        elif self.single is None:
+            self.groups = SlotGroups.of(slots, zero_slot, device)
+
+
+@dataclass(frozen=True)
+class SlotGroups:
+    """Rows with an adapter laid out as [slots in span, rows per slot]: position g*per_slot + j is
+    the j-th row on slot span.start + g, so each group multiplies a view of its own slot's weights.
+
+    Nothing is copied out of the slot stacks; only the rows' activations are gathered (and the
+    positions of slots in the span that no row uses hold a zero row whose result is dropped).
+    """
+
+    span: slice  # slots [start, stop)
+    per_slot: int  # rows of the busiest slot
+    take: torch.Tensor  # [span * per_slot] batch row at each position; `batch` (a zero row) where none
+    used: torch.Tensor  # [rows with an adapter] positions holding a real row
+    rows: torch.Tensor  # [rows with an adapter] their batch rows, in the order of `used`
+
+    @staticmethod
+    def of(slots: list[int], zero_slot: int, device: torch.device) -> SlotGroups:
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot != zero_slot:
+                by_slot.setdefault(slot, []).append(row)
+        span = slice(min(by_slot), max(by_slot) + 1)
+        per_slot = max(len(rows) for rows in by_slot.values())
+        take = [len(slots)] * ((span.stop - span.start) * per_slot)
+        used, rows = [], []
+        for slot, slot_rows in by_slot.items():
+            for j, row in enumerate(slot_rows):
+                position = (slot - span.start) * per_slot + j
+                take[position] = row
+                used.append(position)
+                rows.append(row)
+        as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
+        return SlotGroups(span, per_slot, as_tensor(take), as_tensor(used), as_tensor(rows))
 
 
 class MultiLoraLinear(nn.Module):
@@ -85,9 +125,17 @@ class MultiLoraLinear(nn.Module):
             if rows is not None:
                 return y.index_add(0, rows, delta.to(y.dtype))
         else:
-            a = self.lora_a[:, :rank].index_select(0, route.slots)  # [batch, rank, in]
-            b = self.lora_b[:, :rank].index_select(0, route.slots)  # [batch, rank, out]
-            delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)  # [batch, tokens, out]
+            groups = route.groups
+            assert groups is not None
+            tokens = x.shape[1]
+            padded = torch.cat([x, x.new_zeros(1, tokens, x.shape[2])])  # row `batch`: zeros
+            xs = padded.index_select(0, groups.take)  # [span * per_slot, tokens, in]
+            xs = xs.view(-1, groups.per_slot * tokens, x.shape[2])  # [span, per_slot * tokens, in]
+            a = self.lora_a[groups.span, :rank]  # [span, rank, in], a view
+            b = self.lora_b[groups.span, :rank]  # [span, rank, out], a view
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [span, per_slot * tokens, out]
+            delta = delta.view(-1, tokens, delta.shape[2]).index_select(0, groups.used)  # [rows, tokens, out]
+            return y.index_add(0, groups.rows, delta.to(y.dtype))
         return y + delta.to(y.dtype)
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> bool:

@@ -45,16 +45,19 @@ def expected(layer: MultiLoraLinear, x: torch.Tensor, slots: list[int | None], w
     "slots",
     [
         [1, None, 0, 2, 1],  # several adapters and base rows in one batch
+        [0, 1, 2],  # every row its own adapter
+        [2, None, 0, 2, 2],  # a busy slot, a gap in the span of slots in use
         [2, 2, 2],  # one adapter on every row
         [None, 0, None],  # one adapter beside base rows
         [1],
     ],
 )
-def test_each_row_gets_its_own_adapter(slots: list[int | None]) -> None:
+@pytest.mark.parametrize("tokens", [1, 3])  # decode, prefill
+def test_each_row_gets_its_own_adapter(slots: list[int | None], tokens: int) -> None:
     layer, routing, weights = make_layer()
     ranks = {s: w[0].shape[0] for s, w in weights.items()}
     route(routing, slots, ranks)
-    x = torch.randn(len(slots), 3, IN)  # [batch, tokens, in]
+    x = torch.randn(len(slots), tokens, IN)  # [batch, tokens, in]
     torch.testing.assert_close(layer(x), expected(layer, x, slots, weights), rtol=1e-5, atol=1e-5)
 
 
@@ -89,6 +92,20 @@ def test_base_rows_keep_exact_base_values_whatever_an_adapter_in_the_batch_holds
     for row, slot in enumerate(slots):
         if slot is None:
             assert torch.equal(out[row], layer.base(x[row : row + 1])[0])  # bit for bit
+
+
+@pytest.mark.parametrize("poison", [float("inf"), float("nan"), 3e38])
+def test_an_adapter_no_row_uses_adds_nothing_to_rows_on_slots_around_it(poison: float) -> None:
+    """Rows on slots 0 and 2 are multiplied slot by slot over the span 0..2; slot 1 (no row on it)
+    may hold anything and must not reach them."""
+    layer, routing, weights = make_layer()
+    layer.lora_a[1, :8] = poison  # past load_slot's check, as a bug or a race would leave it
+    layer.lora_b[1, :8] = poison
+    route(routing, [2, 0, None], {s: w[0].shape[0] for s, w in weights.items()})
+    x = torch.randn(3, 1, IN) * 100
+    out = layer(x)
+    weights.pop(1)
+    torch.testing.assert_close(out, expected(layer, x, [2, 0, None], weights), rtol=1e-5, atol=1e-4)
 
 
 def test_load_slot_reports_values_that_overflow_the_slot_dtype() -> None:
