@@ -117,6 +117,7 @@ class Generation:
             else AdapterRef(key=adapter.cache_key, weights_sha256=adapter.weights_sha256,
                             config_sha256=adapter.config_sha256),
             sampling=job.sampling,
+            tenant=str(tenant.id),  # the worker shares its engine fairly between tenants
         )
         # Picked and admitted now, so that 503 and 429 come before any response starts.
         self.slot = services.pool.pick(self.request.adapter.key if self.request.adapter else None)

@@ -28,9 +28,11 @@ from transformers import DynamicCache
 
 from worker import metrics
 from worker.adapter_cache import AdapterCache, AdapterLoadError
+from worker.detokenize import IncrementalDecoder
 from worker.lora import LoraRouting
 from worker.protocol import GenerateRequest
 from worker.sampling import RowFailure, choose_tokens, make_generator
+from worker.scheduler import FairQueue
 from worker.sequence import EventSink, Sequence
 
 log = logging.getLogger(__name__)
@@ -77,7 +79,7 @@ class BatchEngine:
         self._inbox: deque[Sequence] = deque()
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
-        self.waiting: deque[Sequence] = deque()
+        self.waiting: FairQueue[Sequence] = FairQueue()
         self.running: list[Sequence] = []
         self.kv: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [batch, cache_len] 1 where the cache holds a real token
@@ -155,7 +157,7 @@ class BatchEngine:
                 log.exception("request %s could not be queued", seq.request_id)
                 seq.fail(f"the request could not be started: {exc}", status=400)
                 continue
-            self.waiting.append(seq)
+            self.waiting.push(seq)
 
     def _apply_aborts(self) -> None:
         if not self._aborts:
@@ -175,25 +177,7 @@ class BatchEngine:
     # -- prefill -------------------------------------------------------------------------
     def _admit(self) -> None:
         """Move waiting requests that fit into the batch, prefilled together in one forward pass."""
-        admitted: list[Sequence] = []
-        blocked: deque[Sequence] = deque()
-        while self.waiting and len(self.running) + len(admitted) < self.limits.max_batch_size:
-            if not self._kv_fits(self.waiting[0], admitted) or not self._prefill_fits(self.waiting[0], admitted):
-                break  # first come, first served: later requests wait behind it
-            seq = self.waiting.popleft()
-            ref = seq.request.adapter
-            if ref is not None:
-                try:
-                    seq.slot = self.adapters.acquire(ref)
-                except AdapterLoadError as exc:  # its files or weights are unusable: its requests fail
-                    seq.fail(str(exc), status=exc.status)
-                    continue
-                if seq.slot is None:  # still loading, or every slot pinned by running rows
-                    self.adapters.prefetch(ref)  # again, in case its host copy was dropped meanwhile
-                    blocked.append(seq)
-                    continue
-            admitted.append(seq)
-        self.waiting.extendleft(reversed(blocked))
+        admitted = self._choose_admissions()
         if not admitted:
             return
         try:
@@ -206,6 +190,42 @@ class BatchEngine:
             return
         self.running.extend(admitted)
         self._settle(admitted, logits)
+
+    def _choose_admissions(self) -> list[Sequence]:
+        """Take waiting requests, in the scheduler's fair order, while the batch has room for them."""
+        admitted: list[Sequence] = []
+        blocked: list[Sequence] = []
+        while len(self.running) + len(admitted) < self.limits.max_batch_size:
+            seq = self.waiting.head()
+            if seq is None or not self._kv_fits(seq, admitted) or not self._prefill_fits(seq, admitted):
+                break  # the one whose turn it is waits for room; nobody jumps it
+            self.waiting.remove(seq)
+            if not self._take_slot(seq):
+                if seq.finish_reason is None:
+                    blocked.append(seq)
+                continue
+            self.waiting.charge(seq.tenant, len(seq.prompt_ids))
+            admitted.append(seq)
+        for seq in reversed(blocked):
+            self.waiting.push_front(seq)
+        if admitted:
+            self.waiting.forget_idle({s.tenant for s in [*self.running, *admitted]})
+        return admitted
+
+    def _take_slot(self, seq: Sequence) -> bool:
+        """Give the request its adapter's slot; False while it loads (or the request failed for it)."""
+        ref = seq.request.adapter
+        if ref is None:
+            return True
+        try:
+            seq.slot = self.adapters.acquire(ref)
+        except AdapterLoadError as exc:  # its files or weights are unusable: its requests fail
+            seq.fail(str(exc), status=exc.status)
+            return False
+        if seq.slot is None:  # still loading, or every slot pinned by running rows
+            self.adapters.prefetch(ref)  # again, in case its host copy was dropped meanwhile
+            return False
+        return True
 
     def _kv_fits(self, seq: Sequence, admitted: list[Sequence]) -> bool:
         """Would the padded cache stay within budget if every row ran to its max_tokens?"""
@@ -313,13 +333,19 @@ class BatchEngine:
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
+        self.waiting.charge(seq.tenant, 1)
         metrics.GENERATED_TOKENS.inc()
         params = seq.request.sampling
         if token in self.eos_ids and not params.ignore_eos:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens:
             seq.finish_reason = "length"
-        seq.update_text(self.tokenizer.decode(seq.output_ids, skip_special_tokens=True))
+        if seq.decoder is None:
+            seq.decoder = IncrementalDecoder(self.tokenizer)
+        delta = seq.decoder.push(token)
+        if seq.finish_reason is not None:
+            delta += seq.decoder.finish()
+        seq.append_text(delta)
         seq.flush()
 
     def _release_slot(self, seq: Sequence) -> None:

@@ -62,6 +62,7 @@ class GenerateRequest(BaseModel):
     messages: list[ChatMessage] | None = None
     adapter: AdapterRef | None = None
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    tenant: str | None = Field(default=None, max_length=200)  # whose share of the engine this uses
 
 
 FinishReason = Literal["stop", "length", "abort", "error"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker.detokenize import IncrementalDecoder
 from worker.protocol import FinishReason, GenerateEvent, GenerateRequest, Usage
 
 EventSink = Callable[[GenerateEvent], None]
@@ -21,11 +22,17 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # adapter slot while running; None for the base model
     generator: torch.Generator | None = None
+    decoder: IncrementalDecoder | None = None  # set by the engine at the first token
     text: str = ""
+    text_cut: bool = False  # a stop sequence ended the text
     emitted: int = 0  # characters of `text` already sent
     finish_reason: FinishReason | None = None
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant or ""
 
     @property
     def request_id(self) -> str:
@@ -41,13 +48,22 @@ class Sequence:
         """KV cache positions this row may come to hold."""
         return len(self.prompt_ids) + self.request.sampling.max_tokens
 
-    def update_text(self, text: str) -> None:
-        """Take the decoded output; cut it at the earliest stop sequence and finish there."""
-        cuts = [at for stop in self.request.sampling.stop if (at := text.find(stop)) != -1]
+    def append_text(self, delta: str) -> None:
+        """Take newly decoded text; cut the output at the earliest stop sequence and finish there.
+
+        Only the new tail is searched (with room for a stop that began in earlier text), so the
+        check costs the same at the thousandth token as at the first.
+        """
+        stops = self.request.sampling.stop
+        if not delta or self.text_cut:
+            return
+        start = max(0, len(self.text) - max((len(stop) for stop in stops), default=1) + 1)
+        self.text += delta
+        cuts = [at for stop in stops if (at := self.text.find(stop, start)) != -1]
         if cuts:
-            text = text[: min(cuts)]
+            self.text = self.text[: min(cuts)]
+            self.text_cut = True
             self.finish_reason = "stop"
-        self.text = text
 
     def flush(self) -> None:
         """Send the text that can no longer change, or all of it once finished."""

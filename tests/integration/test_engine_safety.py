@@ -151,3 +151,17 @@ def test_a_stalled_engine_is_reported_not_live(worker: Worker, monkeypatch) -> N
         time.sleep(0.1)
         health = runtime.health()
     assert health.ready and health.live  # it came back: a slow step is not a death sentence
+
+
+def test_a_tenant_flooding_the_queue_does_not_hold_up_another_tenants_request(worker: Worker) -> None:
+    """16 requests from one tenant, then one from another, all queued at once on an 8-row engine:
+    first come, first served put the lone one behind two full rounds of the flood."""
+    def from_tenant(tenant: str) -> GenerateRequest:
+        return request(FRANCE, max_tokens=6, ignore_eos=True).model_copy(update={"tenant": tenant})
+
+    flood = [from_tenant("flood") for _ in range(16)]
+    outcomes = submit_together(worker, [*flood, from_tenant("lone")])
+    queued = [o.final.queue_seconds for o in outcomes]
+    assert all(o.final.error is None for o in outcomes) and None not in queued
+    lone, flood_queued = queued[-1], sorted(queued[:-1])  # type: ignore[type-var]
+    assert lone <= flood_queued[7], (lone, flood_queued)  # admitted in the first round of 8
