@@ -34,27 +34,52 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 def choose_tokens(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> list[int | RowFailure]:
-    """logits: [batch, vocab] for the last position of each row."""
-    logits = logits.float().cpu()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()  # [batch]
-    chosen: list[int | RowFailure] = list(logits.argmax(dim=-1).tolist())
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if not finite[row]:
-            chosen[row] = RowFailure("non-finite values", 500, non_finite=True)
-        elif p.temperature > 0:
-            chosen[row] = _sample_row(logits[row], p, generator)
+    """logits: [batch, vocab] for the last position of each row, on the model's device.
+
+    Everything runs batched where the logits are; only the chosen token ids (and, for sampled
+    rows, one uniform number each from the row's own seeded generator) cross to the host.
+    """
+    logits = logits.float()
+    finite = torch.isfinite(logits).all(dim=-1)  # [batch]
+    greedy = logits.argmax(dim=-1)  # [batch]
+    sampled = [row for row, p in enumerate(params) if p.temperature > 0]
+    drawn: dict[int, int | RowFailure] = {}
+    if sampled:
+        drawn = _sample_rows(logits, sampled, [params[r] for r in sampled], [generators[r] for r in sampled])
+    chosen: list[int | RowFailure] = []
+    for row, (ok, token) in enumerate(zip(finite.tolist(), greedy.tolist(), strict=True)):
+        if not ok:
+            chosen.append(RowFailure("non-finite values", 500, non_finite=True))
+        else:
+            chosen.append(drawn.get(row, token))
     return chosen
 
 
-def _sample_row(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int | RowFailure:
-    probs = torch.softmax(logits / p.temperature, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        cumulative = sorted_probs.cumsum(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        sorted_probs[cumulative - sorted_probs > p.top_p] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    try:
-        return int(torch.multinomial(probs, 1, generator=generator).item())
-    except RuntimeError as exc:  # probabilities torch refuses (inf, nan, all zero): this row only
-        return RowFailure(f"sampling failed: {exc}", 500)
+def _sample_rows(
+    logits: torch.Tensor, rows: list[int], params: list[SamplingParams], generators: list[torch.Generator | None]
+) -> dict[int, int | RowFailure]:
+    """Temperature and nucleus sampling for `rows`, by inverse CDF over the probabilities sorted
+    in descending order: the smallest prefix whose mass reaches top_p (at least one token) is kept."""
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [k, 1]
+    top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # [k, 1]
+    probs = torch.softmax(logits.index_select(0, index) / temperature, dim=-1)  # [k, vocab]
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cumulative = sorted_probs.cumsum(dim=-1)
+    sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs > top_p, 0.0)
+    cdf = sorted_probs.cumsum(dim=-1)  # [k, vocab]
+    total = cdf[:, -1:]  # [k, 1]
+    uniform = torch.tensor([_uniform(g) for g in generators], device=device).unsqueeze(1)  # [k, 1]
+    position = torch.searchsorted(cdf, uniform * total).clamp(max=cdf.shape[1] - 1)  # [k, 1]
+    tokens = order.gather(1, position).view(-1).tolist()
+    usable = (torch.isfinite(total) & (total > 0)).view(-1).tolist()
+    return {
+        row: token if ok else RowFailure("sampling failed: the probabilities are not finite", 500)
+        for row, token, ok in zip(rows, tokens, usable, strict=True)
+    }
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """One draw in [0, 1) from the row's own generator (seeded rows repeat exactly)."""
+    return float(torch.rand(1, generator=generator).item())
