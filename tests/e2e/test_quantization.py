@@ -57,7 +57,11 @@ def job_runner(server: Server) -> Iterator[subprocess.Popen[bytes]]:
             proc.wait(30)
 
 
-def wait_for(admin: httpx.Client, job_id: int, done: Any, timeout: float = 900) -> dict[str, Any]:
+# A real AWQ job took 6 to 15 minutes on 2 cores (871 s in one full run); the bound is for a hang.
+JOB_TIMEOUT_S = 2400
+
+
+def wait_for(admin: httpx.Client, job_id: int, done: Any, timeout: float = JOB_TIMEOUT_S) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     seen: set[str] = set()
     while time.monotonic() < deadline:
