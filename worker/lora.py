@@ -82,8 +82,8 @@ class SlotGroups:
                 take[position] = row
                 used.append(position)
                 rows.append(row)
-        as_tensor = lambda values: torch.tensor(values, device=device)  # noqa: E731
-        return SlotGroups(span, per_slot, as_tensor(take), as_tensor(used), as_tensor(rows))
+        take_t, used_t, rows_t = (torch.tensor(values, device=device) for values in (take, used, rows))
+        return SlotGroups(span, per_slot, take_t, used_t, rows_t)
 
 
 class MultiLoraLinear(nn.Module):
