@@ -151,6 +151,7 @@ class BatchEngine:
             seq = self._inbox.popleft()
             try:
                 seq.generator = make_generator(seq.request.sampling)
+                seq.decoder = IncrementalDecoder(self.tokenizer)
                 if seq.request.adapter is not None:
                     self.adapters.prefetch(seq.request.adapter)
             except Exception as exc:  # this request's own parameters: it fails alone
@@ -340,8 +341,7 @@ class BatchEngine:
             seq.finish_reason = "stop"
         elif len(seq.output_ids) >= params.max_tokens:
             seq.finish_reason = "length"
-        if seq.decoder is None:
-            seq.decoder = IncrementalDecoder(self.tokenizer)
+        assert seq.decoder is not None  # set in _take_inbox
         delta = seq.decoder.push(token)
         if seq.finish_reason is not None:
             delta += seq.decoder.finish()

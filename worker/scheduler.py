@@ -28,9 +28,10 @@ class FairQueue(Generic[T]):
     def __init__(self) -> None:
         self._queues: dict[str, deque[T]] = {}  # backlogged tenants only, each oldest first
         self.served: dict[str, float] = {}  # virtual tokens charged per tenant
+        self._count = 0  # kept, not summed: other threads read len() while the engine changes the queues
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return self._count
 
     def __bool__(self) -> bool:
         return bool(self._queues)
@@ -47,10 +48,12 @@ class FairQueue(Generic[T]):
                 self.served[tenant] = max(self.served.get(tenant, 0.0), floor)
             self._queues[tenant] = deque()
         self._queues[tenant].append(item)
+        self._count += 1
 
     def push_front(self, item: T) -> None:
         """Put back a request taken out but not admitted (its adapter still loading)."""
         self._queues.setdefault(item.tenant, deque()).appendleft(item)
+        self._count += 1
 
     def head(self) -> T | None:
         """The next request to admit: the oldest of the least-served backlogged tenant."""
@@ -62,6 +65,7 @@ class FairQueue(Generic[T]):
     def remove(self, item: T) -> None:
         queue = self._queues[item.tenant]
         queue.remove(item)
+        self._count -= 1
         if not queue:
             del self._queues[item.tenant]
 

@@ -22,9 +22,8 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # adapter slot while running; None for the base model
     generator: torch.Generator | None = None
-    decoder: IncrementalDecoder | None = None  # set by the engine at the first token
+    decoder: IncrementalDecoder | None = None  # set by the engine when it takes the request
     text: str = ""
-    text_cut: bool = False  # a stop sequence ended the text
     emitted: int = 0  # characters of `text` already sent
     finish_reason: FinishReason | None = None
     arrived: float = field(default_factory=time.monotonic)
@@ -55,14 +54,13 @@ class Sequence:
         check costs the same at the thousandth token as at the first.
         """
         stops = self.request.sampling.stop
-        if not delta or self.text_cut:
+        if not delta:
             return
         start = max(0, len(self.text) - max((len(stop) for stop in stops), default=1) + 1)
         self.text += delta
         cuts = [at for stop in stops if (at := self.text.find(stop, start)) != -1]
         if cuts:
             self.text = self.text[: min(cuts)]
-            self.text_cut = True
             self.finish_reason = "stop"
 
     def flush(self) -> None:

@@ -69,7 +69,7 @@ def test_a_request_put_back_keeps_its_place_at_the_front_of_its_tenant() -> None
     queue.push(second)
     queue.remove(first)  # its adapter was still loading
     queue.push_front(first)
-    assert queue.head() is first and list(queue) == [first, second]
+    assert queue.head() is first and list(queue) == [first, second] and len(queue) == 2
 
 
 def test_counters_of_tenants_gone_idle_are_dropped() -> None:
