@@ -43,7 +43,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=_WORKER.max_batch_size, ge=1)
     max_waiting: int = Field(default=_WORKER.max_waiting, ge=1)  # queued in a worker before it answers 503
     kv_cache_mb: int = Field(default=_WORKER.kv_cache_mb, ge=1)  # sized explicitly (never from system RAM)
+    max_prefill_tokens: int = Field(default=_WORKER.max_prefill_tokens, ge=1)  # per step while rows decode
+    max_prefill_tokens_idle: int = Field(default=_WORKER.max_prefill_tokens_idle, ge=1)  # per step, none decoding
     adapter_slots: int = Field(default=_WORKER.adapter_slots, ge=1)
+    adapter_slots_mb: int | None = Field(default=_WORKER.adapter_slots_mb, ge=1)  # overrides adapter_slots
     host_adapter_cache_mb: int = Field(default=_WORKER.host_adapter_cache_mb, ge=1)  # parsed adapters behind slots
     # Quantization jobs: `serve` starts one job runner process unless this is off.
     job_runner: bool = True
@@ -89,6 +92,8 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size, max_waiting=self.max_waiting, adapter_slots=self.adapter_slots,
             host_adapter_cache_mb=self.host_adapter_cache_mb, max_lora_rank=self.max_lora_rank,
             kv_cache_mb=self.kv_cache_mb, stall_timeout_s=self.worker_stall_timeout_s,
+            max_prefill_tokens=self.max_prefill_tokens, max_prefill_tokens_idle=self.max_prefill_tokens_idle,
+            adapter_slots_mb=self.adapter_slots_mb,
         )
 
     def job_runner_config(self) -> JobRunnerConfig:

@@ -79,6 +79,11 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
             (f"sum by (instance) (rate(loraplex_worker_generated_tokens_total[{RATE}]))", "{{instance}} generated"),
             (f"sum by (instance) (rate(loraplex_worker_prompt_tokens_total[{RATE}]))", "{{instance}} prompt")]),
         ("Memory by kind", "bytes", [("loraplex_worker_memory_bytes", "{{instance}} {{kind}}")]),
+        ("KV cache positions", "short", [
+            ("loraplex_worker_kv_cache_tokens", "{{instance}} {{state}}")]),
+        ("KV cache reserved", "percentunit", [
+            ('loraplex_worker_kv_cache_tokens{state="reserved"}'
+             ' / ignoring(state) loraplex_worker_kv_cache_tokens{state="capacity"}', "{{instance}}")]),
         ("Device memory used", "percentunit", [
             ('loraplex_worker_memory_bytes{kind="device_used"}'
              ' / ignoring(kind) loraplex_worker_memory_bytes{kind="device_total"}', "{{instance}}")]),

@@ -170,7 +170,9 @@ class AdapterCache:
                 return None
             self._host.move_to_end(ref.key)
         try:
-            finite = all([self.layers[m].load_slot(slot, a, b, scale) for m, (a, b, scale) in host.weights.items()])
+            sums = torch.stack([self.layers[m].load_slot(slot, a, b, scale)
+                                for m, (a, b, scale) in host.weights.items()])
+            finite = bool(sums.isfinite().all()) or all(self.layers[m].slot_is_finite(slot) for m in host.weights)
         except (RuntimeError, ValueError) as exc:
             finite, problem = False, f"its weights could not be copied into a slot: {exc}"
         else:

@@ -1,10 +1,11 @@
 """LoRA applied by the engine's own layer, a different adapter on every row.
 
 Each adapted linear layer keeps all resident adapters stacked in slot tensors and adds
-`B[slot] · (A[slot] · x)` per row on top of whatever the base layer is (bitsandbytes
-NF4, GPTQ/AWQ or plain): with one adapter in the batch, two plain matmuls on views of
-its slot; with several, one `index_select` per matrix and two batched matmuls. (On CPU,
-index_select + bmm with B stored transposed measured 3x faster than advanced indexing.) Adapter weights are
+`B[slot] · (A[slot] · x)` per token on top of whatever the base layer is (bitsandbytes
+NF4, GPTQ/AWQ or plain): with one adapter in the pass, two plain matmuls on views of
+its slot; with several, the tokens of slots with few of them (decode rows) grouped by slot
+for two batched matmuls on views of the slot stacks, and each slot with many (a prompt
+chunk) two matmuls of its own. Adapter weights are
 copied into the slot tensors from their own files: the base module is never read or
 written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """
@@ -17,64 +18,78 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
+
 
 @dataclass
 class LoraRouting:
-    """Which slot each row of the next forward pass uses; set by the engine before it."""
+    """Which slot each token of the next forward pass uses; set by the engine before it.
 
-    slots: torch.Tensor | None = None  # [batch] slot of each row; None: no row has an adapter
+    A pass is one flat run of tokens, row after row (the engine's layout), or any [rows, tokens]
+    batch read row-major; token indices below count in that order.
+    """
+
+    slots: torch.Tensor | None = None  # [tokens] slot of each token; None: no token has an adapter
     active: frozenset[int] = field(default_factory=frozenset)  # slots used in this pass
     rank: int = 0  # widest rank among the active adapters
     single: int | None = None  # the one active slot, when there is exactly one
-    single_rows: torch.Tensor | None = None  # [rows of `single`] batch indices, when other rows have none
-    groups: SlotGroups | None = None  # several adapters: rows grouped by slot
+    single_rows: torch.Tensor | None = None  # [tokens of `single`] token indices, when other tokens have none
+    groups: SlotGroups | None = None  # several adapters: few-token slots grouped for two bmm
+    big: tuple[tuple[int, torch.Tensor], ...] = ()  # several adapters: (slot, its token indices) for slots with many
 
     def clear(self) -> None:
         self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
-        self.groups = None
+        self.groups, self.big = None, ()
 
-    def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device) -> None:
-        """Set the routing for a batch whose row i uses `slots[i]` (`zero_slot`: the base model)."""
+    def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device,
+              lengths: list[int] | None = None) -> None:
+        """Set the routing for a pass whose row i has `lengths[i]` tokens (default 1) on `slots[i]`
+        (`zero_slot`: the base model)."""
         active = frozenset(slot for slot in slots if slot != zero_slot)
         if not active:
             self.clear()
             return
-        self.slots = torch.tensor(slots, device=device)  # [batch]
+        per_token = slots if lengths is None else [s for s, n in zip(slots, lengths, strict=True) for _ in range(n)]
+        self.slots = torch.tensor(per_token, device=device)  # [tokens]
         self.active = active
         self.rank = max(rank_of(slot) for slot in active)
         self.single = next(iter(active)) if len(active) == 1 else None
-        self.single_rows = None
-        self.groups = None
-        if self.single is not None and zero_slot in slots:
-            self.single_rows = (self.slots != zero_slot).nonzero().view(-1)  # [rows with the adapter]
-        elif self.single is None:
-            self.groups = SlotGroups.of(slots, zero_slot, device)
+        self.single_rows, self.groups, self.big = None, None, ()
+        if self.single is not None:
+            if zero_slot in slots:
+                self.single_rows = (self.slots != zero_slot).nonzero().view(-1)  # [tokens with the adapter]
+            return
+        by_slot: dict[int, list[int]] = {}
+        for token, slot in enumerate(per_token):
+            if slot != zero_slot:
+                by_slot.setdefault(slot, []).append(token)
+        few = {slot: tokens for slot, tokens in by_slot.items() if len(tokens) <= BIG_SLOT_TOKENS}
+        self.big = tuple((slot, torch.tensor(tokens, device=device)) for slot, tokens in by_slot.items()
+                         if len(tokens) > BIG_SLOT_TOKENS)
+        self.groups = SlotGroups.of(few, len(per_token), device) if few else None
 
 
 @dataclass(frozen=True)
 class SlotGroups:
-    """Rows with an adapter laid out as [slots in span, rows per slot]: position g*per_slot + j is
-    the j-th row on slot span.start + g, so each group multiplies a view of its own slot's weights.
+    """Tokens with an adapter laid out as [slots in span, tokens per slot]: position g*per_slot + j
+    is the j-th token on slot span.start + g, so each group multiplies a view of its own slot's
+    weights.
 
-    Nothing is copied out of the slot stacks; only the rows' activations are gathered (and the
-    positions of slots in the span that no row uses hold a zero row whose result is dropped).
+    Nothing is copied out of the slot stacks; only the tokens' activations are gathered (and the
+    positions of slots in the span that no token uses hold a zero row whose result is dropped).
     """
 
     span: slice  # slots [start, stop)
-    per_slot: int  # rows of the busiest slot
-    take: torch.Tensor  # [span * per_slot] batch row at each position; `batch` (a zero row) where none
-    used: torch.Tensor  # [rows with an adapter] positions holding a real row
-    rows: torch.Tensor  # [rows with an adapter] their batch rows, in the order of `used`
+    per_slot: int  # tokens of the busiest slot
+    take: torch.Tensor  # [span * per_slot] token at each position; `tokens` (a zero row) where none
+    used: torch.Tensor  # [tokens grouped] positions holding a real token
+    rows: torch.Tensor  # [tokens grouped] their token indices, in the order of `used`
 
     @staticmethod
-    def of(slots: list[int], zero_slot: int, device: torch.device) -> SlotGroups:
-        by_slot: dict[int, list[int]] = {}
-        for row, slot in enumerate(slots):
-            if slot != zero_slot:
-                by_slot.setdefault(slot, []).append(row)
+    def of(by_slot: dict[int, list[int]], tokens: int, device: torch.device) -> SlotGroups:
         span = slice(min(by_slot), max(by_slot) + 1)
         per_slot = max(len(rows) for rows in by_slot.values())
-        take = [len(slots)] * ((span.stop - span.start) * per_slot)
+        take = [tokens] * ((span.stop - span.start) * per_slot)
         used, rows = [], []
         for slot, slot_rows in by_slot.items():
             for j, row in enumerate(slot_rows):
@@ -111,53 +126,74 @@ class MultiLoraLinear(nn.Module):
         route = self.routing
         if route.slots is None or self.filled.isdisjoint(route.active):
             return y
+        shape = y.shape
+        x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # [tokens, in], [tokens, out]
         rank = route.rank
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
         if route.single is not None:
             rows = route.single_rows
-            if rows is not None:
-                # Only the adapter's rows are computed and added: base rows keep the base layer's
-                # exact values whatever the adapter holds (masking by x 0 turned its inf into NaN there).
-                x = x.index_select(0, rows)
-            h = x @ self.lora_a[route.single, :rank].T  # [rows, tokens, rank]
-            delta = h @ self.lora_b[route.single, :rank]  # [rows, tokens, out]
-            if rows is not None:
-                return y.index_add(0, rows, delta.to(y.dtype))
-        else:
-            groups = route.groups
-            assert groups is not None
-            tokens = x.shape[1]
-            padded = torch.cat([x, x.new_zeros(1, tokens, x.shape[2])])  # row `batch`: zeros
-            xs = padded.index_select(0, groups.take)  # [span * per_slot, tokens, in]
-            xs = xs.view(-1, groups.per_slot * tokens, x.shape[2])  # [span, per_slot * tokens, in]
+            if rows is None:
+                return (y + self._delta(x, route.single, rank).to(y.dtype)).view(shape)
+            # Only the adapter's tokens are computed and added: base tokens keep the base layer's
+            # exact values whatever the adapter holds (masking by x 0 turned its inf into NaN there).
+            delta = self._delta(x.index_select(0, rows), route.single, rank)
+            return y.index_add(0, rows, delta.to(y.dtype)).view(shape)
+        groups = route.groups
+        if groups is not None:
+            padded = torch.cat([x, x.new_zeros(1, x.shape[1])])  # token `tokens`: zeros
+            xs = padded.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
             a = self.lora_a[groups.span, :rank]  # [span, rank, in], a view
             b = self.lora_b[groups.span, :rank]  # [span, rank, out], a view
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [span, per_slot * tokens, out]
-            delta = delta.view(-1, tokens, delta.shape[2]).index_select(0, groups.used)  # [rows, tokens, out]
-            return y.index_add(0, groups.rows, delta.to(y.dtype))
-        return y + delta.to(y.dtype)
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [span, per_slot, out]
+            y = y.index_add(0, groups.rows, delta.view(-1, delta.shape[2]).index_select(0, groups.used).to(y.dtype))
+        for slot, rows in route.big:
+            y = y.index_add(0, rows, self._delta(x.index_select(0, rows), slot, rank).to(y.dtype))
+        return y.view(shape)
 
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> bool:
+    def _delta(self, x: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
+        """B · (A · x) of one slot for tokens x [tokens, in]."""
+        return (x @ self.lora_a[slot, :rank].T) @ self.lora_b[slot, :rank]
+
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.
 
-        False when a value is not finite in the slot's dtype (the caller refuses the adapter).
+        Returns the float32 sums of the slot's A and B: one NaN or Inf among the weights makes its
+        sum non-finite, so the caller checks every layer's sums at once (`torch.isfinite` per
+        tensor was three times the cost of the copies) and `slot_is_finite` only when a sum is not.
         """
+        device = self.lora_a.device
+        a, b = a.to(device), b.to(device)  # host file -> device first; arithmetic only on the device
         rank = a.shape[0]
         self.lora_a[slot, rank:].zero_()  # a narrower adapter than the slot: the rest adds nothing
         self.lora_b[slot, rank:].zero_()
-        self.lora_a[slot, :rank].copy_(a)  # copy_ converts dtype and crosses devices (host file -> GPU)
-        b_slot = self.lora_b[slot, :rank]
+        a_slot, b_slot = self.lora_a[slot, :rank], self.lora_b[slot, :rank]
+        a_slot.copy_(a)  # converts to the slot's dtype
         b_slot.copy_(b.T)
-        b_slot.mul_(scale)
+        b_slot.mul_(scale)  # in the slot's dtype: an overflow there shows as Inf
         self.filled.add(slot)
-        return bool(torch.isfinite(self.lora_a[slot, :rank]).all() and torch.isfinite(b_slot).all())
+        return torch.stack([a_slot.sum(dtype=torch.float32), b_slot.sum(dtype=torch.float32)])
+
+    def slot_is_finite(self, slot: int) -> bool:
+        """Whether every weight in the slot is finite (exact; sums of large finite weights can overflow)."""
+        return bool(torch.isfinite(self.lora_a[slot]).all() and torch.isfinite(self.lora_b[slot]).all())
 
     def clear_slot(self, slot: int) -> None:
         if slot in self.filled:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
             self.filled.discard(slot)
+
+
+def slots_in_budget(linear_modules: dict[str, list[int]], max_rank: int, dtype: torch.dtype, budget_bytes: int) -> int:
+    """How many adapter slots fit `budget_bytes`: each holds A [max_rank, in] and B [max_rank, out] on
+    every adapted layer, and every layer keeps one more, always zero, for rows without an adapter."""
+    per_slot = max_rank * sum(i + o for i, o in linear_modules.values()) * dtype.itemsize
+    slots = budget_bytes // per_slot - 1
+    if slots < 1:
+        raise ValueError(f"adapter_slots_mb holds no adapter slot: one needs {2 * per_slot / 2**20:.1f} MiB "
+                         f"with the zero slot (max_lora_rank {max_rank}, {len(linear_modules)} layers)")
+    return int(slots)
 
 
 def install_lora_layers(

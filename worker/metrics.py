@@ -55,6 +55,9 @@ ADAPTER_EVICTIONS = Counter("loraplex_worker_adapter_evictions", "Adapters dropp
                             ["tier", "reason"], registry=REGISTRY)
 ADAPTER_LOAD_TIME = Histogram("loraplex_worker_adapter_load_duration_seconds",
                               "Blob store to host memory: read, verify, parse", buckets=LOAD_BUCKETS, registry=REGISTRY)
+KV_TOKENS = Gauge("loraplex_worker_kv_cache_tokens", "KV pool token positions: held by running rows "
+                  "(each its prompt plus max_tokens), capacity, and the largest free region", ["state"],
+                  registry=REGISTRY)
 BASE_MODEL = Info("loraplex_worker_base_model", "The base model this worker serves", registry=REGISTRY)
 
 # Every known label value starts at zero, so that rate() and increase() answer 0, not nothing.
@@ -81,6 +84,10 @@ def observe(runtime: WorkerRuntime) -> None:
     if loaded is None:
         return
     HEARTBEAT_AGE.set(loaded.engine.stalled_for())
+    regions = loaded.engine.regions
+    KV_TOKENS.labels("reserved").set(regions.used)
+    KV_TOKENS.labels("capacity").set(regions.capacity)
+    KV_TOKENS.labels("largest_free").set(regions.largest_free)
     BASE_MODEL.info({"model": runtime.config.model_name, "quantization": loaded.quantization,
                      "device": str(loaded.device)})
     for tier, (count, nbytes) in loaded.adapters.tier_stats().items():

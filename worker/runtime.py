@@ -14,7 +14,7 @@ from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache
 from worker.config import WorkerConfig
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
-from worker.lora import LoraRouting, install_lora_layers
+from worker.lora import LoraRouting, install_lora_layers, slots_in_budget
 from worker.model import adaptable_linears, load_base_model, resolve_device
 from worker.prompts import PromptEncoder, PromptLimits
 from worker.protocol import WorkerHealth
@@ -39,20 +39,24 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     model, tokenizer = load_base_model(config.model_path, device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     routing = LoraRouting()
-    layers = install_lora_layers(
-        model, adaptable_linears(model), config.adapter_slots, config.max_lora_rank, routing, device, dtype
-    )
+    linears = adaptable_linears(model)
+    slots = config.adapter_slots
+    if config.adapter_slots_mb is not None:
+        slots = slots_in_budget(linears, config.max_lora_rank, dtype, config.adapter_slots_mb * 2**20)
+        log.info("adapter slots: %d in %d MiB", slots, config.adapter_slots_mb)
+    layers = install_lora_layers(model, linears, slots, config.max_lora_rank, routing, device, dtype)
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
     kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, dtype)
-    limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens)
+    limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens,
+                          config.max_prefill_tokens_idle)
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
-        layers, open_blob_store(config.blob_url), config.adapter_slots, config.host_adapter_cache_mb * 2**20,
+        layers, open_blob_store(config.blob_url), slots, config.host_adapter_cache_mb * 2**20,
         config.max_lora_rank, dtype,
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once
-    prompts = PromptEncoder(tokenizer, PromptLimits(max_context, kv_tokens))
+    prompts = PromptEncoder(tokenizer, PromptLimits(max_context, kv_tokens), engine.output.grammars)
     quant = getattr(model.config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     quantization = "bnb-nf4" if method in (None, "bitsandbytes") else str(getattr(method, "value", method))

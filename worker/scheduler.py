@@ -76,3 +76,93 @@ class FairQueue(Generic[T]):
         """Drop the counters of tenants with nothing queued or running (bounded memory)."""
         for tenant in [t for t in self.served if t not in self._queues and t not in running]:
             del self.served[tenant]
+
+
+class RegionAllocator:
+    """Contiguous regions of the KV pool's token positions: first fit, neighbours merged on free.
+
+    A running row owns one region sized for its prompt plus its max_tokens, so its keys and values
+    are one view of the pool: attention reads them in place, and admitting or retiring a row
+    touches no other row's memory. Admission asks for what the row can come to need, not rows x
+    the longest row.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("the KV pool needs at least one token position")
+        self.capacity = capacity
+        self._free: list[tuple[int, int]] = [(0, capacity)]  # (start, length), sorted by start
+        self.used = 0
+
+    def allocate(self, length: int) -> int | None:
+        """Start of a free region of `length` positions, or None while none is free."""
+        if length < 1:
+            raise ValueError("a region holds at least one position")
+        for i, (start, size) in enumerate(self._free):
+            if size >= length:
+                if size == length:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + length, size - length)
+                self.used += length
+                return start
+        return None
+
+    def free(self, start: int, length: int) -> None:
+        """Give a region back; it merges with free neighbours so large regions come back whole."""
+        i = 0
+        while i < len(self._free) and self._free[i][0] < start:
+            i += 1
+        before = self._free[i - 1] if i > 0 else None
+        after = self._free[i] if i < len(self._free) else None
+        if (before is not None and before[0] + before[1] > start) or (after is not None and start + length > after[0]):
+            raise ValueError(f"region [{start}, {start + length}) is already free")
+        self.used -= length
+        if before is not None and before[0] + before[1] == start:
+            i -= 1
+            start, length = before[0], before[1] + length
+            del self._free[i]
+        if after is not None and start + length == after[0]:
+            length += after[1]
+            del self._free[i]
+        self._free.insert(i, (start, length))
+
+    @property
+    def largest_free(self) -> int:
+        return max((size for _, size in self._free), default=0)
+
+
+class Row(Protocol):
+    @property
+    def prefilled(self) -> bool: ...
+
+    @property
+    def prompt_ids(self) -> list[int]: ...
+
+    @property
+    def cached(self) -> int: ...
+
+    @property
+    def finish_reason(self) -> object: ...
+
+
+R = TypeVar("R", bound=Row)
+
+
+def plan_pass(running: list[R], max_prefill_tokens: int, max_prefill_tokens_idle: int) -> list[tuple[R, int]]:
+    """(row, tokens it feeds) for one forward pass: every decoding row one token, then prompt chunks.
+
+    A chunk lengthens the step every decoding row waits on, so prompts share `max_prefill_tokens`
+    per step while rows decode, in admission order (the oldest prompt finishes first); with none
+    decoding nobody waits on the step and they take `max_prefill_tokens_idle`.
+    """
+    plan = [(row, 1) for row in running if row.prefilled and row.finish_reason is None]
+    budget = max_prefill_tokens if plan else max_prefill_tokens_idle
+    for row in running:
+        if budget <= 0:
+            break
+        if not row.prefilled and row.finish_reason is None:
+            chunk = min(len(row.prompt_ids) - row.cached, budget)
+            plan.append((row, chunk))
+            budget -= chunk
+    return plan

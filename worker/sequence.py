@@ -5,11 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from worker.detokenize import IncrementalDecoder
-from worker.protocol import FinishReason, GenerateEvent, GenerateRequest, Usage
+from worker.protocol import FinishReason, GenerateEvent, GenerateRequest, TokenLogprob, Usage
 
 EventSink = Callable[[GenerateEvent], None]
 
@@ -21,8 +22,12 @@ class Sequence:
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # adapter slot while running; None for the base model
+    region: int | None = None  # start of its KV region in the pool while running
+    cached: int = 0  # positions whose keys and values are in its region
     generator: torch.Generator | None = None
     decoder: IncrementalDecoder | None = None  # set by the engine when it takes the request
+    matcher: Any = None  # llguidance LLMatcher of its response_format: which tokens may come next
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # asked for, not sent yet
     text: str = ""
     emitted: int = 0  # characters of `text` already sent
     finish_reason: FinishReason | None = None
@@ -38,9 +43,9 @@ class Sequence:
         return self.request.request_id
 
     @property
-    def next_position(self) -> int:
-        # Position of the last sampled token, the one fed into the next decode step.
-        return len(self.prompt_ids) + len(self.output_ids) - 1
+    def prefilled(self) -> bool:
+        """Its whole prompt is in the cache: from now on it feeds one token per step."""
+        return self.cached >= len(self.prompt_ids)
 
     @property
     def reserved_tokens(self) -> int:
@@ -73,7 +78,8 @@ class Sequence:
                 end -= 1
         if end > self.emitted:
             progress = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
-            self.sink(GenerateEvent(request_id=self.request_id, text=self.text[self.emitted : end], progress=progress))
+            self.sink(GenerateEvent(request_id=self.request_id, text=self.text[self.emitted : end], progress=progress,
+                                    logprobs=self._sent_logprobs()))
             self.emitted = end
         if self.finish_reason is not None:
             self.sink(
@@ -83,8 +89,16 @@ class Sequence:
                     finish_reason=self.finish_reason,
                     usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
                     queue_seconds=None if self.admitted is None else self.admitted - self.arrived,
+                    logprobs=self._sent_logprobs(),
                 )
             )
+
+    def _sent_logprobs(self) -> list[TokenLogprob] | None:
+        """The log probabilities not sent yet, for the event going out (None if none were asked)."""
+        if self.request.sampling.logprobs is None:
+            return None
+        pending, self.logprobs = self.logprobs, []
+        return pending
 
     def fail(self, message: str, status: int = 500) -> None:
         self.finish_reason = "error"

@@ -45,7 +45,7 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
             return _error(503, f"the worker cannot serve: {problem}")
         loop = asyncio.get_running_loop()
         try:
-            prompt_ids = await loop.run_in_executor(runtime.prompt_thread, loaded.prompts.encode, body)
+            prepared = await loop.run_in_executor(runtime.prompt_thread, loaded.prompts.prepare, body)
         except PromptError as exc:
             return _error(400, str(exc))
         events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
@@ -54,7 +54,7 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            loaded.engine.submit(body, prompt_ids, sink)
+            loaded.engine.submit(body, prepared.ids, sink, prepared.matcher)
         except QueueFull as exc:
             return _error(503, str(exc))
         metrics.REQUESTS.inc()

@@ -61,12 +61,12 @@ class Worker:
         request = worker_request(question, self.refs[adapter] if adapter else None, **sampling)
         outcome = Outcome()
         try:
-            prompt_ids = self.loaded.prompts.encode(request)  # as the worker's API does, off the engine thread
+            prepared = self.loaded.prompts.prepare(request)  # as the worker's API does, off the engine thread
         except PromptError as exc:  # the API answers 400 before the engine sees the request
             outcome.sink(GenerateEvent(request_id=request.request_id, finished=True, finish_reason="error",
                                        error=str(exc), error_status=400))
             return request.request_id, outcome
-        self.loaded.engine.submit(request, prompt_ids, outcome.sink)
+        self.loaded.engine.submit(request, prepared.ids, outcome.sink, prepared.matcher)
         return request.request_id, outcome
 
     def ask(self, question: str, adapter: str | None = None, **sampling: object) -> str:

@@ -5,7 +5,11 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import torch
+
 from tests.integration.conftest import Worker, store_fixture, worker_request
+from worker.lora import slots_in_budget
+from worker.scheduler import RegionAllocator
 
 FRANCE = "What is the capital of France?"
 
@@ -67,9 +71,7 @@ def test_abort_ends_a_row_and_frees_it(worker: Worker) -> None:
     final = outcome.final
     assert final.finish_reason == "abort"
     assert final.usage is not None and final.usage.completion_tokens < 100
-    deadline = time.monotonic() + 10
-    while worker.loaded.engine.stats()[0] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_idle(worker)
     assert worker.loaded.engine.stats() == (0, 0)
 
 
@@ -133,12 +135,21 @@ def test_more_adapters_than_slots_all_answer_in_their_own_way(worker: Worker) ->
     assert any(f"{name}-key" not in resident for name, _ in plan)  # some were evicted to make room
 
 
+def wait_idle(worker: Worker) -> None:
+    """A finished request's row leaves the batch at the end of the engine's step, just after its last event."""
+    deadline = time.monotonic() + 10
+    while worker.loaded.engine.stats() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_kv_budget_queues_rows_that_do_not_fit_and_refuses_one_that_never_can(worker: Worker) -> None:
     engine, prompts = worker.loaded.engine, worker.loaded.prompts
-    saved, saved_prompt_limits = engine.limits, prompts.limits
+    saved_regions, saved_prompt_limits = engine.regions, prompts.limits
     prompt_tokens = len(prompts.encode(worker_request(FRANCE)))
-    engine.limits = replace(saved, kv_cache_tokens=prompt_tokens + 40)  # one row of max_tokens=30 fits, not two
-    prompts.limits = replace(saved_prompt_limits, kv_cache_tokens=prompt_tokens + 40)
+    budget = prompt_tokens + 40  # one row of max_tokens=30 fits, not two
+    wait_idle(worker)  # rows of earlier tests are retired, their regions given back
+    engine.regions = RegionAllocator(budget)  # the engine is idle: no row holds a region of the old one
+    prompts.limits = replace(saved_prompt_limits, kv_cache_tokens=budget)
     try:
         _, too_big = worker.submit(FRANCE, max_tokens=60)
         assert too_big.final.error_status == 400 and "kv_cache_mb" in (too_big.final.error or "")
@@ -148,18 +159,53 @@ def test_kv_budget_queues_rows_that_do_not_fit_and_refuses_one_that_never_can(wo
         assert first.done.is_set() and first.finished_at is not None
         assert first.finished_at <= second_started  # it waited for the first row's KV memory
         assert second.final.error is None and "Paris" in second.text
+        wait_idle(worker)
+        assert engine.regions.used == 0  # both regions came back
     finally:
-        engine.limits, prompts.limits = saved, saved_prompt_limits
+        engine.regions, prompts.limits = saved_regions, saved_prompt_limits
 
 
-def test_prefill_passes_stay_within_the_prefill_token_limit(worker: Worker, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_prompts_are_prefilled_in_chunks_within_the_per_step_limit(worker: Worker, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     engine = worker.loaded.engine
     prompt_tokens = len(worker.loaded.prompts.encode(worker_request(FRANCE)))
-    monkeypatch.setattr(engine, "limits", replace(engine.limits, max_prefill_tokens=2 * prompt_tokens))
-    passes: list[int] = []
-    prefill = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda seqs: passes.append(len(seqs)) or prefill(seqs))
-    submitted = [worker.submit(FRANCE, max_tokens=6) for _ in range(5)]
+    alone = worker.ask(FRANCE, max_tokens=8)  # prefilled whole
+    limit = prompt_tokens // 3  # every prompt takes several passes
+    monkeypatch.setattr(engine, "limits", replace(engine.limits, max_prefill_tokens=limit,
+                                                  max_prefill_tokens_idle=limit))
+    fed: list[int] = []  # prompt tokens of each pass
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda plan: fed.append(
+        sum(n for seq, n in plan if not seq.prefilled)) or forward(plan))
+    submitted = [worker.submit(FRANCE, max_tokens=8) for _ in range(4)]
     for _, outcome in submitted:
-        assert outcome.final.error is None and "Paris" in outcome.text
-    assert sum(passes) == 5 and max(passes) <= 2 and len(passes) >= 3  # never more than two prompts per pass
+        assert outcome.final.error is None and outcome.text == alone  # chunked or not, the same answer
+    assert max(fed) <= limit and sum(fed) == 4 * prompt_tokens
+
+
+def test_a_long_prompt_is_admitted_in_small_chunks_while_a_stream_keeps_decoding(worker: Worker, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    engine = worker.loaded.engine
+    long_question = "Summarize this: " + "The river ran past the mill and the miller watched it. " * 16
+    alone = worker.ask(long_question, max_tokens=6)  # with nothing decoding: prefilled in one pass
+    monkeypatch.setattr(engine, "limits", replace(engine.limits, max_prefill_tokens=16))
+    passes: list[tuple[int, int]] = []  # (rows decoding, prompt tokens) of each pass
+    forward = engine._forward
+    monkeypatch.setattr(engine, "_forward", lambda plan: passes.append((
+        sum(1 for seq, _ in plan if seq.prefilled), sum(n for seq, n in plan if not seq.prefilled))) or forward(plan))
+    _, stream = worker.submit("Count slowly from one to one hundred.", max_tokens=80, ignore_eos=True)
+    stream.first_event_at()
+    _, long_one = worker.submit(long_question, max_tokens=6)
+    assert long_one.final.error is None and long_one.text == alone  # chunked beside a stream: the same answer
+    assert not stream.done.is_set()  # the stream was decoding all through the admission
+    chunked = [prompt for rows, prompt in passes if prompt and rows]
+    prompt_tokens = len(worker.loaded.prompts.encode(worker_request(long_question)))
+    assert sum(chunked) == prompt_tokens and max(chunked) <= 16  # every chunk beside the stream, each small
+    assert stream.final.finish_reason == "length"
+
+
+def test_a_slot_budget_on_the_embedded_model_gives_the_documented_count(worker: Worker) -> None:
+    """docs/operations.md: a rank-32 slot is about 37 MiB in float32 on the embedded model."""
+    layers = worker.loaded.adapters.layers
+    linears = {name: [layer.lora_a.shape[2], layer.lora_b.shape[2]] for name, layer in layers.items()}
+    assert len(linears) == 210
+    assert slots_in_budget(linears, 32, torch.float32, 38 * 2**20 * 2) == 1  # one slot and the zero slot
+    assert slots_in_budget(linears, 32, torch.float32, 512 * 2**20) == 12

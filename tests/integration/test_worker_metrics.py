@@ -47,3 +47,15 @@ def test_generation_and_adapter_loads_are_counted(worker: Worker) -> None:
     assert value(after, "loraplex_worker_base_model_info", device=str(worker.loaded.device),
                  model=worker.runtime.config.model_name,
                  quantization="bnb-nf4") == 1
+
+
+def test_the_kv_pool_gauge_shows_what_a_running_row_holds(worker: Worker) -> None:
+    _, outcome = worker.submit("Count from one to fifty.", max_tokens=200, ignore_eos=True)
+    outcome.first_event_at()
+    during = scrape(worker)
+    worker.loaded.engine.abort(outcome.events[0].request_id)
+    outcome.final  # noqa: B018 - waits for the end
+    capacity = value(during, "loraplex_worker_kv_cache_tokens", state="capacity")
+    assert capacity == worker.loaded.engine.regions.capacity > 0
+    assert value(during, "loraplex_worker_kv_cache_tokens", state="reserved") >= 200  # prompt + max_tokens
+    assert value(during, "loraplex_worker_kv_cache_tokens", state="largest_free") <= capacity - 200

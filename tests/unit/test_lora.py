@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from worker.lora import LoraRouting, MultiLoraLinear
+from worker.config import WorkerConfig
+from worker.lora import LoraRouting, MultiLoraLinear, slots_in_budget
 
 IN, OUT, SLOTS, MAX_RANK = 12, 10, 3, 8
 
@@ -25,9 +28,11 @@ def make_layer() -> tuple[MultiLoraLinear, LoraRouting, dict[int, tuple[torch.Te
     return layer, routing, weights
 
 
-def route(routing: LoraRouting, slots: list[int | None], ranks: dict[int, int]) -> None:
+def route(routing: LoraRouting, slots: list[int | None], ranks: dict[int, int], tokens: int | list[int] = 1) -> None:
+    """Route rows of `tokens` tokens each (or ragged rows of `tokens[i]`), read row-major."""
     ids = [SLOTS if s is None else s for s in slots]  # the last slot is the always-zero one
-    routing.route(ids, SLOTS, lambda slot: ranks[slot], torch.device("cpu"))
+    lengths = tokens if isinstance(tokens, list) else [tokens] * len(slots)
+    routing.route(ids, SLOTS, lambda slot: ranks[slot], torch.device("cpu"), lengths)
 
 
 def expected(layer: MultiLoraLinear, x: torch.Tensor, slots: list[int | None], weights: dict) -> torch.Tensor:  # type: ignore[type-arg]
@@ -56,9 +61,30 @@ def expected(layer: MultiLoraLinear, x: torch.Tensor, slots: list[int | None], w
 def test_each_row_gets_its_own_adapter(slots: list[int | None], tokens: int) -> None:
     layer, routing, weights = make_layer()
     ranks = {s: w[0].shape[0] for s, w in weights.items()}
-    route(routing, slots, ranks)
+    route(routing, slots, ranks, tokens)
     x = torch.randn(len(slots), tokens, IN)  # [batch, tokens, in]
     torch.testing.assert_close(layer(x), expected(layer, x, slots, weights), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("slots", "lengths"),
+    [
+        ([1, 0, 2, 0, None], [1, 1, 40, 1, 1]),  # decode rows around a prompt chunk on its own adapter
+        ([0, 1, None, 0], [30, 20, 5, 1]),  # two chunks on two adapters, a base chunk, a decode row
+        ([2, 2, 0], [1, 25, 1]),  # a slot with a decode row and a chunk
+        ([0, None], [50, 3]),  # one adapter beside base tokens
+    ],
+)
+def test_a_flat_pass_of_ragged_rows_gives_each_token_its_rows_adapter(
+    slots: list[int | None], lengths: list[int]
+) -> None:
+    """The engine's layout: one pass of decode rows and prompt chunks of any length, one after another."""
+    layer, routing, weights = make_layer()
+    route(routing, slots, {s: w[0].shape[0] for s, w in weights.items()}, lengths)
+    x = torch.randn(1, sum(lengths), IN)  # [1, tokens, in]
+    per_token = [slot for slot, n in zip(slots, lengths, strict=True) for _ in range(n)]
+    want = expected(layer, x[0].unsqueeze(1), per_token, weights).view(1, -1, OUT)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
 def test_no_adapter_rows_leave_the_base_output_alone() -> None:
@@ -86,7 +112,7 @@ def test_base_rows_keep_exact_base_values_whatever_an_adapter_in_the_batch_holds
     layer, routing, weights = make_layer()
     a, b = weights[0]
     layer.load_slot(0, torch.full_like(a, poison), torch.full_like(b, poison), 1.0)
-    route(routing, slots, {s: w[0].shape[0] for s, w in weights.items()})
+    route(routing, slots, {s: w[0].shape[0] for s, w in weights.items()}, 3)
     x = torch.randn(len(slots), 3, IN)
     out = layer(x)
     for row, slot in enumerate(slots):
@@ -111,6 +137,54 @@ def test_an_adapter_no_row_uses_adds_nothing_to_rows_on_slots_around_it(poison: 
 def test_load_slot_reports_values_that_overflow_the_slot_dtype() -> None:
     layer, _, _ = make_layer()
     big = torch.full((2, IN), 1e300, dtype=torch.float64)  # finite in float64, inf in the float32 slot
-    assert layer.load_slot(0, big, torch.ones(OUT, 2), 1.0) is False
-    assert layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e38), 10.0) is False  # the scale overflows
-    assert layer.load_slot(0, torch.ones(2, IN), torch.ones(OUT, 2), 2.0) is True
+    assert not layer.load_slot(0, big, torch.ones(OUT, 2), 1.0).isfinite().all()
+    assert not layer.slot_is_finite(0)
+    assert not layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e38), 10.0).isfinite().all()
+    assert not layer.slot_is_finite(0)  # the scale overflows
+    assert layer.load_slot(0, torch.ones(2, IN), torch.ones(OUT, 2), 2.0).isfinite().all()
+    assert layer.slot_is_finite(0)
+
+
+def test_large_finite_weights_whose_sum_overflows_are_still_finite() -> None:
+    layer, _, _ = make_layer()
+    sums = layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e37), 1.0)
+    assert not sums.isfinite().all()  # the quick check cannot tell...
+    assert layer.slot_is_finite(0)  # ...so the exact one decides, and the adapter is served
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_weights_load_into_a_cuda_slot_and_serve_a_mixed_pass() -> None:
+    """Adapter files are parsed into host tensors; the slots live on the GPU (no cross-device arithmetic)."""
+    torch.manual_seed(0)
+    cuda = torch.device("cuda")
+    routing = LoraRouting()
+    base = nn.Linear(IN, OUT).to(cuda)
+    layer = MultiLoraLinear(base, IN, OUT, SLOTS, MAX_RANK, routing, cuda, torch.float32)
+    host = {0: (torch.randn(4, IN, dtype=torch.bfloat16), torch.randn(OUT, 4, dtype=torch.bfloat16), 2.0),
+            1: (torch.randn(8, IN), torch.randn(OUT, 8), 0.5)}
+    for slot, (a, b, scale) in host.items():
+        assert layer.load_slot(slot, a, b, scale).isfinite().all()
+    x = torch.randn(4, IN)
+    routing.route([0, 1, SLOTS, 0], SLOTS, {0: 4, 1: 8}.__getitem__, cuda)
+    out = layer(x.to(cuda)).cpu()
+    base_out = base(x.to(cuda)).cpu()
+    for row, slot in enumerate([0, 1, None, 0]):
+        want = base_out[row]
+        if slot is not None:
+            a, b, scale = host[slot]
+            want = want + x[row] @ a.float().T @ (b.float() * scale).T
+        torch.testing.assert_close(out[row], want, rtol=1e-3, atol=1e-3)
+
+
+def test_slots_in_a_memory_budget_count_every_layer_and_the_zero_slot() -> None:
+    layers = {"q": [4, 6], "v": [4, 2]}  # rank 2, float32: (10 + 6) * 2 * 4 = 128 bytes a slot
+    assert slots_in_budget(layers, 2, torch.float32, 128 * 10) == 9
+    assert slots_in_budget(layers, 2, torch.bfloat16, 128 * 10) == 19
+    assert slots_in_budget(layers, 2, torch.float32, 256) == 1
+    with pytest.raises(ValueError, match="holds no adapter slot: one needs"):
+        slots_in_budget(layers, 2, torch.float32, 255)
+
+
+def test_a_slot_budget_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="adapter_slots_mb must be at least 1"):
+        WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", adapter_slots_mb=0)
