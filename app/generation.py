@@ -28,7 +28,16 @@ from app.deps import Services
 from app.errors import ApiError, BadRequest, NotFound, WorkerUnavailable, as_api_error, worker_error
 from app.quotas import QuotaLease, effective_limits
 from app.workers.pool import WorkerSlot
-from worker.protocol import AdapterRef, ChatMessage, GenerateEvent, GenerateRequest, SamplingParams, Usage
+from worker.grammar_spec import GrammarError, grammar_of
+from worker.protocol import (
+    AdapterRef,
+    ChatMessage,
+    GenerateEvent,
+    GenerateRequest,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # when asked: every generated token's
 
 
 def check_limits(services: Services, job: GenerationInput) -> None:
@@ -83,10 +93,16 @@ MAX_RETRIES = 1  # another worker after a worker failure, never after the worker
 WORKER_HEADER = "X-Loraplex-Worker"  # which worker answered: makes adapter-affinity routing visible
 
 
-def start(services: Services, tenant: Tenant, route: str, job: GenerationInput, adapter: ResolvedAdapter | None
-          ) -> Generation:
+async def start(services: Services, tenant: Tenant, route: str, job: GenerationInput,
+                adapter: ResolvedAdapter | None) -> Generation:
     """Check the limits and admit the request: 400, 429 and 503 come here, before any response starts."""
     check_limits(services, job)
+    constraint = job.sampling.constraint
+    if constraint is not None:  # a schema the grammar compiler refuses: 400 now, not in a stream (workers check again)
+        try:
+            await run_in_threadpool(grammar_of, constraint)
+        except GrammarError as exc:
+            raise BadRequest(str(exc)) from None
     return Generation(services, tenant, route, job, adapter)
 
 
@@ -204,13 +220,16 @@ class Generation:
 
     async def _complete_once(self) -> Completion:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] | None = None if self.request.sampling.logprobs is None else []
         async with aclosing(self._attempt()) as attempt:
             async for event in attempt:
                 parts.append(event.text)
+                if logprobs is not None:
+                    logprobs += event.logprobs or []
                 if event.finished:
                     assert event.usage is not None
                     return Completion("".join(parts), event.finish_reason or "stop",
-                                      event.usage.prompt_tokens, event.usage.completion_tokens)
+                                      event.usage.prompt_tokens, event.usage.completion_tokens, logprobs)
         raise WorkerUnavailable("the worker ended the stream without finishing the request")
 
     async def _attempt(self) -> AsyncGenerator[GenerateEvent, None]:

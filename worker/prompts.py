@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import TemplateError
+from llguidance import LLMatcher
 
+from worker.grammar import Grammars
+from worker.grammar_spec import GrammarError
 from worker.protocol import GenerateRequest
 
 
@@ -25,10 +28,34 @@ class PromptLimits:
     kv_cache_tokens: int  # the worker's whole KV budget: one request must fit it alone
 
 
+@dataclass(frozen=True)
+class PreparedPrompt:
+    ids: list[int]
+    matcher: LLMatcher | None  # the response_format's grammar, in its start state
+
+
 class PromptEncoder:
-    def __init__(self, tokenizer: Any, limits: PromptLimits) -> None:
+    def __init__(self, tokenizer: Any, limits: PromptLimits, grammars: Grammars) -> None:
         self.tokenizer = tokenizer
         self.limits = limits
+        self.grammars = grammars
+
+    def prepare(self, request: GenerateRequest) -> PreparedPrompt:
+        """Token ids and, for a response_format, its compiled grammar; PromptError if either cannot be."""
+        ids = self.encode(request)
+        vocab = len(self.tokenizer)
+        beyond = sorted(t for t in request.sampling.token_ids() if t >= vocab)
+        if beyond:
+            raise PromptError(f"token id {beyond[0]} (logit_bias or stop_token_ids) is not in the model's "
+                              f"vocabulary of {vocab} tokens (0-{vocab - 1})")
+        constraint = request.sampling.constraint
+        if request.sampling.logprobs is not None:
+            self.grammars.token_bytes(0)  # the tokenizer's byte view is built here, not on the engine thread
+        try:
+            matcher = None if constraint is None else self.grammars.matcher(constraint)
+        except GrammarError as exc:
+            raise PromptError(str(exc)) from None
+        return PreparedPrompt(ids, matcher)
 
     def encode(self, request: GenerateRequest) -> list[int]:
         """Token ids of the request's prompt, checked against the context and the KV budget."""

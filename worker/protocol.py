@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Bounds every request is held to, at the gateway's edge and again here (a worker trusts no caller).
 MAX_SEED = 2**63 - 1  # torch's generators take 64 bits; 2**64 and above raised on the engine thread
 MIN_TEMPERATURE = 0.01  # below this (denormals included) logits / temperature overflows: use 0 for greedy
 MAX_TEMPERATURE = 2.0
+MAX_SCHEMA_BYTES = 32 * 1024  # a response_format JSON schema, serialized
+MAX_SCHEMA_DEPTH = 32  # objects and arrays nested in a schema (the grammar compiler recurses on them)
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API
 
 
 def _encodable(text: str) -> str:
@@ -40,6 +46,37 @@ class AdapterRef(BaseModel):
     config_sha256: str
 
 
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a JSON value (iteratively: no recursion on tenant input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+class Constraint(BaseModel):
+    """Constrained decoding: the answer is a JSON object (`json_object`) or JSON valid against `json_schema`."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> Constraint:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        if self.json_schema is not None:
+            if _depth(self.json_schema) > MAX_SCHEMA_DEPTH:  # first: serializing recurses
+                raise ValueError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
+            size = len(json.dumps(self.json_schema, ensure_ascii=False).encode())
+            if size > MAX_SCHEMA_BYTES:
+                raise ValueError(f"the JSON schema is {size} bytes; the limit is {MAX_SCHEMA_BYTES} bytes")
+        return self
+
+
 class SamplingParams(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
@@ -49,6 +86,28 @@ class SamplingParams(BaseModel):
     seed: Seed | None = None
     stop: list[Text] = Field(default_factory=list)
     ignore_eos: bool = False  # run to max_tokens (benchmarks: equal lengths on every line)
+    constraint: Constraint | None = None  # response_format: every token is masked to keep the answer valid
+    # OpenAI's penalties on tokens already generated: presence once, frequency per occurrence.
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, Annotated[float, Field(ge=-100.0, le=100.0)]] = Field(
+        default_factory=dict, max_length=MAX_LOGIT_BIAS)  # token id -> added to its logit
+    min_tokens: int = Field(default=0, ge=0)  # EOS and stop_token_ids are impossible before this many tokens
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    # Log probabilities of each generated token and of this many most likely alternatives (None: none).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) is above max_tokens ({self.max_tokens})")
+        if any(token < 0 for token in [*self.logit_bias, *self.stop_token_ids]):
+            raise ValueError("token ids are not negative")
+        return self
+
+    def token_ids(self) -> set[int]:
+        """Every token id the request names (the worker checks them against its vocabulary)."""
+        return {*self.logit_bias, *self.stop_token_ids}
 
 
 class ChatMessage(BaseModel):
@@ -77,6 +136,18 @@ class Usage(BaseModel):
         return self.prompt_tokens + self.completion_tokens
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token's log probability under the model (before penalties, biases and masks)."""
+
+    top: list[TopLogprob] = Field(default_factory=list)  # the most likely tokens at its position
+
+
 class GenerateEvent(BaseModel):
     """One line of the worker's NDJSON stream: a text delta, then one final event."""
 
@@ -89,6 +160,7 @@ class GenerateEvent(BaseModel):
     queue_seconds: float | None = None  # final event: time the request waited before joining the batch
     error: str | None = None
     error_status: int | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens generated since the previous event, if asked
 
 
 class EvictRequest(BaseModel):

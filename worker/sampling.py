@@ -6,6 +6,7 @@ a token: it fails alone, and the other rows of the batch go on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,15 +33,24 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def choose_tokens(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    adjust: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[int | RowFailure]:
-    """logits: [batch, vocab] for the last position of each row, on the model's device.
+    """logits: [batch, vocab] for the last position of each row, on the model's device; `adjust`:
+    the rows' logits processing (penalties, biases, masks), given float32 logits already checked
+    for non-finite values, so the -inf of a mask is never taken for a broken adapter.
 
     Everything runs batched where the logits are; only the chosen token ids (and, for sampled
     rows, one uniform number each from the row's own seeded generator) cross to the host.
     """
     logits = logits.float()
-    finite = torch.isfinite(logits).all(dim=-1)  # [batch]
+    finite = torch.isfinite(logits).all(dim=-1)  # [batch], before any mask writes -inf
+    possible = None
+    if adjust is not None:
+        logits = adjust(logits)
+        possible = (logits > float("-inf")).any(dim=-1).tolist()  # [batch]: some token may still follow
     greedy = logits.argmax(dim=-1)  # [batch]
     sampled = [row for row, p in enumerate(params) if p.temperature > 0]
     drawn: dict[int, int | RowFailure] = {}
@@ -50,6 +60,9 @@ def choose_tokens(
     for row, (ok, token) in enumerate(zip(finite.tolist(), greedy.tolist(), strict=True)):
         if not ok:
             chosen.append(RowFailure("non-finite values", 500, non_finite=True))
+        elif possible is not None and not possible[row]:
+            chosen.append(RowFailure("no token may come next: min_tokens, logit_bias and response_format "
+                                     "together rule out every one", 422))
         else:
             chosen.append(drawn.get(row, token))
     return chosen

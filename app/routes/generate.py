@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -13,7 +13,8 @@ from app.deps import ServicesDep, TenantDep
 from app.errors import ApiError, error_body
 from app.generation import WORKER_HEADER, GenerationInput, resolve_adapter, start
 from app.json_body import StrictJsonRoute
-from worker.protocol import ChatMessage, GenerateEvent, SamplingParams, Seed, Temperature, Text
+from app.openai_schemas import ResponseFormat, sampling_params, token_biases
+from worker.protocol import MAX_LOGIT_BIAS, MAX_STOP_TOKEN_IDS, ChatMessage, GenerateEvent, Seed, Temperature, Text
 
 router = APIRouter(tags=["generation"], route_class=StrictJsonRoute)
 
@@ -32,12 +33,23 @@ class GenerateBody(BaseModel):
     stop: Text | list[Text] | None = None
     seed: Seed | None = Field(default=None, description="0 to 2**63-1")
     stream: bool = False
+    response_format: ResponseFormat | None = Field(default=None, description="as OpenAI's: JSON or a JSON schema")
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        default=None, max_length=MAX_LOGIT_BIAS, description="token id -> -100..100, at most 300")
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
 
     def to_input(self, max_tokens_limit: int) -> GenerationInput:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         max_tokens = self.max_tokens if self.max_tokens is not None else min(DEFAULT_MAX_TOKENS, max_tokens_limit)
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=self.temperature,
-                                  top_p=self.top_p, seed=self.seed, stop=stop)
+        constraint = self.response_format.constraint() if self.response_format is not None else None
+        sampling = sampling_params(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                   seed=self.seed, stop=stop, constraint=constraint,
+                                   presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                   logit_bias=token_biases(self.logit_bias), min_tokens=self.min_tokens,
+                                   stop_token_ids=self.stop_token_ids or [])
         return GenerationInput(self.prompt, self.messages, self.adapter, sampling)
 
 
@@ -61,7 +73,7 @@ async def generate(
 ) -> GenerateResponse | StreamingResponse:
     job = body.to_input(services.settings.max_tokens_limit)
     adapter = await resolve_adapter(services, tenant, job.adapter)
-    generation = start(services, tenant, "/generate", job, adapter)
+    generation = await start(services, tenant, "/generate", job, adapter)
     if body.stream:
         return generation.sse(_GenerateEvents(adapter))
     done = await generation.complete(request)

@@ -26,7 +26,9 @@ from app.openai_schemas import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatLogprobs,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -35,11 +37,12 @@ from app.openai_schemas import (
     chat_chunk,
     completion_chunk,
 )
-from worker.protocol import GenerateEvent
+from worker.protocol import GenerateEvent, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 
-Chunk = Callable[[str, str | None], dict[str, Any]]  # (text delta, finish_reason) -> one SSE payload
+# (text delta, finish_reason, its tokens' log probabilities if asked) -> one SSE payload
+Chunk = Callable[[str, str | None, list[TokenLogprob] | None], dict[str, Any]]
 
 
 def _base_model_name(services: Services) -> str:
@@ -80,11 +83,11 @@ class _OpenAIChunks:
         return [self.first] if self.first is not None else []
 
     def on_event(self, event: GenerateEvent) -> list[dict[str, Any]]:
-        out = [self.chunk(event.text, None)] if event.text else []
+        out = [self.chunk(event.text, None, event.logprobs)] if event.text or event.logprobs else []
         if event.finished and event.usage is not None:
-            out.append(self.chunk("", _finish(event.finish_reason)))
+            out.append(self.chunk("", _finish(event.finish_reason), None))
             if self.include_usage:
-                last = self.chunk("", None)
+                last = self.chunk("", None, None)
                 last["choices"] = []
                 last["usage"] = _usage(event.usage.prompt_tokens, event.usage.completion_tokens).model_dump()
                 out.append(last)
@@ -96,7 +99,7 @@ class _OpenAIChunks:
 
 async def _start(services: Services, tenant: Tenant, route: str, model: str, job: GenerationInput) -> Generation:
     adapter = await _resolve_model(services, tenant.id, model)
-    return start(services, tenant, route, job, adapter)
+    return await start(services, tenant, route, job, adapter)
 
 
 @router.post("/completions", response_model=CompletionResponse)
@@ -109,15 +112,21 @@ async def completions(
                               GenerationInput(body.single_prompt(), None, None, sampling))
     id_, created = f"cmpl-{generation.request.request_id}", int(time.time())
     if body.stream:
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return completion_chunk(id_, created, body.model, text, finish)
+        offset = 0  # characters of the answer already sent: the logprobs' text_offset
+
+        def chunk(text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+            nonlocal offset
+            shaped = None if logprobs is None else CompletionLogprobs.of(logprobs, offset)
+            offset += len(text)
+            return completion_chunk(id_, created, body.model, text, finish, shaped)
 
         return generation.sse(_OpenAIChunks(chunk, _include_usage(body)))
     done = await generation.complete(request)
     response.headers[WORKER_HEADER] = generation.slot.client.name
+    logprobs = None if done.logprobs is None else CompletionLogprobs.of(done.logprobs)
     return CompletionResponse(
         id=id_, created=created, model=body.model,
-        choices=[CompletionChoice(text=done.text, finish_reason=_finish(done.finish_reason))],
+        choices=[CompletionChoice(text=done.text, finish_reason=_finish(done.finish_reason), logprobs=logprobs)],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )
 
@@ -133,8 +142,9 @@ async def chat_completions(
                               GenerationInput(None, messages, None, sampling))
     id_, created = f"chatcmpl-{generation.request.request_id}", int(time.time())
     if body.stream:
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
-            return chat_chunk(id_, created, body.model, {"content": text} if text else {}, finish)
+        def chunk(text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+            shaped = None if logprobs is None else ChatLogprobs.of(logprobs)
+            return chat_chunk(id_, created, body.model, {"content": text} if text else {}, finish, shaped)
 
         first = chat_chunk(id_, created, body.model, {"role": "assistant", "content": ""}, None)
         return generation.sse(_OpenAIChunks(chunk, _include_usage(body), first))
@@ -142,7 +152,8 @@ async def chat_completions(
     response.headers[WORKER_HEADER] = generation.slot.client.name
     return ChatCompletionResponse(
         id=id_, created=created, model=body.model,
-        choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=_finish(done.finish_reason))],
+        choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=_finish(done.finish_reason),
+                            logprobs=None if done.logprobs is None else ChatLogprobs.of(done.logprobs))],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )
 

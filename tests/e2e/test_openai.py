@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from tests.e2e.conftest import Server
 from tests.e2e.test_user_path import fixture_files
+from tests.integration.test_structured import PERSON
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -65,3 +70,53 @@ def test_a_client_that_goes_away_frees_the_workers_row(server: Server, stream: b
                 break
             time.sleep(0.1)
     assert workers[0]["running"] == 0 and workers[0]["in_flight"] == 0, workers
+
+
+def test_openai_client_structured_outputs_on_an_adapter_and_the_base_at_once(server: Server) -> None:
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key=tenant_with_adapters(server, "json-user"), max_retries=0)
+    base_id = ({m.id for m in oa.models.list().data} - {"forty-two", "cat"}).pop()
+    ask = [{"role": "user", "content": "Describe a fictional person as JSON with their name, age and city."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+
+    def whole(model: str) -> str:
+        out = oa.chat.completions.create(model=model, messages=ask, response_format=fmt,  # type: ignore[arg-type]
+                                         max_tokens=80, temperature=0)
+        assert out.choices[0].finish_reason == "stop"
+        return out.choices[0].message.content or ""
+
+    def streamed(model: str) -> str:
+        stream = oa.chat.completions.create(model=model, messages=ask, response_format=fmt,  # type: ignore[arg-type]
+                                            max_tokens=80, temperature=0.8, seed=7, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+    with ThreadPoolExecutor(4) as pool:  # in the worker's batch together, beside a free row
+        answers = [pool.submit(whole, "cat"), pool.submit(whole, base_id), pool.submit(streamed, "forty-two")]
+        free = pool.submit(oa.chat.completions.create, model="forty-two", messages=QUESTION, max_tokens=12,
+                           temperature=0)
+        texts = [a.result() for a in answers]
+    for text in texts:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert (free.result().choices[0].message.content or "").startswith("The answer is 42")
+    any_object = oa.chat.completions.create(model=base_id, messages=QUESTION, max_tokens=40,  # type: ignore[arg-type]
+                                            response_format={"type": "json_object"}, temperature=0)
+    assert isinstance(json.loads(any_object.choices[0].message.content or ""), dict)
+    with pytest.raises(openai.BadRequestError, match="Invalid type"):
+        oa.chat.completions.create(model="cat", messages=QUESTION, stream=True, response_format={  # type: ignore[arg-type]
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}})
+
+
+def test_openai_client_logprobs_on_the_real_model(server: Server) -> None:
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.new_tenant("logprobs-user"), max_retries=0)
+    base_id = oa.models.list().data[0].id
+    out = oa.chat.completions.create(model=base_id, messages=QUESTION, max_tokens=8, temperature=0,  # type: ignore[arg-type]
+                                     logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+    assert content is not None and out.usage is not None and len(content) == out.usage.completion_tokens
+    for token in content:  # greedy: each token is its position's likeliest
+        assert token.top_logprobs[0].token == token.token and token.logprob <= 0
+        assert sum(math.exp(t.logprob) for t in token.top_logprobs) <= 1.0001
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    stream = oa.completions.create(model=base_id, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                   logprobs=2, stream=True)
+    tokens = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens or []]
+    assert len(tokens) == 4 and "Paris" in "".join(tokens)

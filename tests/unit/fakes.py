@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 from app.errors import WorkerUnavailable
-from worker.protocol import GenerateEvent, GenerateRequest, Usage, WorkerHealth
+from worker.protocol import GenerateEvent, GenerateRequest, TokenLogprob, TopLogprob, Usage, WorkerHealth
 
 
 class FakeWorkerClient:
@@ -37,7 +37,8 @@ class FakeWorkerClient:
             if self.fail_after is not None and i >= self.fail_after:
                 raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request")
             progress = Usage(prompt_tokens=len(words), completion_tokens=i + 1)
-            yield GenerateEvent(request_id=request.request_id, text=word + " ", progress=progress)
+            yield GenerateEvent(request_id=request.request_id, text=word + " ", progress=progress,
+                                logprobs=_fake_logprobs(word + " ", request.sampling.logprobs))
         yield GenerateEvent(
             request_id=request.request_id,
             finished=True,
@@ -65,3 +66,11 @@ class FakeWorkerClient:
 
     async def close(self) -> None:
         pass
+
+
+def _fake_logprobs(token: str, width: int | None) -> list[TokenLogprob] | None:
+    """One token per word, log probability -0.5, alternatives "alt0".."altN" below it."""
+    if width is None:
+        return None
+    top = [TopLogprob(token=f"alt{k}", logprob=-1.0 - k, bytes=list(f"alt{k}".encode())) for k in range(width)]
+    return [TokenLogprob(token=token, logprob=-0.5, bytes=list(token.encode()), top=top)]

@@ -81,3 +81,170 @@ def test_unknown_models_and_unsupported_options_are_clear_errors(gateway: Gatewa
         openai.OpenAI(base_url="http://testserver/v1", api_key="lpx_wrong", http_client=gateway.client,
                       max_retries=0).models.list()
     assert gateway.worker.requests == []  # nothing reached the worker
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_response_format_reaches_the_worker_as_a_constraint(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    oa = client_for(gateway, tenant)
+    oa.chat.completions.create(model="tiny-base", messages=HI,  # type: ignore[arg-type]
+                               response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}})
+    oa.chat.completions.create(model="tiny-base", messages=HI, response_format={"type": "json_object"})  # type: ignore[arg-type]
+    oa.chat.completions.create(model="tiny-base", messages=HI, response_format={"type": "text"})  # type: ignore[arg-type]
+    oa.completions.create(model="tiny-base", prompt="hi", extra_body={"response_format": {"type": "json_object"}})
+    gateway.client.post("/generate", headers=tenant, json={"prompt": "hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}})
+    sent = [r.sampling.constraint for r in gateway.worker.requests]
+    assert [c and c.type for c in sent] == ["json_schema", "json_object", None, "json_object", "json_schema"]
+    assert sent[0] is not None and sent[0].json_schema == PERSON and sent[-1] == sent[0]
+
+
+@pytest.mark.parametrize(
+    ("response_format", "message"),
+    [
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "nonsense"}}}, "Invalid type"),
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "string", "pattern": "(("}}},
+         "unclosed group"),
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"$ref": "#/$defs/gone"}}}, "does not exist"),
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"enum": ["x" * 100] * 400}}}, "32768 bytes"),
+        ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"allOf": [{"items": {}}] * 1}}}, None),
+        ({"type": "json_schema"}, "needs a json_schema object"),
+    ],
+)
+def test_a_response_format_that_cannot_be_enforced_is_a_400_before_anything_starts(
+    gateway: Gateway, response_format: dict, message: str | None  # type: ignore[type-arg]
+) -> None:
+    tenant = gateway.new_tenant("acme")
+    oa = client_for(gateway, tenant)
+    if message is None:  # the control: a valid schema goes through
+        oa.chat.completions.create(model="tiny-base", messages=HI, response_format=response_format)  # type: ignore[arg-type]
+        assert len(gateway.worker.requests) == 1
+        return
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError, match=message):
+            oa.chat.completions.create(model="tiny-base", messages=HI, response_format=response_format,  # type: ignore[arg-type]
+                                       stream=stream)
+    assert gateway.worker.requests == []
+
+
+@pytest.mark.parametrize("response_format", [{"type": "xml"}, {"type": "json_schema", "json_schema": {
+    "name": "bad name!", "schema": PERSON}}, {"type": "json_schema", "json_schema": {"schema": ["not", "an object"]}}])
+def test_a_malformed_response_format_is_a_422_naming_the_field(gateway: Gateway, response_format: dict) -> None:  # type: ignore[type-arg]
+    tenant = gateway.new_tenant("acme")
+    with pytest.raises(openai.UnprocessableEntityError, match="response_format"):
+        client_for(gateway, tenant).chat.completions.create(model="tiny-base", messages=HI,  # type: ignore[arg-type]
+                                                            response_format=response_format)  # type: ignore[arg-type]
+    assert gateway.worker.requests == []
+
+
+def test_a_schema_nested_too_deeply_is_refused_by_name(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    schema: dict = {"type": "string"}  # type: ignore[type-arg]
+    for _ in range(40):
+        schema = {"type": "array", "items": schema}
+    answer = gateway.client.post("/v1/chat/completions", headers=tenant, json={
+        "model": "tiny-base", "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "deep", "schema": schema}}})
+    assert answer.status_code == 400 and "nests deeper than 32 levels" in answer.json()["error"]["message"]
+    assert gateway.worker.requests == []
+
+
+def test_text_parts_are_joined_and_image_parts_are_refused_as_text_only(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    oa = client_for(gateway, tenant)
+    parts = [{"type": "text", "text": "one "}, {"type": "text", "text": "two"}]
+    oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": parts}])  # type: ignore[list-item]
+    assert (gateway.worker.requests[-1].messages or [])[0].content == "one two"
+    image = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    with pytest.raises(openai.BadRequestError, match="text-only"):
+        oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": image}])  # type: ignore[list-item]
+    assert len(gateway.worker.requests) == 1
+
+
+def test_penalties_logit_bias_and_vllm_extras_reach_the_worker(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    oa = client_for(gateway, tenant)
+    oa.chat.completions.create(model="tiny-base", messages=HI, max_tokens=20, presence_penalty=0.5,  # type: ignore[arg-type]
+                               frequency_penalty=-1.5, logit_bias={"50": 10, "7": -100},
+                               extra_body={"min_tokens": 3, "stop_token_ids": [2, 9]})
+    gateway.client.post("/generate", headers=tenant, json={"prompt": "hi", "logit_bias": {"5": 1.5}, "min_tokens": 1})
+    chat, generate = (r.sampling for r in gateway.worker.requests)
+    assert (chat.presence_penalty, chat.frequency_penalty, chat.logit_bias) == (0.5, -1.5, {50: 10.0, 7: -100.0})
+    assert (chat.min_tokens, chat.stop_token_ids) == (3, [2, 9])
+    assert generate.logit_bias == {5: 1.5} and generate.min_tokens == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "message"),
+    [
+        ({"presence_penalty": 2.5}, 422, "presence_penalty"),
+        ({"frequency_penalty": -3}, 422, "frequency_penalty"),
+        ({"logit_bias": {"5": 101}}, 422, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, 422, "logit_bias"),
+        ({"logit_bias": {"abc": 1}}, 400, "not a token id"),
+        ({"logit_bias": {"-4": 1}}, 400, "not a token id"),
+        ({"logit_bias": {"99999999999999999999": 1}}, 400, "not a token id"),
+        ({"min_tokens": 30, "max_tokens": 10}, 400, "min_tokens (30) is above max_tokens (10)"),
+        ({"stop_token_ids": [-1]}, 400, "not negative"),
+        ({"stop_token_ids": list(range(65))}, 422, "stop_token_ids"),
+    ],
+)
+def test_penalty_and_bias_bounds_are_named(gateway: Gateway, fields: dict, status: int, message: str) -> None:  # type: ignore[type-arg]
+    tenant = gateway.new_tenant("acme")
+    for route, body in (("/v1/chat/completions", {"model": "tiny-base", "messages": HI}),
+                        ("/v1/completions", {"model": "tiny-base", "prompt": "hi"}), ("/generate", {"prompt": "hi"})):
+        answer = gateway.client.post(route, headers=tenant, json={**body, **fields})
+        assert answer.status_code == status, (route, answer.text)
+        assert message in answer.json()["error"]["message"], (route, answer.text)
+    assert gateway.worker.requests == []
+
+
+def test_chat_logprobs_whole_and_streamed_in_openais_shapes(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    oa = client_for(gateway, tenant)
+    out = oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "one two"}],  # type: ignore[list-item]
+                                     logprobs=True, top_logprobs=2)
+    assert out.choices[0].logprobs is not None and out.choices[0].logprobs.content is not None
+    content = out.choices[0].logprobs.content
+    assert [c.token for c in content] == ["one ", "two "] and content[0].logprob == -0.5
+    assert [t.token for t in content[0].top_logprobs] == ["alt0", "alt1"] and content[0].bytes == list(b"one ")
+    assert gateway.worker.requests[-1].sampling.logprobs == 2
+    stream = oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "one two"}],  # type: ignore[list-item]
+                                        logprobs=True, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content or []]
+    assert [t.token for t in streamed] == ["one ", "two "] and streamed[0].top_logprobs == []
+    plain = oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "x"}])  # type: ignore[list-item]
+    assert plain.choices[0].logprobs is None and gateway.worker.requests[-1].sampling.logprobs is None
+
+
+def test_completion_logprobs_in_the_legacy_shape_with_text_offsets(gateway: Gateway) -> None:
+    tenant = gateway.new_tenant("acme")
+    oa = client_for(gateway, tenant)
+    out = oa.completions.create(model="tiny-base", prompt="ab cd ef", max_tokens=5, logprobs=1)
+    logprobs = out.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.tokens == ["ab ", "cd ", "ef "] and logprobs.token_logprobs == [-0.5] * 3
+    assert logprobs.text_offset == [0, 3, 6] and logprobs.top_logprobs == [{"alt0": -1.0}] * 3
+    pieces = [c.choices[0].logprobs for c in oa.completions.create(model="tiny-base", prompt="ab cd ef",
+                                                                    max_tokens=5, logprobs=0, stream=True)]
+    assert [p.text_offset for p in pieces if p is not None and p.tokens] == [[0], [3], [6]]
+
+
+@pytest.mark.parametrize(
+    ("route", "fields", "status", "message"),
+    [
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 3}, 400, "top_logprobs needs logprobs: true"),
+        ("/v1/completions", {"logprobs": 6}, 422, "logprobs"),
+        ("/v1/completions", {"logprobs": 2, "echo": True}, 400, "echo"),
+    ],
+)
+def test_logprobs_bounds_are_named(gateway: Gateway, route: str, fields: dict, status: int, message: str) -> None:  # type: ignore[type-arg]
+    tenant = gateway.new_tenant("acme")
+    body = {"model": "tiny-base", "messages": HI} if "chat" in route else {"model": "tiny-base", "prompt": "hi"}
+    answer = gateway.client.post(route, headers=tenant, json={**body, **fields})
+    assert answer.status_code == status and message in answer.json()["error"]["message"], answer.text
+    assert gateway.worker.requests == []

@@ -115,7 +115,7 @@ def test_text_that_cannot_be_encoded_is_refused(gateway: Gateway) -> None:
     assert gateway.worker.requests == []
 
 
-@pytest.mark.parametrize("content", [42, None, {"text": "hi"}, [{"type": "image_url", "image_url": {"url": "x"}}]])
+@pytest.mark.parametrize("content", [42, None, {"text": "hi"}, [{"text": "no type"}], [{"type": 7, "text": "x"}]])
 def test_content_must_be_text_or_text_parts(gateway: Gateway, content: object) -> None:
     tenant = gateway.new_tenant("attacker")
     resp = gateway.client.post("/v1/chat/completions", headers=tenant,

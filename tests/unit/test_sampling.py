@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from worker.protocol import SamplingParams
+from worker.grammar import Grammars
+from worker.logits import processing
+from worker.protocol import GenerateRequest, SamplingParams
 from worker.sampling import RowFailure, choose_tokens, make_generator
+from worker.sequence import Sequence
 
 
 def params(**over: object) -> SamplingParams:
@@ -52,3 +56,85 @@ def test_a_row_that_cannot_be_sampled_fails_alone() -> None:
     assert isinstance(chosen[1], RowFailure) and chosen[1].non_finite
     assert chosen[2] == 0  # NaN > 0 is false: greedy, as a caller past validation would get
     assert isinstance(chosen[3], RowFailure) and not chosen[3].non_finite  # logits / 5e-324 overflow
+
+
+def mask_rows(rows: list[int], allowed: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def adjust(logits: torch.Tensor) -> torch.Tensor:
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+        return logits
+    return adjust
+
+
+def test_masked_rows_take_only_allowed_tokens_and_the_others_are_untouched() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    logits[:, 7] = 100.0  # everyone's favourite
+    allowed = torch.zeros(2, 50, dtype=torch.bool)
+    allowed[0, [3, 4]] = True
+    allowed[1, 9] = True
+    rows = [params(), params(temperature=1.5, seed=5), params()]
+    free = choose(logits.clone(), rows)
+    chosen = choose_tokens(logits.clone(), rows, [make_generator(p) for p in rows], mask_rows([0, 1], allowed))
+    assert chosen[0] == int(logits[0, [3, 4]].argmax()) + 3
+    assert chosen[1] == 9  # sampled, yet only the one allowed token
+    assert chosen[2] == free[2] == 7
+
+
+def test_masking_is_not_taken_for_non_finite_logits_but_a_masked_nan_still_is() -> None:
+    logits = torch.zeros(2, 10)
+    logits[0, 2] = math.nan
+    allowed = torch.zeros(2, 10, dtype=torch.bool)
+    allowed[:, 5] = True  # the mask writes -inf everywhere else
+    chosen = choose_tokens(logits, [params(), params()], [None, None], mask_rows([0, 1], allowed))
+    assert isinstance(chosen[0], RowFailure) and chosen[0].non_finite
+    assert chosen[1] == 5
+
+
+def sequence(output: list[int], **over: object) -> Sequence:
+    request = GenerateRequest(request_id=f"r{len(output)}{sorted(over)}", prompt="x",
+                              sampling=SamplingParams(max_tokens=50, **over))  # type: ignore[arg-type]
+    return Sequence(request=request, sink=lambda event: None, prompt_ids=[1], output_ids=list(output))
+
+
+def processed(rows: list[Sequence], logits: torch.Tensor, eos: set[int] | None = None) -> torch.Tensor:
+    adjust, failed = processing(rows, eos or {0}, Grammars(None), logits.shape[1], logits.device)
+    assert adjust is not None and not failed
+    return adjust(logits.clone())
+
+
+def test_penalties_count_only_the_rows_own_generated_tokens() -> None:
+    rows = [sequence([5, 5, 6], presence_penalty=1.0, frequency_penalty=0.5), sequence([5, 5, 6]),
+            sequence([], presence_penalty=2.0)]
+    out = processed(rows, torch.zeros(3, 10))
+    assert out[0, 5] == -2.0 and out[0, 6] == -1.5 and out[0, [0, 1, 2, 3, 4, 7, 8, 9]].eq(0).all()
+    assert out[1:].eq(0).all()  # no penalty asked, or nothing generated yet
+
+
+def test_negative_penalties_favour_repeats_and_logit_bias_adds_per_token() -> None:
+    rows = [sequence([3], frequency_penalty=-2.0), sequence([], logit_bias={7: 100.0, 2: -100.0})]
+    out = processed(rows, torch.ones(2, 10))
+    assert out[0, 3] == 3.0
+    assert out[1, 7] == 101.0 and out[1, 2] == -99.0
+    assert choose_tokens(torch.ones(2, 10), [r.request.sampling for r in rows], [None, None],
+                         processing(rows, {0}, Grammars(None), 10, torch.device("cpu"))[0]) == [3, 7]
+
+
+def test_before_min_tokens_neither_eos_nor_a_stop_token_can_come() -> None:
+    rows = [sequence([4], min_tokens=3, stop_token_ids=[8]), sequence([4, 4, 4], min_tokens=3, stop_token_ids=[8])]
+    logits = torch.zeros(2, 10)
+    logits[:, 0] = logits[:, 8] = 50.0
+    out = processed(rows, logits, eos={0, 9})
+    assert out[0, [0, 8, 9]].eq(float("-inf")).all() and out[0, 1:8].eq(0).all()
+    assert out[1].equal(logits[1])  # min_tokens reached
+
+
+def test_a_row_left_with_no_possible_token_fails_alone_with_a_422() -> None:
+    rows = [sequence([], min_tokens=2), sequence([])]
+    adjust, _ = processing(rows, {0, 1}, Grammars(None), 2, torch.device("cpu"))
+    chosen = choose_tokens(torch.zeros(2, 2), [r.request.sampling for r in rows], [None, None], adjust)
+    assert isinstance(chosen[0], RowFailure) and chosen[0].status == 422 and "min_tokens" in chosen[0].message
+    assert chosen[1] == 0
+
+
+def test_no_processing_when_no_row_asks_for_any() -> None:
+    assert processing([sequence([1, 2]), sequence([])], {0}, Grammars(None), 10, torch.device("cpu")) == (None, {})
