@@ -80,6 +80,10 @@ def timed_post(client: httpx.Client, path: str, **kwargs: object) -> httpx.Respo
     return resp
 
 
+DEEP_SCHEMA: dict = {"type": "string"}  # type: ignore[type-arg]
+for _ in range(40):
+    DEEP_SCHEMA = {"type": "array", "items": DEEP_SCHEMA}
+
 HOSTILE_BODIES = {
     "seed 2**64": ("/generate", {"messages": FRANCE, "temperature": 0.7, "seed": 2**64}, "seed"),
     "denormal temperature": ("/generate", {"messages": FRANCE, "temperature": 5e-324}, "temperature"),
@@ -91,6 +95,15 @@ HOSTILE_BODIES = {
     "image part": ("/v1/chat/completions", {"model": "helper", "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]}, "content"),
     "openai seed": ("/v1/completions", {"model": "helper", "prompt": "hi", "seed": -5}, "seed"),
+    "schema that cannot compile": ("/generate", {"messages": FRANCE, "stream": True,
+                                   "response_format": {"type": "json_schema", "json_schema": {
+                                       "name": "x", "schema": {"type": "string", "pattern": "(("}}}},
+                                   "response_format"),
+    "schema nested 40 deep": ("/generate", {"messages": FRANCE, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": DEEP_SCHEMA}}}, "nests deeper"),
+    "logit_bias beyond the vocabulary": ("/generate", {"messages": FRANCE, "logit_bias": {"999999": 5}},
+                                         "vocabulary"),
+    "min_tokens over max_tokens": ("/generate", {"messages": FRANCE, "max_tokens": 4, "min_tokens": 9}, "min_tokens"),
 }
 
 
@@ -179,6 +192,28 @@ def test_the_bystander_shares_a_batch_with_an_adapter_at_the_limit(arena: Arena)
             assert resp.status_code == 200 or (400 <= resp.status_code < 600 and "error" in resp.json()), resp.text
         base_answer, helper_answer = (s.result() for s in shared)
     assert "Paris" in base_answer and "42" in helper_answer  # batch composition may shift digits, not behaviour
+    arena.assert_unharmed()
+
+
+def test_costly_grammars_and_extreme_penalties_beside_the_bystander(arena: Arena) -> None:
+    """Schemas whose lexer states cost the most to build, all-300 logit biases and extreme penalties,
+    sampled, in the same batches as the bystander's rows: the attacker gets answers, the bystander
+    its own."""
+    costly = [{"type": "string", "minLength": 5000, "maxLength": 5001},
+              {"type": "string", "pattern": "((a{1,30}){1,30}){1,30}"},
+              {"anyOf": [{"type": "string", "pattern": f"p{i}[a-z]{{1,50}}q"} for i in range(400)]}]
+    bodies = [{"messages": FRANCE, "temperature": 1.5, "response_format": {
+        "type": "json_schema", "json_schema": {"name": f"c{i}", "schema": schema}}} for i, schema in enumerate(costly)]
+    bodies.append({"messages": FRANCE, "temperature": 2.0, "presence_penalty": -2, "frequency_penalty": -2,
+                   "logit_bias": {str(t): 100 for t in range(300)}})
+    with ThreadPoolExecutor(6) as pool:
+        attacks = [pool.submit(timed_post, arena.attacker, "/generate", json=body) for body in bodies]
+        time.sleep(0.2)
+        shared = [pool.submit(arena.bystander_answer, adapter) for adapter in (None, "helper")]
+        for attack in attacks:
+            assert attack.result().status_code == 200, attack.result().text
+        base_answer, helper_answer = (s.result() for s in shared)
+    assert "Paris" in base_answer and "42" in helper_answer
     arena.assert_unharmed()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import struct
 import subprocess
 import threading
 import time
@@ -48,6 +49,15 @@ def test_threshold_stripping_keeps_what_is_compared() -> None:
         "histogram_quantile(0.99, sum by (le) (rate(b[5m])))")
 
 
+def _with_metadata(safetensors: bytes, metadata: dict[str, str]) -> bytes:
+    """The same tensors with a different header: other bytes, other blob, same behaviour."""
+    size = struct.unpack("<Q", safetensors[:8])[0]
+    header = json.loads(safetensors[8:8 + size]) | {"__metadata__": metadata}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + safetensors[8 + size:]
+
+
 def _tenants(server: Server) -> tuple[str, str]:
     """A tenant with an adapter and one request done (its series exist before the scrapes start;
     a series born with a count already in it has no rate until its next change), and one that allows
@@ -56,8 +66,12 @@ def _tenants(server: Server) -> tuple[str, str]:
     with server.client(server.admin_key) as admin:
         narrow = admin.post("/admin/tenants", json={"name": "narrow", "limits": {"max_concurrent_requests": 1}})
         assert narrow.status_code == 201, narrow.text
+    # Adapters are content-addressed: weights no other test uploads make this one's first use a cold
+    # load (the load-duration histogram's only observation), whatever the session's server has cached.
+    config, (weights_part, (weights_name, weights)) = fixture_files("answer42")
+    files = [config, (weights_part, (weights_name, _with_metadata(weights, {"scraped": "yes"})))]
     with server.client(key) as client:
-        assert client.post("/adapters", data={"name": "scraped-42"}, files=fixture_files("answer42")).status_code == 201
+        assert client.post("/adapters", data={"name": "scraped-42"}, files=files).status_code == 201
         assert client.post("/generate", json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
     return key, str(narrow.json()["api_key"])
 
