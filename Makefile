@@ -24,6 +24,7 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.engine_bench
 
 lint: venv

@@ -9,6 +9,9 @@ Lines, all on the embedded model with the same prompts and lengths (every row ru
     and 8 distinct sampled; each the median of three rounds with the lines interleaved, and each
     also as a ratio to the engine's own base-row line (2/2);
  f. fairness: one tenant submits 64 requests, then another tenant one: its queue time, in rounds;
+ b, c, e, h (bench.workloads): 64 requests over 1, 4, 16, 64 distinct adapters (16 device slots);
+    decode at ~1,000 tokens of context against ~64; inter-token latency of running streams
+    while a ~2,000-token prompt is admitted; 15 free rows beside one JSON-schema row;
  3. transformers + PEFT, set_adapter then generate, one request at a time (the naive way);
  4. PEFT's own mixed batch (generate with adapter_names);
  5. through the HTTP API (bench.http_bench): concurrent requests vs one at a time;
@@ -32,6 +35,13 @@ import torch
 
 from adapters.blobstore import LocalBlobStore
 from bench.common import ALL_LINEARS, PROMPTS, Row, p50_ms, print_table, timed, write_adapter
+from bench.workloads import (
+    DISTINCT_COUNTS,
+    adapters_curve,
+    admission_latency_lines,
+    constrained_row_lines,
+    long_context_lines,
+)
 from worker.config import WorkerConfig
 from worker.model import PreparedModel, load_base_model, prepare_embedded_model, resolve_device
 from worker.protocol import AdapterRef, GenerateEvent, GenerateRequest, SamplingParams
@@ -45,7 +55,6 @@ ONE_ADAPTER = "loraplex, all rows one adapter"
 MIXED = "loraplex, different adapters (8 distinct)"
 MIXED16 = "loraplex, every row its own adapter (16 distinct)"
 SAMPLED = "loraplex, 8 distinct, sampled (T 0.8, top_p 0.9)"
-ROUNDS = 3  # every engine line: the median of this many rounds, the lines interleaved in each
 
 
 def store(blobs: LocalBlobStore, directory: Path, key: str) -> AdapterRef:
@@ -175,8 +184,8 @@ def start_worker(config: WorkerConfig) -> WorkerRuntime:
     return runtime
 
 
-def engine_lines(worker: LoadedWorker, refs: list[AdapterRef], n: int) -> dict[tuple[str, int], float]:
-    """Tokens/s by (line, batch): the median of ROUNDS rounds, every line once in each round."""
+def engine_lines(worker: LoadedWorker, refs: list[AdapterRef], n: int, rounds: int) -> dict[tuple[str, int], float]:
+    """Tokens/s by (line, batch): the median of `rounds` rounds, every line once in each round."""
     plans: dict[str, Callable[[int], list[AdapterRef | None]]] = {
         BASE_ROWS: lambda b: [None] * b,
         ONE_ADAPTER: lambda b: [refs[0]] * b,
@@ -186,7 +195,7 @@ def engine_lines(worker: LoadedWorker, refs: list[AdapterRef], n: int) -> dict[t
     }
     engine_run(worker, list(refs), 4)  # warm-up: every adapter resident
     speeds: dict[tuple[str, int], list[float]] = {}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for b in BATCHES:
             for what, plan in plans.items():
                 seconds = engine_run(worker, plan(b), n, sampled=what == SAMPLED)
@@ -237,7 +246,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
     dirs, refs = adapters("a", ALL_LINEARS, 0)
     extra = [store(blobs, write_adapter(work / f"e{i}", prepared.linear_modules, RANK, ALL_LINEARS, 50 + i), f"e{i}")
-             for i in range(16 - DISTINCT)]
+             for i in range(max(DISTINCT_COUNTS) - DISTINCT)]
     n = args.new_tokens
 
     # The engine first, on its own thread, before this thread runs any torch op: a second
@@ -247,12 +256,16 @@ def run(args: argparse.Namespace) -> list[Row]:
         torch_threads=args.threads, max_batch_size=16, adapter_slots=16, max_lora_rank=RANK,
     ))  # fmt: skip
     assert runtime.loaded is not None
-    engine_speed = engine_lines(runtime.loaded, refs + extra, n)
+    engine_speed = engine_lines(runtime.loaded, refs + extra[: 16 - DISTINCT], n, args.rounds)
     fairness = fairness_line(runtime.loaded, n)
+    workloads = adapters_curve(runtime.loaded, refs + extra, n, args.rounds)
+    workloads += long_context_lines(runtime.loaded, args.long_new_tokens, args.rounds)
+    workloads += admission_latency_lines(runtime.loaded, args.rounds)
+    workloads += constrained_row_lines(runtime.loaded, n, args.rounds)
     _, cold_refs = adapters("c", ALL_LINEARS, 100)
     _, qv_refs = adapters("q", ("q_proj", "v_proj"), 200)
-    loads = load_latencies(runtime.loaded, cold_refs, refs + extra, refs[0])
-    qv_loads = load_latencies(runtime.loaded, qv_refs, refs + extra, refs[0])
+    loads = load_latencies(runtime.loaded, cold_refs, refs + extra[: 16 - DISTINCT], refs[0])
+    qv_loads = load_latencies(runtime.loaded, qv_refs, refs + extra[: 16 - DISTINCT], refs[0])
     runtime.stop()
 
     base, tokenizer = load_base_model(prepared.path, device)
@@ -268,7 +281,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             own = speed / engine_speed[(BASE_ROWS, b)]
             target = {ONE_ADAPTER: "≥ 0.92", MIXED16: "≥ 0.85"}.get(what, "") if b == 16 else ""
             rows.append(Row("2/2", f"{what} / engine base rows", b, own, "x", f"{own:.2f}", target))
-    rows += fairness
+    rows += fairness + workloads
 
     ours = {b: speed for (what, b), speed in engine_speed.items() if what == MIXED}
     rows += peft_lines(peft_model(prepared, device, dirs), tokenizer, n, ceiling, ours)
@@ -293,6 +306,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per line; each line's value is their median")
+    parser.add_argument("--long-new-tokens", type=int, default=256, help="new tokens per row in (c)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-http", action="store_true", help="leave out line 5 (HTTP API)")
     parser.add_argument("--only-http", action="store_true", help="line 5 alone")
