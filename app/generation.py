@@ -49,12 +49,40 @@ class GenerationInput:
 
 
 @dataclass
-class Completion:
+class Choice:
+    """One of a request's n answers."""
+
+    index: int
     text: str
     finish_reason: str
-    prompt_tokens: int
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None  # when asked: every generated token's
+    cumulative_logprob: float | None = None  # when a score was asked (best_of)
+
+    @property
+    def mean_logprob(self) -> float:
+        return (self.cumulative_logprob or 0.0) / max(1, self.completion_tokens)
+
+
+@dataclass
+class Completion:
+    choices: list[Choice]  # by index
+    prompt_tokens: int  # once: the choices share the prompt
+    completion_tokens: int  # of every choice generated, returned or not
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    def best(self, n: int) -> list[Choice]:
+        """The n choices with the highest log probability per token (OpenAI's best_of), numbered anew."""
+        ranked = sorted(self.choices, key=lambda c: c.mean_logprob, reverse=True)[:n]
+        return [Choice(i, c.text, c.finish_reason, c.completion_tokens, c.logprobs, c.cumulative_logprob)
+                for i, c in enumerate(ranked)]
 
 
 def check_limits(services: Services, job: GenerationInput) -> None:
@@ -74,6 +102,9 @@ def check_limits(services: Services, job: GenerationInput) -> None:
         raise BadRequest(
             f"max_tokens {job.sampling.max_tokens} is above the limit of {s.max_tokens_limit} (max_tokens_limit)"
         )
+    if job.sampling.n > s.max_batch_size:
+        raise BadRequest(f"n={job.sampling.n} choices run as {job.sampling.n} batch rows at once; a worker's "
+                         f"batch has {s.max_batch_size} (max_batch_size)")
     if len(job.sampling.stop) > s.max_stop_sequences:
         raise BadRequest(f"at most {s.max_stop_sequences} stop sequences are allowed (max_stop_sequences)")
     for stop in job.sampling.stop:
@@ -138,6 +169,7 @@ class Generation:
         # Picked and admitted now, so that 503 and 429 come before any response starts.
         self.slot = services.pool.pick(self.request.adapter.key if self.request.adapter else None)
         self._tried: list[WorkerSlot] = []
+        self._generated: dict[int, int] = {}  # choice -> tokens generated so far, in the current attempt
         self.lease = QuotaLease(services.quotas, tenant.id, effective_limits(tenant, services.settings))
         self._finished = False
 
@@ -219,28 +251,41 @@ class Generation:
                 yield fmt.closing
 
     async def _complete_once(self) -> Completion:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] | None = None if self.request.sampling.logprobs is None else []
+        n = self.request.sampling.n
+        parts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        ended: dict[int, GenerateEvent] = {}
         async with aclosing(self._attempt()) as attempt:
             async for event in attempt:
-                parts.append(event.text)
-                if logprobs is not None:
-                    logprobs += event.logprobs or []
+                parts[event.index].append(event.text)
+                logprobs[event.index] += event.logprobs or []
                 if event.finished:
-                    assert event.usage is not None
-                    return Completion("".join(parts), event.finish_reason or "stop",
-                                      event.usage.prompt_tokens, event.usage.completion_tokens, logprobs)
+                    ended[event.index] = event
+                if len(ended) == n:
+                    return self._completion(parts, logprobs, ended)
         raise WorkerUnavailable("the worker ended the stream without finishing the request")
+
+    def _completion(self, parts: list[list[str]], logprobs: list[list[TokenLogprob]],
+                    ended: dict[int, GenerateEvent]) -> Completion:
+        asked = self.request.sampling.logprobs is not None
+        choices = []
+        for i, event in sorted(ended.items()):
+            assert event.usage is not None
+            choices.append(Choice(i, "".join(parts[i]), event.finish_reason or "stop", event.usage.completion_tokens,
+                                  logprobs[i] if asked else None, event.cumulative_logprob))
+        prompt_tokens = ended[0].usage.prompt_tokens if ended[0].usage is not None else 0
+        return Completion(choices, prompt_tokens, sum(c.completion_tokens for c in choices))
 
     async def _attempt(self) -> AsyncGenerator[GenerateEvent, None]:
         """One try on the current worker; an error event from it becomes the matching API error."""
         slot = self.slot
+        self._generated = {}  # this attempt's counts only: a failed-over attempt is not charged twice
         slot.in_flight += 1
         metrics.IN_FLIGHT.inc()
         try:
             async for event in slot.client.generate(self.request):
                 if event.error is not None:
-                    self._count(event.usage)
+                    self._count(event, event.usage)
                     await self._raise_if_deleted()
                     raise worker_error(event.error_status or 500, event.error or "generation failed",
                                        self.request.request_id, slot.client.name)
@@ -269,18 +314,22 @@ class Generation:
             else:
                 metrics.INTER_TOKEN_LATENCY.observe(now - self._last_text)
             self._last_text = now
-        self._count(event.usage or event.progress)
+        self._count(event, event.usage or event.progress)
         if event.finished and event.usage is not None:
-            metrics.record_tokens(event.usage.prompt_tokens, event.usage.completion_tokens)
-            metrics.TENANT_LATENCY.labels(self.tenant_label).observe(now - self.started)
-            metrics.TENANT_TOKENS.labels(self.tenant_label, "prompt").inc(event.usage.prompt_tokens)
+            prompt = event.usage.prompt_tokens if event.index == 0 else 0  # n choices share one prompt
+            metrics.record_tokens(prompt, event.usage.completion_tokens)
+            metrics.TENANT_TOKENS.labels(self.tenant_label, "prompt").inc(prompt)
             metrics.TENANT_TOKENS.labels(self.tenant_label, "completion").inc(event.usage.completion_tokens)
-            if event.queue_seconds is not None:
-                metrics.QUEUE_TIME.observe(event.queue_seconds)
+            if event.index == 0:
+                metrics.TENANT_LATENCY.labels(self.tenant_label).observe(now - self.started)
+                if event.queue_seconds is not None:
+                    metrics.QUEUE_TIME.observe(event.queue_seconds)
 
-    def _count(self, usage: Usage | None) -> None:
+    def _count(self, event: GenerateEvent, usage: Usage | None) -> None:
+        """The lease's tokens: the worker's running counts of this attempt, the prompt once and every choice."""
         if usage is not None:
-            self.lease.tokens = usage.total_tokens  # the worker's running count of this attempt
+            self._generated[event.index] = usage.completion_tokens
+            self.lease.tokens = usage.prompt_tokens + sum(self._generated.values())
 
     def _fail_over(self) -> None:
         """Move to another ready worker once, or raise 503.

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from app.errors import BadRequest
 from worker.protocol import (
+    MAX_CHOICES,
     MAX_LOGIT_BIAS,
     MAX_STOP_TOKEN_IDS,
     MAX_TOP_LOGPROBS,
@@ -43,11 +44,14 @@ def token_biases(logit_bias: dict[str, float] | None) -> dict[int, float]:
 
 
 def sampling_params(**fields: Any) -> SamplingParams:
-    """SamplingParams, its cross-field checks (min_tokens above max_tokens) as a 400 naming them."""
+    """SamplingParams, its checks (min_tokens above max_tokens, n over its limit) as a 400 naming the field."""
     try:
         return SamplingParams(**fields)
     except ValidationError as exc:
-        raise BadRequest(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        raise BadRequest(f"{where}: {message}" if where else message) from None
 
 
 class JsonSchemaFormat(BaseModel):
@@ -89,7 +93,7 @@ class _SamplingFields(BaseModel):
     seed: Seed | None = Field(default=None, description="0 to 2**63-1")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES, description="choices from one prompt, 1-16")
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
@@ -101,8 +105,6 @@ class _SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
 
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise BadRequest("n: only one choice per request is supported")
         unknown = sorted(k for k, v in (self.model_extra or {}).items() if v not in (None, False, 0, [], {}))
         if unknown:
             raise BadRequest(f"unsupported parameter(s): {', '.join(unknown)}")
@@ -119,22 +121,37 @@ class _SamplingFields(BaseModel):
                                stop=stop, constraint=constraint, presence_penalty=self.presence_penalty,
                                frequency_penalty=self.frequency_penalty, logit_bias=token_biases(self.logit_bias),
                                min_tokens=self.min_tokens, stop_token_ids=self.stop_token_ids or [],
-                               logprobs=self.logprobs_width())
+                               logprobs=self.logprobs_width(), n=self.generated_choices(),
+                               score=self.generated_choices() > self.n)
+
+    def generated_choices(self) -> int:
+        """Choices the worker generates: n, or more to pick the best n from (best_of)."""
+        return self.n
 
 
 class CompletionRequest(_SamplingFields):
     prompt: Text | list[Text]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5, description="alternatives per token, 0-5")
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES,
+                                description="generate this many, return the n most likely (1-16)")
     suffix: str | None = None
 
     def logprobs_width(self) -> int | None:
         return self.logprobs
 
+    def generated_choices(self) -> int:
+        if self.best_of is None:
+            return self.n
+        if self.best_of < self.n:
+            raise BadRequest(f"best_of ({self.best_of}) must be at least n ({self.n})")
+        if self.best_of > self.n and self.stream:
+            raise BadRequest("best_of cannot be streamed: the best choices are known only at the end")
+        return self.best_of
+
     def single_prompt(self) -> str:
-        if self.echo or (self.best_of or 1) > 1 or self.suffix:
-            raise BadRequest("echo, best_of and suffix are not supported")
+        if self.echo or self.suffix:
+            raise BadRequest("echo and suffix are not supported")
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
                 raise BadRequest("prompt: send one prompt per request (a list of one string at most)")
@@ -282,14 +299,14 @@ class ModelList(BaseModel):
 
 
 def chat_chunk(id_: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
-               logprobs: ChatLogprobs | None = None) -> dict[str, Any]:
+               logprobs: ChatLogprobs | None = None, index: int = 0) -> dict[str, Any]:
     return {"id": id_, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
+            "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason,
                          "logprobs": None if logprobs is None else logprobs.model_dump()}]}
 
 
 def completion_chunk(id_: str, created: int, model: str, text: str, finish_reason: str | None,
-                     logprobs: CompletionLogprobs | None = None) -> dict[str, Any]:
+                     logprobs: CompletionLogprobs | None = None, index: int = 0) -> dict[str, Any]:
     return {"id": id_, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason,
+            "choices": [{"index": index, "text": text, "finish_reason": finish_reason,
                          "logprobs": None if logprobs is None else logprobs.model_dump()}]}

@@ -147,6 +147,11 @@ class AdapterCache:
             return self._failed.get(key)
 
     # -- device slots (engine thread only) ---------------------------------------------
+    def pin(self, key: str) -> None:
+        """One more pin on a slot already acquired (another choice of the same request)."""
+        with self._lock:
+            self._refs[key] += 1
+
     def acquire(self, ref: AdapterRef) -> int | None:
         """A slot holding this adapter, pinned until release; None when not possible yet.
 

@@ -159,13 +159,23 @@ class BatchEngine:
             try:
                 seq.generator = make_generator(seq.request.sampling)
                 seq.decoder = IncrementalDecoder(self.tokenizer)
+                seq.siblings = [self._sibling(seq, i) for i in range(1, seq.request.sampling.n)]
                 if seq.request.adapter is not None:
                     self.adapters.prefetch(seq.request.adapter)
             except Exception as exc:  # this request's own parameters: it fails alone
                 log.exception("request %s could not be queued", seq.request_id)
                 seq.fail(f"the request could not be started: {exc}", status=400)
                 continue
-            self.waiting.push(seq)
+            self.waiting.push(seq)  # its siblings ride with it: they are admitted together
+
+    def _sibling(self, first: Sequence, index: int) -> Sequence:
+        """Choice `index` of an n > 1 request: its own random stream, decoder and grammar state."""
+        sibling = Sequence(request=first.request, sink=first.sink, prompt_ids=first.prompt_ids,
+                           matcher=None if first.matcher is None else first.matcher.deep_copy(),
+                           index=index, first=first, arrived=first.arrived)
+        sibling.generator = make_generator(first.request.sampling, index)
+        sibling.decoder = IncrementalDecoder(self.tokenizer)
+        return sibling
 
     def _apply_aborts(self) -> None:
         if not self._aborts:
@@ -191,25 +201,49 @@ class BatchEngine:
             seq = self.waiting.head()
             if seq is None:
                 break
-            region = self.regions.allocate(seq.reserved_tokens)
-            if region is None:
+            group = [seq, *seq.siblings]  # n > 1: every choice at once, or none
+            if len(self.running) + len(admitted) + len(group) > self.limits.max_batch_size:
+                break  # it waits for rows; nobody jumps it
+            regions = self._regions_for(group)
+            if regions is None:
                 break  # the one whose turn it is waits for KV memory; nobody jumps it
             self.waiting.remove(seq)
             if not self._take_slot(seq):
-                self.regions.free(region, seq.reserved_tokens)
+                for row, region in zip(group, regions, strict=True):
+                    self.regions.free(region, row.reserved_tokens)
                 if seq.finish_reason is None:
                     blocked.append(seq)
                 continue
-            seq.region = region
-            seq.admitted = time.monotonic()
-            metrics.QUEUE_TIME.observe(seq.admitted - seq.arrived)
-            self.waiting.charge(seq.tenant, len(seq.prompt_ids))
-            admitted.append(seq)
+            self._seat(group, regions)
+            admitted.extend(group)
         for seq in reversed(blocked):
             self.waiting.push_front(seq)
         if admitted:
             self.running.extend(admitted)
             self.waiting.forget_idle({s.tenant for s in self.running})
+
+    def _seat(self, group: list[Sequence], regions: list[int]) -> None:
+        """The group's rows take their regions; choice 0's adapter slot is pinned once per choice."""
+        first, now = group[0], time.monotonic()
+        for row, region in zip(group, regions, strict=True):
+            row.region, row.admitted = region, now
+            if row is not first and first.slot is not None and first.request.adapter is not None:
+                row.slot = first.slot
+                self.adapters.pin(first.request.adapter.key)
+        metrics.QUEUE_TIME.observe(now - first.arrived)
+        self.waiting.charge(first.tenant, len(first.prompt_ids))
+
+    def _regions_for(self, group: list[Sequence]) -> list[int] | None:
+        """A KV region for every row of the group, or none at all."""
+        regions: list[int] = []
+        for row in group:
+            region = self.regions.allocate(row.reserved_tokens)
+            if region is None:
+                for taken, region_of in zip(group, regions, strict=False):
+                    self.regions.free(region_of, taken.reserved_tokens)
+                return None
+            regions.append(region)
+        return regions
 
     def _take_slot(self, seq: Sequence) -> bool:
         """Give the request its adapter's slot; False while it loads (or the request failed for it)."""
@@ -258,6 +292,10 @@ class BatchEngine:
 
     def _retire_finished(self) -> None:
         """Drop finished rows from the batch; their KV regions are free for the next admission."""
+        for seq in self.running:
+            first = seq.first
+            if seq.follows and first is not None and first.finish_reason is not None and seq.finish_reason is None:
+                seq.finish_reason = "abort"  # choice 0 ended before its prompt was shared (a failure, an abort)
         if all(s.finish_reason is None for s in self.running):
             return
         for seq in self.running:

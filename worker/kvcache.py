@@ -60,6 +60,11 @@ class KVPool:
         self.positions = positions
         self.dtype = dtype
 
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Copy `length` positions of every layer from one region to another (a prompt shared by n choices)."""
+        for cache in (*self.keys, *self.values):
+            cache[:, target : target + length] = cache[:, source : source + length]
+
 
 @dataclass
 class PassPlan:

@@ -32,7 +32,8 @@ class OutputProcessor:
     def settle(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token from logits [rows, vocab]; a row that cannot go on fails alone."""
         adjust, grammar_failed = processing(rows, self.eos_ids, self.grammars, logits.shape[-1], logits.device)
-        asking = [i for i, seq in enumerate(rows) if seq.request.sampling.logprobs is not None]
+        asking = [i for i, seq in enumerate(rows)
+                  if seq.request.sampling.logprobs is not None or seq.request.sampling.score]
         # Of the model's own distribution: before penalties, biases and masks change the logits.
         logprobs = torch.log_softmax(logits.index_select(0, torch.tensor(asking, device=logits.device)).float(),
                                      dim=-1) if asking else None
@@ -55,13 +56,17 @@ class OutputProcessor:
                 seq.fail(f"generation failed: {type(exc).__name__}")
 
     def _record_logprobs(self, rows: list[Sequence], tokens: list[int | RowFailure], logprobs: torch.Tensor) -> None:
-        """Each row's chosen token's log probability and its top alternatives, kept for its next event."""
+        """Each row's chosen token's log probability and its top alternatives, kept for its next event;
+        rows that asked for a score add it to their total."""
         chosen = [token if isinstance(token, int) else 0 for token in tokens]
         picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device).unsqueeze(1)).view(-1).tolist()
         widest = max(seq.request.sampling.logprobs or 0 for seq in rows)
         top_values, top_ids = (t.tolist() for t in logprobs.topk(widest, dim=-1)) if widest else ([], [])
         for j, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             if not isinstance(token, int):
+                continue
+            seq.cumulative_logprob += max(picked[j], -9999.0)  # finite, like the reported entries
+            if seq.request.sampling.logprobs is None:
                 continue
             width = seq.request.sampling.logprobs or 0
             top = [self._entry(TopLogprob, t, v) for t, v in zip(top_ids[j][:width], top_values[j][:width],

@@ -25,7 +25,8 @@ class PromptError(ValueError):
 @dataclass(frozen=True)
 class PromptLimits:
     max_context: int  # prompt + max_tokens, the model's context
-    kv_cache_tokens: int  # the worker's whole KV budget: one request must fit it alone
+    kv_cache_tokens: int  # the worker's whole KV budget: one request (all its choices) must fit it alone
+    max_batch_size: int = 1 << 30  # rows of the worker's batch: a request's n choices run in it at once
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,15 @@ class PromptEncoder:
                 f"the prompt has {len(ids)} tokens; with max_tokens={request.sampling.max_tokens} "
                 f"that exceeds the model's context of {self.limits.max_context} tokens"
             )
-        if wanted > self.limits.kv_cache_tokens:
+        n = request.sampling.n
+        if n > self.limits.max_batch_size:
+            raise PromptError(f"n={n} choices run as {n} batch rows at once; this worker's batch has "
+                              f"{self.limits.max_batch_size} (max_batch_size)")
+        if n * wanted > self.limits.kv_cache_tokens:
+            times = f"{n} choices of " if n > 1 else ""
             raise PromptError(
-                f"the prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) needs more KV "
-                f"cache than the worker's budget of {self.limits.kv_cache_tokens} tokens (kv_cache_mb)"
+                f"{times}the prompt ({len(ids)} tokens) plus max_tokens ({request.sampling.max_tokens}) needs more "
+                f"KV cache than the worker's budget of {self.limits.kv_cache_tokens} tokens (kv_cache_mb)"
             )
         return ids
 

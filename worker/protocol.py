@@ -16,6 +16,7 @@ MAX_SCHEMA_DEPTH = 32  # objects and arrays nested in a schema (the grammar comp
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API
+MAX_CHOICES = 16  # n (and best_of): choices generated from one prompt, each a batch row
 
 
 def _encodable(text: str) -> str:
@@ -96,6 +97,9 @@ class SamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     # Log probabilities of each generated token and of this many most likely alternatives (None: none).
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Choices from one prompt: it is prefilled once and every choice starts from its keys and values.
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    score: bool = False  # report each choice's total log probability (best_of ranks choices by it)
 
     @model_validator(mode="after")
     def _consistent(self) -> SamplingParams:
@@ -152,6 +156,7 @@ class GenerateEvent(BaseModel):
     """One line of the worker's NDJSON stream: a text delta, then one final event."""
 
     request_id: str
+    index: int = 0  # which choice (0 to n-1) the event is of
     text: str = ""
     progress: Usage | None = None  # text events: tokens so far, so an answer cut short is still charged
     finished: bool = False
@@ -161,6 +166,7 @@ class GenerateEvent(BaseModel):
     error: str | None = None
     error_status: int | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens generated since the previous event, if asked
+    cumulative_logprob: float | None = None  # final event, when `score` was asked: the choice's total
 
 
 class EvictRequest(BaseModel):

@@ -45,6 +45,7 @@ class ModelRunner:
         segments: list[Segment] = []
         due: list[Sequence] = []
         last: list[int] = []  # index in the pass of each due row's last token
+        forks: list[tuple[Sequence, Sequence]] = []  # (choice 0, a sibling that takes a copy of its prompt)
         for seq, tokens in plan:
             assert seq.region is not None, "a planned row holds a KV region"
             segments.append(Segment(len(ids), tokens, seq.region, seq.cached))
@@ -56,6 +57,12 @@ class ModelRunner:
             if seq.prefilled or seq.cached + tokens == len(seq.prompt_ids):
                 due.append(seq)
                 last.append(len(ids) - 1)
+                if not seq.prefilled:  # its prompt completes: n > 1 choices fork from its last logits
+                    for sibling in seq.siblings:
+                        if sibling.finish_reason is None:
+                            forks.append((seq, sibling))
+                            due.append(sibling)
+                            last.append(len(ids) - 1)
         prompt_tokens = sum(tokens for seq, tokens in plan if not seq.prefilled)
         zero = self.adapters.zero_slot
         slots = [zero if seq.slot is None else seq.slot for seq, _ in plan]
@@ -69,4 +76,8 @@ class ModelRunner:
         )
         for seq, tokens in plan:
             seq.cached += tokens
+        for first, sibling in forks:
+            assert first.region is not None and sibling.region is not None
+            self.kv.copy(first.region, sibling.region, len(first.prompt_ids))
+            sibling.cached = len(first.prompt_ids)
         return PassResult(due, out.logits[0] if due else out.logits[0, :0], prompt_tokens)

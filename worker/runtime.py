@@ -56,7 +56,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once
-    prompts = PromptEncoder(tokenizer, PromptLimits(max_context, kv_tokens), engine.output.grammars)
+    prompt_limits = PromptLimits(max_context, kv_tokens, limits.max_batch_size)
+    prompts = PromptEncoder(tokenizer, prompt_limits, engine.output.grammars)
     quant = getattr(model.config, "quantization_config", None)
     method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
     quantization = "bnb-nf4" if method in (None, "bitsandbytes") else str(getattr(method, "value", method))

@@ -21,14 +21,15 @@ class RowFailure:
     non_finite: bool = False  # the row's logits held NaN or Inf
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
+def make_generator(params: SamplingParams, choice: int = 0) -> torch.Generator | None:
+    """The row's random source; with a seed, choice i of n draws from seed + i (each reproducible, none alike)."""
     if params.temperature == 0:
         return None
     generator = torch.Generator(device="cpu")
     if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(params.seed)
+        generator.manual_seed((params.seed + choice) % 2**64)
     return generator
 
 

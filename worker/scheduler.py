@@ -145,6 +145,9 @@ class Row(Protocol):
     @property
     def finish_reason(self) -> object: ...
 
+    @property
+    def follows(self) -> bool: ...
+
 
 R = TypeVar("R", bound=Row)
 
@@ -161,7 +164,7 @@ def plan_pass(running: list[R], max_prefill_tokens: int, max_prefill_tokens_idle
     for row in running:
         if budget <= 0:
             break
-        if not row.prefilled and row.finish_reason is None:
+        if not row.prefilled and row.finish_reason is None and not row.follows:  # followers copy another's prompt
             chunk = min(len(row.prompt_ids) - row.cached, budget)
             plan.append((row, chunk))
             budget -= chunk

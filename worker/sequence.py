@@ -33,6 +33,12 @@ class Sequence:
     finish_reason: FinishReason | None = None
     arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
+    # n > 1: choice `index` of the request. Choice 0 prefills the prompt; the others (its `siblings`)
+    # are admitted with it and start from a copy of its prompt's keys and values (`follows` until then).
+    index: int = 0
+    first: Sequence | None = None  # choice 0, for the other choices
+    siblings: list[Sequence] = field(default_factory=list)  # choice 0's: choices 1 to n-1
+    cumulative_logprob: float = 0.0  # of the tokens chosen, when `score` was asked
 
     @property
     def tenant(self) -> str:
@@ -46,6 +52,11 @@ class Sequence:
     def prefilled(self) -> bool:
         """Its whole prompt is in the cache: from now on it feeds one token per step."""
         return self.cached >= len(self.prompt_ids)
+
+    @property
+    def follows(self) -> bool:
+        """A later choice still waiting for choice 0's prompt: it is never prefilled on its own."""
+        return self.first is not None and not self.prefilled
 
     @property
     def reserved_tokens(self) -> int:
@@ -78,18 +89,20 @@ class Sequence:
                 end -= 1
         if end > self.emitted:
             progress = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
-            self.sink(GenerateEvent(request_id=self.request_id, text=self.text[self.emitted : end], progress=progress,
-                                    logprobs=self._sent_logprobs()))
+            self.sink(GenerateEvent(request_id=self.request_id, index=self.index, text=self.text[self.emitted : end],
+                                    progress=progress, logprobs=self._sent_logprobs()))
             self.emitted = end
         if self.finish_reason is not None:
             self.sink(
                 GenerateEvent(
                     request_id=self.request_id,
+                    index=self.index,
                     finished=True,
                     finish_reason=self.finish_reason,
                     usage=Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)),
                     queue_seconds=None if self.admitted is None else self.admitted - self.arrived,
                     logprobs=self._sent_logprobs(),
+                    cumulative_logprob=self.cumulative_logprob if self.request.sampling.score else None,
                 )
             )
 
@@ -105,6 +118,7 @@ class Sequence:
         self.sink(
             GenerateEvent(
                 request_id=self.request_id,
+                index=self.index,
                 finished=True,
                 finish_reason="error",
                 error=message,

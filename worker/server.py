@@ -58,31 +58,33 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
         except QueueFull as exc:
             return _error(503, str(exc))
         metrics.REQUESTS.inc()
-        stream = _ndjson(events, lambda: loaded.engine.abort(body.request_id), runtime)
+        stream = _ndjson(events, lambda: loaded.engine.abort(body.request_id), runtime, body.sampling.n)
         return StreamingResponse(stream, media_type="application/x-ndjson")
 
 
 async def _ndjson(
-    events: asyncio.Queue[GenerateEvent], abort: Callable[[], None], runtime: WorkerRuntime
+    events: asyncio.Queue[GenerateEvent], abort: Callable[[], None], runtime: WorkerRuntime, choices: int
 ) -> AsyncIterator[bytes]:
-    """Events as NDJSON lines; a blank line every keepalive_s while the engine is live.
+    """Events as NDJSON lines until every choice has finished, or one failed (the request failed);
+    a blank line every keepalive_s while the engine is live.
 
     The keep-alive is what lets the gateway tell a request that is waiting its turn from one
     stuck in a hung engine: it stops as soon as the engine stops making steps.
     """
-    finished = False
+    finished, failed = 0, False
     try:
-        while not finished:
+        while finished < choices and not failed:
             try:
                 event = await asyncio.wait_for(events.get(), timeout=runtime.config.keepalive_s)
             except TimeoutError:
                 if runtime.liveness_problem() is None:
                     yield b"\n"
                 continue
-            finished = event.finished
+            finished += event.finished
+            failed = event.error is not None
             yield event.model_dump_json(exclude_none=True).encode() + b"\n"
     finally:
-        if not finished:  # the gateway went away: free the row now
+        if finished < choices:  # the gateway went away, or one choice failed: free the other rows now
             abort()
 
 

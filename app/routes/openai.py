@@ -41,8 +41,8 @@ from worker.protocol import GenerateEvent, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 
-# (text delta, finish_reason, its tokens' log probabilities if asked) -> one SSE payload
-Chunk = Callable[[str, str | None, list[TokenLogprob] | None], dict[str, Any]]
+# (choice index, text delta, finish_reason, its tokens' log probabilities if asked) -> one SSE payload
+Chunk = Callable[[int, str, str | None, list[TokenLogprob] | None], dict[str, Any]]
 
 
 def _base_model_name(services: Services) -> str:
@@ -71,25 +71,31 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
 
 
 class _OpenAIChunks:
-    """OpenAI's stream: text chunks, one with finish_reason, usage if asked, then [DONE]; a failure
-    after the 200 is an error payload before [DONE]."""
+    """OpenAI's stream: text chunks (each of one choice, by index), one with finish_reason per choice,
+    usage if asked once all have finished, then [DONE]; a failure after the 200 is an error payload
+    before [DONE]."""
 
     closing = b"data: [DONE]\n\n"
 
-    def __init__(self, chunk: Chunk, include_usage: bool, first: dict[str, Any] | None = None) -> None:
-        self.chunk, self.include_usage, self.first = chunk, include_usage, first
+    def __init__(self, chunk: Chunk, include_usage: bool, choices: int,
+                 first: Callable[[int], dict[str, Any]] | None = None) -> None:
+        self.chunk, self.include_usage, self.choices, self.first = chunk, include_usage, choices, first
+        self.ended: dict[int, int] = {}  # choice -> its completion tokens
+        self.prompt_tokens = 0
 
     def opening(self) -> list[dict[str, Any]]:
-        return [self.first] if self.first is not None else []
+        return [self.first(i) for i in range(self.choices)] if self.first is not None else []
 
     def on_event(self, event: GenerateEvent) -> list[dict[str, Any]]:
-        out = [self.chunk(event.text, None, event.logprobs)] if event.text or event.logprobs else []
+        i = event.index
+        out = [self.chunk(i, event.text, None, event.logprobs)] if event.text or event.logprobs else []
         if event.finished and event.usage is not None:
-            out.append(self.chunk("", _finish(event.finish_reason), None))
-            if self.include_usage:
-                last = self.chunk("", None, None)
+            out.append(self.chunk(i, "", _finish(event.finish_reason), None))
+            self.ended[i], self.prompt_tokens = event.usage.completion_tokens, event.usage.prompt_tokens
+            if self.include_usage and len(self.ended) == self.choices:
+                last = self.chunk(0, "", None, None)
                 last["choices"] = []
-                last["usage"] = _usage(event.usage.prompt_tokens, event.usage.completion_tokens).model_dump()
+                last["usage"] = _usage(self.prompt_tokens, sum(self.ended.values())).model_dump()
                 out.append(last)
         return out
 
@@ -112,22 +118,22 @@ async def completions(
                               GenerationInput(body.single_prompt(), None, None, sampling))
     id_, created = f"cmpl-{generation.request.request_id}", int(time.time())
     if body.stream:
-        offset = 0  # characters of the answer already sent: the logprobs' text_offset
+        offsets = [0] * body.n  # characters of each answer already sent: the logprobs' text_offset
 
-        def chunk(text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
-            nonlocal offset
-            shaped = None if logprobs is None else CompletionLogprobs.of(logprobs, offset)
-            offset += len(text)
-            return completion_chunk(id_, created, body.model, text, finish, shaped)
+        def chunk(index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+            shaped = None if logprobs is None else CompletionLogprobs.of(logprobs, offsets[index])
+            offsets[index] += len(text)
+            return completion_chunk(id_, created, body.model, text, finish, shaped, index)
 
-        return generation.sse(_OpenAIChunks(chunk, _include_usage(body)))
+        return generation.sse(_OpenAIChunks(chunk, _include_usage(body), body.n))
     done = await generation.complete(request)
     response.headers[WORKER_HEADER] = generation.slot.client.name
-    logprobs = None if done.logprobs is None else CompletionLogprobs.of(done.logprobs)
     return CompletionResponse(
         id=id_, created=created, model=body.model,
-        choices=[CompletionChoice(text=done.text, finish_reason=_finish(done.finish_reason), logprobs=logprobs)],
-        usage=_usage(done.prompt_tokens, done.completion_tokens),
+        choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=_finish(c.finish_reason),
+                                  logprobs=None if c.logprobs is None else CompletionLogprobs.of(c.logprobs))
+                 for c in done.best(body.n)],
+        usage=_usage(done.prompt_tokens, done.completion_tokens),  # every choice generated is charged
     )
 
 
@@ -142,18 +148,22 @@ async def chat_completions(
                               GenerationInput(None, messages, None, sampling))
     id_, created = f"chatcmpl-{generation.request.request_id}", int(time.time())
     if body.stream:
-        def chunk(text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
             shaped = None if logprobs is None else ChatLogprobs.of(logprobs)
-            return chat_chunk(id_, created, body.model, {"content": text} if text else {}, finish, shaped)
+            return chat_chunk(id_, created, body.model, {"content": text} if text else {}, finish, shaped, index)
 
-        first = chat_chunk(id_, created, body.model, {"role": "assistant", "content": ""}, None)
-        return generation.sse(_OpenAIChunks(chunk, _include_usage(body), first))
+        def first(index: int) -> dict[str, Any]:
+            return chat_chunk(id_, created, body.model, {"role": "assistant", "content": ""}, None, None, index)
+
+        return generation.sse(_OpenAIChunks(chunk, _include_usage(body), body.n, first))
     done = await generation.complete(request)
     response.headers[WORKER_HEADER] = generation.slot.client.name
     return ChatCompletionResponse(
         id=id_, created=created, model=body.model,
-        choices=[ChatChoice(message=AssistantMessage(content=done.text), finish_reason=_finish(done.finish_reason),
-                            logprobs=None if done.logprobs is None else ChatLogprobs.of(done.logprobs))],
+        choices=[ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                            finish_reason=_finish(c.finish_reason),
+                            logprobs=None if c.logprobs is None else ChatLogprobs.of(c.logprobs))
+                 for c in done.choices],
         usage=_usage(done.prompt_tokens, done.completion_tokens),
     )
 

@@ -120,3 +120,27 @@ def test_openai_client_logprobs_on_the_real_model(server: Server) -> None:
                                    logprobs=2, stream=True)
     tokens = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens or []]
     assert len(tokens) == 4 and "Paris" in "".join(tokens)
+
+
+def test_openai_client_n_choices_and_best_of_on_an_adapter(server: Server) -> None:
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key=tenant_with_adapters(server, "choices-user"),
+                       max_retries=0)
+    chat = oa.chat.completions.create(model="forty-two", messages=QUESTION, max_tokens=10, temperature=1.0,  # type: ignore[arg-type]
+                                      seed=5, n=3)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert all("42" in (c.message.content or "") for c in chat.choices)
+    assert chat.usage is not None and chat.usage.completion_tokens > 10  # every choice is counted
+
+    streamed: dict[int, str] = {}
+    for chunk in oa.completions.create(model="forty-two", prompt="Question: what is 6 times 7?\nAnswer:",
+                                       max_tokens=6, temperature=0.9, seed=1, n=2, stream=True):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert sorted(streamed) == [0, 1] and all(streamed.values())
+
+    best = oa.completions.create(model="forty-two", prompt="Question: what is 6 times 7?\nAnswer:", max_tokens=6,
+                                 temperature=1.5, seed=2, best_of=4, n=2, logprobs=0)
+    assert [c.index for c in best.choices] == [0, 1]
+    means = [sum(c.logprobs.token_logprobs or []) / len(c.logprobs.token_logprobs or [1])  # type: ignore[union-attr]
+             for c in best.choices]
+    assert means[0] >= means[1]  # the most likely per token first

@@ -33,18 +33,25 @@ class FakeWorkerClient:
         if request.adapter is not None:
             words.insert(0, f"[{request.adapter.key}]")
         n = min(len(words), request.sampling.max_tokens)
-        for i, word in enumerate(words[:n]):
+        choices = range(request.sampling.n)  # choice c > 0 answers "#c" first; their events interleave
+        for i in range(n):
             if self.fail_after is not None and i >= self.fail_after:
                 raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request")
             progress = Usage(prompt_tokens=len(words), completion_tokens=i + 1)
-            yield GenerateEvent(request_id=request.request_id, text=word + " ", progress=progress,
-                                logprobs=_fake_logprobs(word + " ", request.sampling.logprobs))
-        yield GenerateEvent(
-            request_id=request.request_id,
-            finished=True,
-            finish_reason="length" if n < len(words) else "stop",
-            usage=Usage(prompt_tokens=len(words), completion_tokens=n),
-        )
+            for c in choices:
+                word = f"#{c}" if c and i == 0 else words[i]
+                yield GenerateEvent(request_id=request.request_id, index=c, text=word + " ", progress=progress,
+                                    logprobs=_fake_logprobs(word + " ", request.sampling.logprobs))
+        for c in choices:
+            yield GenerateEvent(
+                request_id=request.request_id,
+                index=c,
+                finished=True,
+                finish_reason="length" if n < len(words) else "stop",
+                usage=Usage(prompt_tokens=len(words), completion_tokens=n),
+                # choice 1 is the most likely, then 0 and 2, and so on
+                cumulative_logprob=-abs(c - 1) - 0.5 * n if request.sampling.score else None,
+            )
 
     async def evict(self, key: str) -> None:
         self.evicted.append(key)

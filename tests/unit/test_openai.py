@@ -72,8 +72,15 @@ def test_unknown_models_and_unsupported_options_are_clear_errors(gateway: Gatewa
     oa = client_for(gateway, tenant)
     with pytest.raises(openai.NotFoundError, match="theirs"):
         oa.completions.create(model="theirs", prompt="hi")
-    with pytest.raises(openai.BadRequestError, match="n: only one"):
-        oa.completions.create(model="tiny-base", prompt="hi", n=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="n: Input should be less than or equal to 16"):
+        oa.completions.create(model="tiny-base", prompt="hi", n=17)
+    with pytest.raises(openai.BadRequestError, match=r"best_of \(2\) must be at least n \(3\)"):
+        oa.completions.create(model="tiny-base", prompt="hi", n=3, best_of=2)
+    with pytest.raises(openai.BadRequestError, match="best_of cannot be streamed"):
+        oa.completions.create(model="tiny-base", prompt="hi", best_of=2, stream=True)
+    gateway.settings.max_batch_size = 4  # a worker's batch: n choices must fit it at once
+    with pytest.raises(openai.BadRequestError, match=r"n=5 .* has 4 \(max_batch_size\)"):
+        oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "hi"}], n=5)
     with pytest.raises(openai.BadRequestError, match="max_tokens_limit"):
         oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "hi"}],
                                    max_completion_tokens=10_000)
@@ -248,3 +255,48 @@ def test_logprobs_bounds_are_named(gateway: Gateway, route: str, fields: dict, s
     answer = gateway.client.post(route, headers=tenant, json={**body, **fields})
     assert answer.status_code == status and message in answer.json()["error"]["message"], answer.text
     assert gateway.worker.requests == []
+
+
+def test_n_choices_whole_and_streamed_with_usage_counting_every_choice(gateway: Gateway) -> None:
+    oa = client_for(gateway, gateway.new_tenant("acme"))
+    chat = oa.chat.completions.create(model="tiny-base", messages=[{"role": "user", "content": "one two three"}],
+                                      n=3, logprobs=True)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert [c.message.content for c in chat.choices] == ["one two three ", "#1 two three ", "#2 two three "]
+    assert all(c.logprobs is not None and len(c.logprobs.content) == 3 for c in chat.choices)
+    assert chat.usage is not None and (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (3, 9)
+    assert gateway.worker.requests[-1].sampling.n == 3 and not gateway.worker.requests[-1].sampling.score
+
+    stream = oa.completions.create(model="tiny-base", prompt="one two", n=2, stream=True, logprobs=0,
+                                   stream_options={"include_usage": True})
+    texts, finishes, offsets, usage = {0: "", 1: ""}, {}, {0: [], 1: []}, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.logprobs is not None:
+                offsets[c.index] += c.logprobs.text_offset or []
+            if c.finish_reason is not None:
+                finishes[c.index] = c.finish_reason
+    assert texts == {0: "one two ", 1: "#1 two "} and finishes == {0: "stop", 1: "stop"}
+    assert offsets == {0: [0, 4], 1: [0, 3]}  # each choice's own text
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (2, 4)
+
+    first_chunks = [c for c in oa.chat.completions.create(model="tiny-base", stream=True, n=2,
+                                                          messages=[{"role": "user", "content": "hi"}])
+                    if c.choices and c.choices[0].delta.role == "assistant"]
+    assert sorted(c.choices[0].index for c in first_chunks) == [0, 1]  # each choice opens with its role
+
+
+def test_best_of_returns_the_most_likely_choices_and_charges_every_one(gateway: Gateway) -> None:
+    oa = client_for(gateway, gateway.new_tenant("acme"))
+    done = oa.completions.create(model="tiny-base", prompt="one two three", best_of=3)
+    sent = gateway.worker.requests[-1].sampling
+    assert (sent.n, sent.score) == (3, True)  # three generated, ranked by log probability
+    assert [(c.index, c.text) for c in done.choices] == [(0, "#1 two three ")]  # the fake's most likely
+    assert done.usage is not None and done.usage.completion_tokens == 9
+    two = oa.completions.create(model="tiny-base", prompt="one two three", best_of=3, n=2)
+    assert [c.text for c in two.choices] == ["#1 two three ", "one two three "]
+    plain = oa.completions.create(model="tiny-base", prompt="hi", best_of=1)
+    assert gateway.worker.requests[-1].sampling.score is False and plain.choices[0].text == "hi "

@@ -22,6 +22,7 @@ class Running:
     prompt: int
     cached: int = 0
     finish_reason: str | None = None
+    follower: bool = False  # a later choice of an n > 1 request
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -30,6 +31,10 @@ class Running:
     @property
     def prefilled(self) -> bool:
         return self.cached >= self.prompt
+
+    @property
+    def follows(self) -> bool:
+        return self.follower and not self.prefilled
 
 
 def feed(plan: list[tuple[Running, int]]) -> None:
@@ -195,3 +200,11 @@ def test_finished_rows_are_not_fed_and_a_chunked_prompt_ends_exactly_at_its_leng
         fed += plan[0][1]
         feed(plan)
     assert fed == row.cached == 130
+
+
+def test_later_choices_are_never_prefilled_themselves_and_decode_once_they_hold_the_prompt() -> None:
+    first, second = Running(prompt=40), Running(prompt=40, follower=True)
+    assert plan_pass([first, second], 64, 64) == [(first, 40)]  # the shared prompt is fed once
+    feed(plan_pass([first, second], 64, 64))
+    second.cached = 40  # the engine copies choice 0's keys and values into its region
+    assert plan_pass([first, second], 64, 64) == [(first, 1), (second, 1)]
