@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from starlette.background import BackgroundTask
@@ -34,6 +34,7 @@ from worker.protocol import (
     ChatMessage,
     GenerateEvent,
     GenerateRequest,
+    PromptLogprob,
     SamplingParams,
     TokenLogprob,
     Usage,
@@ -58,6 +59,7 @@ class Choice:
     completion_tokens: int
     logprobs: list[TokenLogprob] | None = None  # when asked: every generated token's
     cumulative_logprob: float | None = None  # when a score was asked (best_of)
+    prompt_logprobs: list[PromptLogprob] | None = None  # when asked (echo): every prompt token's
 
     @property
     def mean_logprob(self) -> float:
@@ -81,8 +83,7 @@ class Completion:
     def best(self, n: int) -> list[Choice]:
         """The n choices with the highest log probability per token (OpenAI's best_of), numbered anew."""
         ranked = sorted(self.choices, key=lambda c: c.mean_logprob, reverse=True)[:n]
-        return [Choice(i, c.text, c.finish_reason, c.completion_tokens, c.logprobs, c.cumulative_logprob)
-                for i, c in enumerate(ranked)]
+        return [replace(c, index=i) for i, c in enumerate(ranked)]
 
 
 def check_limits(services: Services, job: GenerationInput) -> None:
@@ -255,24 +256,27 @@ class Generation:
         parts: list[list[str]] = [[] for _ in range(n)]
         logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
         ended: dict[int, GenerateEvent] = {}
+        prompt_logprobs: dict[int, list[PromptLogprob]] = {}
         async with aclosing(self._attempt()) as attempt:
             async for event in attempt:
+                if event.prompt_logprobs is not None:
+                    prompt_logprobs[event.index] = event.prompt_logprobs
                 parts[event.index].append(event.text)
                 logprobs[event.index] += event.logprobs or []
                 if event.finished:
                     ended[event.index] = event
                 if len(ended) == n:
-                    return self._completion(parts, logprobs, ended)
+                    return self._completion(parts, logprobs, ended, prompt_logprobs)
         raise WorkerUnavailable("the worker ended the stream without finishing the request")
 
     def _completion(self, parts: list[list[str]], logprobs: list[list[TokenLogprob]],
-                    ended: dict[int, GenerateEvent]) -> Completion:
+                    ended: dict[int, GenerateEvent], prompt_logprobs: dict[int, list[PromptLogprob]]) -> Completion:
         asked = self.request.sampling.logprobs is not None
         choices = []
         for i, event in sorted(ended.items()):
             assert event.usage is not None
             choices.append(Choice(i, "".join(parts[i]), event.finish_reason or "stop", event.usage.completion_tokens,
-                                  logprobs[i] if asked else None, event.cumulative_logprob))
+                                  logprobs[i] if asked else None, event.cumulative_logprob, prompt_logprobs.get(i)))
         prompt_tokens = ended[0].usage.prompt_tokens if ended[0].usage is not None else 0
         return Completion(choices, prompt_tokens, sum(c.completion_tokens for c in choices))
 

@@ -7,6 +7,7 @@ silently ignore what was asked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,6 +20,7 @@ from worker.protocol import (
     MAX_TOP_LOGPROBS,
     ChatMessage,
     Constraint,
+    PromptLogprob,
     SamplingParams,
     Seed,
     Temperature,
@@ -131,6 +133,7 @@ class _SamplingFields(BaseModel):
 
 class CompletionRequest(_SamplingFields):
     prompt: Text | list[Text]
+    max_tokens: int | None = Field(default=None, ge=0, description="0 with echo: the prompt alone, scored")
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=5, description="alternatives per token, 0-5")
     best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES,
@@ -149,9 +152,17 @@ class CompletionRequest(_SamplingFields):
             raise BadRequest("best_of cannot be streamed: the best choices are known only at the end")
         return self.best_of
 
+    def sampling(self, max_tokens: int | None, limit: int) -> SamplingParams:
+        if max_tokens == 0 and not self.echo:
+            raise BadRequest("max_tokens: 0 generates nothing; it is for scoring a prompt with echo and logprobs")
+        params = super().sampling(max_tokens, limit)
+        if self.echo and self.logprobs is not None:
+            params = params.model_copy(update={"prompt_logprobs": self.logprobs})
+        return params
+
     def single_prompt(self) -> str:
-        if self.echo or self.suffix:
-            raise BadRequest("echo and suffix are not supported")
+        if self.suffix:
+            raise BadRequest("suffix is not supported")
         if isinstance(self.prompt, list):
             if len(self.prompt) != 1:
                 raise BadRequest("prompt: send one prompt per request (a list of one string at most)")
@@ -206,23 +217,25 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: parallel lists, alternatives as {token: logprob}."""
+    """The legacy completions shape: parallel lists, alternatives as {token: logprob}. With echo the
+    prompt's tokens come first, the very first with null: nothing comes before it."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
     @staticmethod
-    def of(entries: list[TokenLogprob], offset: int = 0) -> CompletionLogprobs:
+    def of(entries: Sequence[TokenLogprob | PromptLogprob], offset: int = 0) -> CompletionLogprobs:
         """`offset`: characters of the answer before these tokens (streams send them piece by piece)."""
         offsets = []
         for entry in entries:
             offsets.append(offset)
             offset += len(entry.token)
-        return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                                  top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
-                                  text_offset=offsets)
+        return CompletionLogprobs(
+            tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+            top_logprobs=[None if e.logprob is None else {t.token: t.logprob for t in e.top} for e in entries],
+            text_offset=offsets)
 
 
 class CompletionChoice(BaseModel):

@@ -278,6 +278,8 @@ class BatchEngine:
         metrics.STEP_TIME.labels(phase).observe(time.monotonic() - started)
         metrics.BATCH_SIZE.observe(len(plan))
         metrics.PROMPT_TOKENS.inc(result.prompt_tokens)
+        if result.scores:
+            self.output.score_prompts(result.scores)
         if result.due:
             self.output.settle(result.due, result.logits)
 

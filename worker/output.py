@@ -15,12 +15,13 @@ import torch
 from worker import metrics
 from worker.grammar import Grammars
 from worker.logits import processing
-from worker.protocol import TokenLogprob, TopLogprob
+from worker.protocol import PromptLogprob, TokenLogprob, TopLogprob
+from worker.runner import PromptScores
 from worker.sampling import RowFailure, choose_tokens
 from worker.sequence import Sequence
 
 log = logging.getLogger(__name__)
-T = TypeVar("T", bound=TopLogprob)
+T = TypeVar("T", TopLogprob, TokenLogprob, PromptLogprob)
 
 
 class OutputProcessor:
@@ -29,8 +30,37 @@ class OutputProcessor:
         self.charge = charge  # the fair scheduler's counter: one per generated token
         self.grammars = grammars  # response_format: the next tokens each constrained row may take
 
+    def score_prompts(self, scores: list[PromptScores]) -> None:
+        """Prompt tokens' log probabilities, from the logits of the positions before them (echo)."""
+        for score in scores:
+            seq, width = score.seq, score.seq.request.sampling.prompt_logprobs or 0
+            logprobs = torch.log_softmax(score.logits.float(), dim=-1)
+            picked = logprobs.gather(1, torch.tensor(score.targets, device=logprobs.device).unsqueeze(1))
+            top_values, top_ids = (t.tolist() for t in logprobs.topk(width, dim=-1)) if width else ([], [])
+            self._open_prompt_scores(seq)
+            for j, (token, value) in enumerate(zip(score.targets, picked.view(-1).tolist(), strict=True)):
+                top = [self._entry(TopLogprob, t, v) for t, v in zip(top_ids[j], top_values[j], strict=True)] \
+                    if width else []
+                seq.prompt_logprobs.append(self._entry(PromptLogprob, token, value, top=top))
+
+    def _open_prompt_scores(self, seq: Sequence) -> None:
+        """The prompt's first token: nothing before it, so no log probability. A later choice shares choice 0's."""
+        if seq.prompt_logprobs or not seq.scores_prompt:
+            return
+        if seq.first is not None:
+            seq.prompt_logprobs = list(seq.first.prompt_logprobs)
+            return
+        raw = self.grammars.token_bytes(seq.prompt_ids[0])
+        seq.prompt_logprobs.append(PromptLogprob(token=raw.decode(errors="replace"), logprob=None, bytes=list(raw)))
+
     def settle(self, rows: list[Sequence], logits: torch.Tensor) -> None:
         """Choose each row's next token from logits [rows, vocab]; a row that cannot go on fails alone."""
+        for seq in rows:
+            self._open_prompt_scores(seq)
+        if any(seq.request.sampling.max_tokens == 0 for seq in rows):
+            rows, logits = self._finish_prompt_only(rows, logits)
+            if not rows:
+                return
         adjust, grammar_failed = processing(rows, self.eos_ids, self.grammars, logits.shape[-1], logits.device)
         asking = [i for i, seq in enumerate(rows)
                   if seq.request.sampling.logprobs is not None or seq.request.sampling.score]
@@ -54,6 +84,15 @@ class OutputProcessor:
             except Exception as exc:
                 log.exception("request %s failed after its forward pass", seq.request_id)
                 seq.fail(f"generation failed: {type(exc).__name__}")
+
+    def _finish_prompt_only(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:
+        """Rows that asked for no tokens (max_tokens 0: the prompt's log probabilities) end here; the rest go on."""
+        for seq in rows:
+            if seq.request.sampling.max_tokens == 0 and seq.finish_reason is None:
+                seq.finish_reason = "length"
+                seq.flush()
+        keep = [i for i, seq in enumerate(rows) if seq.request.sampling.max_tokens > 0]
+        return [rows[i] for i in keep], logits[keep]
 
     def _record_logprobs(self, rows: list[Sequence], tokens: list[int | RowFailure], logprobs: torch.Tensor) -> None:
         """Each row's chosen token's log probability and its top alternatives, kept for its next event;

@@ -50,7 +50,7 @@ class PromptEncoder:
             raise PromptError(f"token id {beyond[0]} (logit_bias or stop_token_ids) is not in the model's "
                               f"vocabulary of {vocab} tokens (0-{vocab - 1})")
         constraint = request.sampling.constraint
-        if request.sampling.logprobs is not None:
+        if request.sampling.logprobs is not None or request.sampling.prompt_logprobs is not None:
             self.grammars.token_bytes(0)  # the tokenizer's byte view is built here, not on the engine thread
         try:
             matcher = None if constraint is None else self.grammars.matcher(constraint)

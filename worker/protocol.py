@@ -81,7 +81,7 @@ class Constraint(BaseModel):
 class SamplingParams(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
-    max_tokens: int = Field(default=128, ge=1)
+    max_tokens: int = Field(default=128, ge=0)  # 0: the prompt only (its log probabilities, echo)
     temperature: Temperature = 0.0
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: Seed | None = None
@@ -99,6 +99,8 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     # Choices from one prompt: it is prefilled once and every choice starts from its keys and values.
     n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    # Log probabilities of the prompt's own tokens (echo), with this many alternatives (None: none).
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     score: bool = False  # report each choice's total log probability (best_of ranks choices by it)
 
     @model_validator(mode="after")
@@ -152,6 +154,15 @@ class TokenLogprob(TopLogprob):
     top: list[TopLogprob] = Field(default_factory=list)  # the most likely tokens at its position
 
 
+class PromptLogprob(BaseModel):
+    """A prompt token's log probability given the tokens before it (None for the first: nothing is)."""
+
+    token: str
+    logprob: float | None = None  # (the worker leaves None out of its lines)
+    bytes: list[int]
+    top: list[TopLogprob] = Field(default_factory=list)
+
+
 class GenerateEvent(BaseModel):
     """One line of the worker's NDJSON stream: a text delta, then one final event."""
 
@@ -167,6 +178,7 @@ class GenerateEvent(BaseModel):
     error_status: int | None = None
     logprobs: list[TokenLogprob] | None = None  # the tokens generated since the previous event, if asked
     cumulative_logprob: float | None = None  # final event, when `score` was asked: the choice's total
+    prompt_logprobs: list[PromptLogprob] | None = None  # each choice's first event, when asked: every prompt token
 
 
 class EvictRequest(BaseModel):

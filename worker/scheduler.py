@@ -148,6 +148,9 @@ class Row(Protocol):
     @property
     def follows(self) -> bool: ...
 
+    @property
+    def scores_prompt(self) -> bool: ...
+
 
 R = TypeVar("R", bound=Row)
 
@@ -165,7 +168,10 @@ def plan_pass(running: list[R], max_prefill_tokens: int, max_prefill_tokens_idle
         if budget <= 0:
             break
         if not row.prefilled and row.finish_reason is None and not row.follows:  # followers copy another's prompt
-            chunk = min(len(row.prompt_ids) - row.cached, budget)
+            # A prompt whose log probabilities were asked keeps logits of every position ([tokens, vocab]):
+            # it goes in chunks of at most max_prefill_tokens, idle or not, to bound that memory.
+            cap = max_prefill_tokens if row.scores_prompt else budget
+            chunk = min(len(row.prompt_ids) - row.cached, budget, cap)
             plan.append((row, chunk))
             budget -= chunk
     return plan

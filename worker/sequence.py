@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from worker.detokenize import IncrementalDecoder
-from worker.protocol import FinishReason, GenerateEvent, GenerateRequest, TokenLogprob, Usage
+from worker.protocol import FinishReason, GenerateEvent, GenerateRequest, PromptLogprob, TokenLogprob, Usage
 
 EventSink = Callable[[GenerateEvent], None]
 
@@ -39,6 +39,8 @@ class Sequence:
     first: Sequence | None = None  # choice 0, for the other choices
     siblings: list[Sequence] = field(default_factory=list)  # choice 0's: choices 1 to n-1
     cumulative_logprob: float = 0.0  # of the tokens chosen, when `score` was asked
+    prompt_logprobs: list[PromptLogprob] = field(default_factory=list)  # when asked: filled as chunks are prefilled
+    prompt_logprobs_sent: bool = False
 
     @property
     def tenant(self) -> str:
@@ -57,6 +59,11 @@ class Sequence:
     def follows(self) -> bool:
         """A later choice still waiting for choice 0's prompt: it is never prefilled on its own."""
         return self.first is not None and not self.prefilled
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its prompt's log probabilities were asked for (echo): its prompt chunks keep every position's logits."""
+        return self.request.sampling.prompt_logprobs is not None
 
     @property
     def reserved_tokens(self) -> int:
@@ -90,7 +97,8 @@ class Sequence:
         if end > self.emitted:
             progress = Usage(prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids))
             self.sink(GenerateEvent(request_id=self.request_id, index=self.index, text=self.text[self.emitted : end],
-                                    progress=progress, logprobs=self._sent_logprobs()))
+                                    progress=progress, logprobs=self._sent_logprobs(),
+                                    prompt_logprobs=self._sent_prompt_logprobs()))
             self.emitted = end
         if self.finish_reason is not None:
             self.sink(
@@ -103,6 +111,7 @@ class Sequence:
                     queue_seconds=None if self.admitted is None else self.admitted - self.arrived,
                     logprobs=self._sent_logprobs(),
                     cumulative_logprob=self.cumulative_logprob if self.request.sampling.score else None,
+                    prompt_logprobs=self._sent_prompt_logprobs(),
                 )
             )
 
@@ -112,6 +121,13 @@ class Sequence:
             return None
         pending, self.logprobs = self.logprobs, []
         return pending
+
+    def _sent_prompt_logprobs(self) -> list[PromptLogprob] | None:
+        """The prompt's log probabilities with the choice's first event only (None if not asked)."""
+        if not self.scores_prompt or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
     def fail(self, message: str, status: int = 500) -> None:
         self.finish_reason = "error"

@@ -37,12 +37,14 @@ from app.openai_schemas import (
     chat_chunk,
     completion_chunk,
 )
-from worker.protocol import GenerateEvent, TokenLogprob
+from worker.protocol import GenerateEvent, PromptLogprob, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=StrictJsonRoute)
 
+# Its tokens' log probabilities: the prompt's first (echo), then the generated ones.
+Logprobs = list[TokenLogprob | PromptLogprob]
 # (choice index, text delta, finish_reason, its tokens' log probabilities if asked) -> one SSE payload
-Chunk = Callable[[int, str, str | None, list[TokenLogprob] | None], dict[str, Any]]
+Chunk = Callable[[int, str, str | None, Logprobs | None], dict[str, Any]]
 
 
 def _base_model_name(services: Services) -> str:
@@ -88,7 +90,10 @@ class _OpenAIChunks:
 
     def on_event(self, event: GenerateEvent) -> list[dict[str, Any]]:
         i = event.index
-        out = [self.chunk(i, event.text, None, event.logprobs)] if event.text or event.logprobs else []
+        logprobs: Logprobs | None = None
+        if event.logprobs is not None or event.prompt_logprobs is not None:
+            logprobs = [*(event.prompt_logprobs or []), *(event.logprobs or [])]
+        out = [self.chunk(i, event.text, None, logprobs)] if event.text or logprobs else []
         if event.finished and event.usage is not None:
             out.append(self.chunk(i, "", _finish(event.finish_reason), None))
             self.ended[i], self.prompt_tokens = event.usage.completion_tokens, event.usage.prompt_tokens
@@ -114,13 +119,18 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     body.refuse_unsupported()
     sampling = body.sampling(body.max_tokens, services.settings.max_tokens_limit)
+    prompt = body.single_prompt()
     generation = await _start(services, tenant, "/v1/completions", body.model,
-                              GenerationInput(body.single_prompt(), None, None, sampling))
+                              GenerationInput(prompt, None, None, sampling))
     id_, created = f"cmpl-{generation.request.request_id}", int(time.time())
+    echo = prompt if body.echo else ""
     if body.stream:
         offsets = [0] * body.n  # characters of each answer already sent: the logprobs' text_offset
+        echoed = [False] * body.n
 
-        def chunk(index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish: str | None, logprobs: Logprobs | None) -> dict[str, Any]:
+            if not echoed[index]:  # the prompt leads each choice's first chunk
+                echoed[index], text = True, echo + text
             shaped = None if logprobs is None else CompletionLogprobs.of(logprobs, offsets[index])
             offsets[index] += len(text)
             return completion_chunk(id_, created, body.model, text, finish, shaped, index)
@@ -130,8 +140,9 @@ async def completions(
     response.headers[WORKER_HEADER] = generation.slot.client.name
     return CompletionResponse(
         id=id_, created=created, model=body.model,
-        choices=[CompletionChoice(index=c.index, text=c.text, finish_reason=_finish(c.finish_reason),
-                                  logprobs=None if c.logprobs is None else CompletionLogprobs.of(c.logprobs))
+        choices=[CompletionChoice(index=c.index, text=echo + c.text, finish_reason=_finish(c.finish_reason),
+                                  logprobs=None if c.logprobs is None
+                                  else CompletionLogprobs.of([*(c.prompt_logprobs or []), *c.logprobs]))
                  for c in done.best(body.n)],
         usage=_usage(done.prompt_tokens, done.completion_tokens),  # every choice generated is charged
     )
@@ -148,8 +159,8 @@ async def chat_completions(
                               GenerationInput(None, messages, None, sampling))
     id_, created = f"chatcmpl-{generation.request.request_id}", int(time.time())
     if body.stream:
-        def chunk(index: int, text: str, finish: str | None, logprobs: list[TokenLogprob] | None) -> dict[str, Any]:
-            shaped = None if logprobs is None else ChatLogprobs.of(logprobs)
+        def chunk(index: int, text: str, finish: str | None, logprobs: Logprobs | None) -> dict[str, Any]:
+            shaped = None if logprobs is None else ChatLogprobs.of([e for e in logprobs if isinstance(e, TokenLogprob)])
             return chat_chunk(id_, created, body.model, {"content": text} if text else {}, finish, shaped, index)
 
         def first(index: int) -> dict[str, Any]:

@@ -144,3 +144,17 @@ def test_openai_client_n_choices_and_best_of_on_an_adapter(server: Server) -> No
     means = [sum(c.logprobs.token_logprobs or []) / len(c.logprobs.token_logprobs or [1])  # type: ignore[union-attr]
              for c in best.choices]
     assert means[0] >= means[1]  # the most likely per token first
+
+
+def test_openai_client_scores_a_prompt_with_echo(server: Server) -> None:
+    oa = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.new_tenant("echo-user"), max_retries=0)
+    base_id = oa.models.list().data[0].id
+    likely, unlikely = (oa.completions.create(model=base_id, prompt=p, echo=True, logprobs=1, max_tokens=0)
+                        for p in ("The capital of France is Paris", "The capital of France is Tokyo"))
+    for out, prompt in ((likely, "The capital of France is Paris"), (unlikely, "The capital of France is Tokyo")):
+        assert out.choices[0].text == prompt and out.usage is not None and out.usage.completion_tokens == 0
+    scores = [c.choices[0].logprobs.token_logprobs for c in (likely, unlikely)]  # type: ignore[union-attr]
+    assert scores[0][0] is None and scores[0][-1] > scores[1][-1]  # type: ignore[index, operator]
+    answered = oa.completions.create(model=base_id, prompt="The capital of France is", echo=True, max_tokens=3,
+                                     temperature=0)
+    assert answered.choices[0].text.startswith("The capital of France is") and "Paris" in answered.choices[0].text

@@ -129,3 +129,27 @@ def test_more_choices_than_the_batch_or_the_kv_pool_holds_are_refused(worker: Wo
         assert "8 choices" in str(exc) and "kv_cache_mb" in str(exc)
     else:
         raise AssertionError("n choices beyond the KV pool were accepted")
+
+
+def test_prompt_log_probabilities_across_chunk_boundaries_with_no_tokens_generated(worker: Worker) -> None:
+    alphabet = " ".join("abcdefghijklmnopqrstuvwxyz") + " "
+    request = worker_request("", max_tokens=0, prompt_logprobs=2, n=2).model_copy(
+        update={"messages": None, "prompt": alphabet * 8})
+    prepared = worker.loaded.prompts.prepare(request)
+    assert len(prepared.ids) > 3 * 64  # prefilled in four chunks of at most 64
+    choices = Choices(2)
+    worker.loaded.engine.submit(request, prepared.ids, choices.sink, prepared.matcher)
+    finals = choices.wait()
+    assert all(f.finish_reason == "length" and f.usage.completion_tokens == 0 for f in finals.values())  # type: ignore[union-attr]
+    scored = [e.prompt_logprobs for e in choices.events if e.prompt_logprobs is not None]
+    assert len(scored) == 2 and scored[0] == scored[1]  # the second choice shares the first's prompt
+    entries = scored[0]
+    assert len(entries) == len(prepared.ids) and entries[0].logprob is None
+    assert "".join(e.token for e in entries) == alphabet * 8
+    assert all(len(e.top) == 2 and e.top[0].logprob >= e.top[1].logprob for e in entries[1:])
+    # The repeats are easy to predict, including the tokens at chunk boundaries (64, 128, 192):
+    # a misaligned position would score the wrong token there.
+    repeat = len(entries) // 8
+    later = entries[2 * repeat : -1]  # the last, a lone trailing space, is rare after "z" and rightly unlikely
+    assert all(e.logprob is not None and e.logprob > -1.0 for e in later), [(e.token, e.logprob) for e in later]
+    assert all(entries[i].logprob is not None and entries[i].logprob > -1.0 for i in (128, 192))  # type: ignore[operator]

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 from app.errors import WorkerUnavailable
-from worker.protocol import GenerateEvent, GenerateRequest, TokenLogprob, TopLogprob, Usage, WorkerHealth
+from worker.protocol import (
+    GenerateEvent,
+    GenerateRequest,
+    PromptLogprob,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+    WorkerHealth,
+)
 
 
 class FakeWorkerClient:
@@ -34,6 +42,16 @@ class FakeWorkerClient:
             words.insert(0, f"[{request.adapter.key}]")
         n = min(len(words), request.sampling.max_tokens)
         choices = range(request.sampling.n)  # choice c > 0 answers "#c" first; their events interleave
+        unsent = set(choices) if request.sampling.prompt_logprobs is not None else set()
+
+        def prompt_logprobs(c: int) -> list[PromptLogprob] | None:  # each choice's first event
+            if c not in unsent:
+                return None
+            unsent.discard(c)
+            tokens = [w if k == 0 else " " + w for k, w in enumerate(words)]  # they make up the prompt
+            return [PromptLogprob(token=t, logprob=None if k == 0 else -0.25, bytes=list(t.encode()))
+                    for k, t in enumerate(tokens)]
+
         for i in range(n):
             if self.fail_after is not None and i >= self.fail_after:
                 raise WorkerUnavailable(f"worker {self.name} is unreachable or died mid-request")
@@ -41,7 +59,8 @@ class FakeWorkerClient:
             for c in choices:
                 word = f"#{c}" if c and i == 0 else words[i]
                 yield GenerateEvent(request_id=request.request_id, index=c, text=word + " ", progress=progress,
-                                    logprobs=_fake_logprobs(word + " ", request.sampling.logprobs))
+                                    logprobs=_fake_logprobs(word + " ", request.sampling.logprobs),
+                                    prompt_logprobs=prompt_logprobs(c))
         for c in choices:
             yield GenerateEvent(
                 request_id=request.request_id,
@@ -51,6 +70,7 @@ class FakeWorkerClient:
                 usage=Usage(prompt_tokens=len(words), completion_tokens=n),
                 # choice 1 is the most likely, then 0 and 2, and so on
                 cumulative_logprob=-abs(c - 1) - 0.5 * n if request.sampling.score else None,
+                prompt_logprobs=prompt_logprobs(c),
             )
 
     async def evict(self, key: str) -> None:

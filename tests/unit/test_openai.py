@@ -246,7 +246,8 @@ def test_completion_logprobs_in_the_legacy_shape_with_text_offsets(gateway: Gate
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, 422, "top_logprobs"),
         ("/v1/chat/completions", {"top_logprobs": 3}, 400, "top_logprobs needs logprobs: true"),
         ("/v1/completions", {"logprobs": 6}, 422, "logprobs"),
-        ("/v1/completions", {"logprobs": 2, "echo": True}, 400, "echo"),
+        ("/v1/completions", {"max_tokens": -1, "echo": True}, 422, "max_tokens"),
+        ("/v1/completions", {"suffix": "x"}, 400, "suffix"),
     ],
 )
 def test_logprobs_bounds_are_named(gateway: Gateway, route: str, fields: dict, status: int, message: str) -> None:  # type: ignore[type-arg]
@@ -300,3 +301,31 @@ def test_best_of_returns_the_most_likely_choices_and_charges_every_one(gateway: 
     assert [c.text for c in two.choices] == ["#1 two three ", "one two three "]
     plain = oa.completions.create(model="tiny-base", prompt="hi", best_of=1)
     assert gateway.worker.requests[-1].sampling.score is False and plain.choices[0].text == "hi "
+
+
+def test_echo_puts_the_prompt_first_with_its_log_probabilities_whole_and_streamed(gateway: Gateway) -> None:
+    oa = client_for(gateway, gateway.new_tenant("acme"))
+    done = oa.completions.create(model="tiny-base", prompt="one two", echo=True, logprobs=1)
+    assert gateway.worker.requests[-1].sampling.prompt_logprobs == 1
+    choice = done.choices[0]
+    assert choice.text == "one twoone two "  # the prompt as sent, then the answer
+    assert choice.logprobs is not None and choice.logprobs.tokens == ["one", " two", "one ", "two "]
+    assert choice.logprobs.token_logprobs == [None, -0.25, -0.5, -0.5]  # nothing comes before the first
+    assert choice.logprobs.top_logprobs is not None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.text_offset == [0, 3, 7, 11]
+
+    scored = oa.completions.create(model="tiny-base", prompt="one two", echo=True, logprobs=0, max_tokens=0)
+    assert scored.choices[0].text == "one two" and scored.choices[0].logprobs is not None
+    assert scored.choices[0].logprobs.token_logprobs == [None, -0.25]
+    assert scored.usage is not None and scored.usage.completion_tokens == 0
+
+    chunks = list(oa.completions.create(model="tiny-base", prompt="one two", echo=True, logprobs=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "one twoone two "
+    first = chunks[0].choices[0]
+    assert first.text.startswith("one two") and first.logprobs is not None
+    assert first.logprobs.token_logprobs[:2] == [None, -0.25]  # type: ignore[index]
+
+    plain = oa.completions.create(model="tiny-base", prompt="one two", echo=True)
+    assert plain.choices[0].text == "one twoone two " and gateway.worker.requests[-1].sampling.prompt_logprobs is None
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0 generates nothing"):
+        oa.completions.create(model="tiny-base", prompt="one two", max_tokens=0)

@@ -23,6 +23,7 @@ class Running:
     cached: int = 0
     finish_reason: str | None = None
     follower: bool = False  # a later choice of an n > 1 request
+    scored: bool = False  # its prompt's log probabilities were asked
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -35,6 +36,10 @@ class Running:
     @property
     def follows(self) -> bool:
         return self.follower and not self.prefilled
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.scored
 
 
 def feed(plan: list[tuple[Running, int]]) -> None:
@@ -208,3 +213,8 @@ def test_later_choices_are_never_prefilled_themselves_and_decode_once_they_hold_
     feed(plan_pass([first, second], 64, 64))
     second.cached = 40  # the engine copies choice 0's keys and values into its region
     assert plan_pass([first, second], 64, 64) == [(first, 1), (second, 1)]
+
+
+def test_a_prompt_whose_log_probabilities_were_asked_goes_in_small_chunks_even_when_idle() -> None:
+    scored, plain = Running(prompt=300, scored=True), Running(prompt=300)
+    assert plan_pass([scored, plain], 64, 2048) == [(scored, 64), (plain, 300)]
