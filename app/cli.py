@@ -111,11 +111,17 @@ def cmd_models_prepare(args: argparse.Namespace) -> None:
 def cmd_worker(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from worker.auth import TOKEN_ENV, check_token
     from worker.runtime import WorkerRuntime
     from worker.server import build_worker_app
 
     config = WorkerConfig.from_arguments(args)
-    app = build_worker_app(WorkerRuntime(config))
+    token = os.environ.get(TOKEN_ENV) or None  # from the environment: argv is visible to every local user
+    try:
+        check_token(token, config.host)
+    except ValueError as exc:
+        raise SystemExit(f"loraplex worker: {exc}") from None
+    app = build_worker_app(WorkerRuntime(config), token)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
 
 

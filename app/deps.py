@@ -18,7 +18,7 @@ from app.auth import TenantService, is_admin_key
 from app.errors import Forbidden, Unauthorized
 from app.gate import Principal, Refusal
 from app.metrics import TenantLabels
-from app.quotas import RequestQuotas
+from app.quotas import Quotas
 from app.settings import Settings
 from app.workers.pool import WorkerPool
 
@@ -31,7 +31,7 @@ class Services:
     tenants: TenantService
     pool: WorkerPool
     admin_key: str
-    quotas: RequestQuotas
+    quotas: Quotas
     tenant_labels: TenantLabels
     jobs: JobStore
     base_models: BaseCheckpoints

@@ -79,6 +79,15 @@ class WorkerUnavailable(ApiError):
         super().__init__(message, retry_after=retry_after)
 
 
+class QuotaStoreUnavailable(ApiError):
+    """The shared quota counters (Redis) cannot be reached: limits cannot be checked, so nothing is admitted."""
+
+    status, type = 503, "quota_store_unavailable"
+
+    def __init__(self, message: str, *, retry_after: int | None = 2) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class GenerationFailed(ApiError):
     status, type = 500, "generation_failed"
 

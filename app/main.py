@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,12 +23,14 @@ from app.auth import TenantService, load_or_create_admin_key
 from app.deps import Services, principal_for
 from app.errors import install_error_handlers
 from app.gate import BodyLimits, RequestGate
-from app.quotas import RequestQuotas
+from app.quotas import Quotas, RequestQuotas
+from app.redis_quotas import RedisQuotas
 from app.routes import adapters, admin, generate, health, jobs, keys, openai
 from app.settings import Settings
 from app.workers.client import HttpWorkerClient
 from app.workers.pool import WorkerPool, WorkerSlot
 from app.workers.supervisor import LocalWorkerProcess, device_for, visible_gpu_count
+from worker.auth import TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,7 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         tenants=TenantService(sessions, registry),
         pool=pool if pool is not None else _configured_pool(settings, bases),
         admin_key=admin_key,
-        quotas=RequestQuotas(),
+        quotas=_quotas(settings),
         tenant_labels=metrics.TenantLabels(settings.metrics_top_tenants),
         jobs=JobStore(sessions),
         base_models=bases,
@@ -63,6 +66,8 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         yield
         sweeper.cancel()
         await services.pool.stop()
+        if isinstance(services.quotas, RedisQuotas):
+            services.quotas.close()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.services = services
@@ -88,20 +93,32 @@ async def _sweep_blobs(registry: AdapterRegistry, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+def _quotas(settings: Settings) -> Quotas:
+    """Tenant limits counted in Redis when several gateways share them, else in this process."""
+    if settings.redis_url is None:
+        return RequestQuotas()
+    return RedisQuotas(settings.redis_url, lease_s=settings.redis_lease_s, prefix=settings.redis_prefix)
+
+
 def _configured_pool(settings: Settings, bases: BaseCheckpoints) -> WorkerPool:
     slots: list[WorkerSlot] = []
+    token = settings.worker_token.get_secret_value() if settings.worker_token is not None else None
     if settings.workers:
         base = bases.active_or_none()
         if base is None:
             raise RuntimeError("no base model is registered: run `loraplex models prepare` first")
         gpus = visible_gpu_count() if settings.worker_device in ("auto", "cuda") else 0
+        local_token = token or secrets.token_urlsafe(32)  # known to this gateway and its own workers only
         for i in range(settings.workers):
             config = settings.worker_config(i, base.path, base.name, device_for(settings.worker_device, i, gpus))
             client = HttpWorkerClient(f"local-{i}", f"http://127.0.0.1:{config.port}",
-                                      idle_timeout=settings.worker_idle_timeout_s)
-            slots.append(WorkerSlot(client=client, process=LocalWorkerProcess(config)))
+                                      idle_timeout=settings.worker_idle_timeout_s, token=local_token)
+            process = LocalWorkerProcess(config, env={TOKEN_ENV: local_token})  # by environment, not argv
+            slots.append(WorkerSlot(client=client, process=process))
+    if settings.worker_urls and token is None:
+        log.warning("remote workers without LORAPLEX_WORKER_TOKEN: they must run without one, on loopback")
     for i, url in enumerate(settings.worker_urls):
-        client = HttpWorkerClient(f"remote-{i}", url, idle_timeout=settings.worker_idle_timeout_s)
+        client = HttpWorkerClient(f"remote-{i}", url, idle_timeout=settings.worker_idle_timeout_s, token=token)
         slots.append(WorkerSlot(client=client))
     return WorkerPool(slots, overload=settings.max_batch_size, hang_timeout=settings.worker_stall_timeout_s,
                       start_timeout=settings.worker_start_timeout_s)

@@ -1,7 +1,8 @@
 """Per-tenant limits: concurrent generation requests and tokens per minute.
 
-Counted in this gateway process. With several gateway replicas each enforces the limits
-on its own share of the traffic (a shared counter store is a later step).
+`RequestQuotas` counts in this gateway process (one gateway: the embedded default).
+`RedisQuotas` (app/redis_quotas.py, with LORAPLEX_REDIS_URL) counts in Redis, so that limits
+hold across all gateway replicas together. Both answer to the same three calls.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pydantic import BaseModel, Field
 
@@ -55,12 +57,24 @@ class _Usage:
     tokens: deque[tuple[float, int]] = field(default_factory=deque)  # (when, tokens) in the last minute
 
 
+class Quotas(Protocol):
+    def admit(self, tenant_id: int, limits: TenantLimits) -> Callable[[], None]:
+        """Count one request in flight, or refuse with 429; returns the release (call once)."""
+        ...
+
+    def usage(self, tenant_id: int) -> tuple[int, int]:
+        """(requests in flight, tokens charged in the last minute) for one tenant."""
+        ...
+
+    def charge(self, tenant_id: int, tokens: int) -> None: ...
+
+
 class QuotaLease:
     """One request's hold on its tenant's concurrency, and the tokens it is charged. Settled once,
     however the request ends (finished, failed, or the client gone): the tokens generated so far
     are charged and the concurrency slot is freed."""
 
-    def __init__(self, quotas: RequestQuotas, tenant_id: int, limits: TenantLimits) -> None:
+    def __init__(self, quotas: Quotas, tenant_id: int, limits: TenantLimits) -> None:
         self._quotas, self._tenant_id = quotas, tenant_id
         self._release = quotas.admit(tenant_id, limits)  # 429 here, before any response starts
         self.tokens = 0

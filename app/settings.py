@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -9,9 +10,23 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.jobrunner import JobRunnerConfig
+from worker.auth import MIN_TOKEN_CHARS, check_token
 from worker.config import WorkerConfig
 
 _WORKER = WorkerConfig  # its class attributes are the field defaults
+
+
+PLACEHOLDER = re.compile(r"replace|change.?me|example", re.IGNORECASE)  # what deploy/ ships
+
+
+def _check_production_secret(name: str, value: SecretStr | None) -> None:
+    """Production takes only a real secret: present, 32+ characters, not a placeholder from deploy/."""
+    secret = value.get_secret_value() if value is not None else ""
+    if len(secret) < MIN_TOKEN_CHARS:
+        raise ValueError(f"{name} ({MIN_TOKEN_CHARS}+ random characters) is required outside development mode; "
+                         "generate one with: python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if PLACEHOLDER.search(secret):
+        raise ValueError(f"{name} is still the placeholder from the deployment files; generate a random one")
 
 
 class Settings(BaseSettings):
@@ -25,6 +40,14 @@ class Settings(BaseSettings):
     database_url: str | None = None  # default: SQLite file in data_dir
     blob_url: str | None = None  # default: the directory data_dir/blobs; or s3://bucket/prefix?endpoint=...
     admin_key: SecretStr | None = None
+    # Shared with every worker (their LORAPLEX_WORKER_TOKEN): required for remote workers in production;
+    # without it the local workers get one made up at start.
+    worker_token: SecretStr | None = None
+    # Per-tenant request limits counted in Redis (redis://host:6379/0), shared by every gateway replica;
+    # unset: counted in this process. A gateway that dies frees its requests' slots after redis_lease_s.
+    redis_url: str | None = None
+    redis_lease_s: float = Field(default=30.0, ge=1.0, le=3600.0)
+    redis_prefix: str = "loraplex:quota:"  # several deployments may share one Redis under different prefixes
     blob_sweep_interval_s: float = Field(default=3600.0, gt=0)  # unreferenced blobs are removed this often
 
     # Local workers spawned and supervised by the gateway.
@@ -79,9 +102,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_defaults(self) -> Settings:
-        weak_key = self.admin_key is None or len(self.admin_key.get_secret_value()) < 16
-        if self.env == "production" and weak_key:
-            raise ValueError("LORAPLEX_ADMIN_KEY (16+ characters) is required outside development mode")
+        if self.env == "production":
+            _check_production_secret("LORAPLEX_ADMIN_KEY", self.admin_key)
+            if self.worker_token is not None:
+                _check_production_secret("LORAPLEX_WORKER_TOKEN", self.worker_token)
+        if self.worker_token is not None:
+            check_token(self.worker_token.get_secret_value(), "127.0.0.1")
+        if self.env == "production" and self.worker_urls and self.worker_token is None:
+            raise ValueError(f"LORAPLEX_WORKER_TOKEN ({MIN_TOKEN_CHARS}+ characters, the one the workers have) "
+                             "is required for remote workers outside development mode")
         return self
 
     def worker_config(self, index: int, model_path: str, model_name: str, device: str) -> WorkerConfig:

@@ -15,22 +15,26 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import metrics
+from worker.auth import TokenGate
 from worker.engine import QueueFull
 from worker.prompts import PromptError
 from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
 from worker.runtime import WorkerRuntime
 
 
-def build_worker_app(runtime: WorkerRuntime) -> FastAPI:
+def build_worker_app(runtime: WorkerRuntime, token: str | None = None) -> FastAPI:
+    """The worker's API; with a token, every route but the probes and /metrics requires it (worker.auth)."""
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         runtime.start()
         yield
         runtime.stop()
 
-    app = FastAPI(title="loraplex worker", lifespan=lifespan)
+    app = FastAPI(title="loraplex worker", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _add_generation_routes(app, runtime)
     _add_control_routes(app, runtime)
+    if token is not None:
+        app.add_middleware(TokenGate, token=token)
     return app
 
 

@@ -30,13 +30,15 @@ class WorkerClient(Protocol):
 class HttpWorkerClient:
     """Talks to a worker's internal API, local or on another machine."""
 
-    def __init__(self, name: str, base_url: str, *, connect_timeout: float = 2.0, idle_timeout: float = 30.0) -> None:
+    def __init__(self, name: str, base_url: str, *, connect_timeout: float = 2.0, idle_timeout: float = 30.0,
+                 token: str | None = None) -> None:
         self.name = name
         self.base_url = base_url.rstrip("/")
         # A live worker sends a line (an event or a blank keep-alive) every few seconds on every
         # open stream; silence for `idle_timeout` means it is hung, and the request moves on.
         timeout = httpx.Timeout(connect=connect_timeout, read=idle_timeout, write=30.0, pool=30.0)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout)
+        headers = {"authorization": f"Bearer {token}"} if token is not None else {}  # worker.auth
+        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, headers=headers)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         try:

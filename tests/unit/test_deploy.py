@@ -108,7 +108,8 @@ def test_the_dashboard_uses_the_provisioned_datasource() -> None:
 
 
 DOCKER_COMPOSE = shutil.which("docker-compose")
-COMPOSE_SERVICES = {"postgres", "prepare", "worker-0", "worker-1", "gateway", "job-runner", "prometheus", "grafana"}
+COMPOSE_SERVICES = {"postgres", "redis", "prepare", "worker-0", "worker-1", "gateway", "job-runner", "prometheus",
+                    "grafana"}
 
 
 @pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose not installed (Debian's; .ci/run installs it)")
@@ -117,11 +118,16 @@ def test_docker_compose_accepts_the_file_and_wires_the_services(tmp_path) -> Non
         return subprocess.run([str(DOCKER_COMPOSE), "-f", str(ROOT / "docker-compose.yml"), "config"], cwd=tmp_path,
                               env={"PATH": "/usr/bin:/bin", **env}, capture_output=True, text=True)
 
-    refused = config()
-    assert refused.returncode != 0 and "LORAPLEX_ADMIN_KEY" in refused.stderr  # no default admin key
-    done = config(LORAPLEX_ADMIN_KEY="k" * 40)
+    secrets = {"LORAPLEX_ADMIN_KEY": "k" * 40, "LORAPLEX_WORKER_TOKEN": "t" * 40, "GRAFANA_ADMIN_PASSWORD": "g" * 20}
+    for missing in secrets:  # no default for any secret: not the admin key, the worker token, nor Grafana's
+        refused = config(**{k: v for k, v in secrets.items() if k != missing})
+        assert refused.returncode != 0 and missing in refused.stderr
+    done = config(**secrets)
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
+    for name, service in services.items():  # published on loopback unless LORAPLEX_BIND says otherwise
+        assert all(str(p.get("host_ip") if isinstance(p, dict) else p).startswith("127.0.0.1")
+                   for p in service.get("ports", [])), name
     assert set(services) == COMPOSE_SERVICES
     workers = [name for name in services if name.startswith("worker-")]
     for name in workers:
@@ -129,6 +135,11 @@ def test_docker_compose_accepts_the_file_and_wires_the_services(tmp_path) -> Non
         assert devices[0]["capabilities"] == ["gpu"]
     gateway_env = services["gateway"]["environment"]
     assert json.loads(gateway_env["LORAPLEX_WORKER_URLS"]) == [f"http://{w}:8100" for w in workers]
+    assert gateway_env["LORAPLEX_REDIS_URL"] == "redis://redis:6379/0"  # limits shared by gateway replicas
+    for name in workers:  # each worker has the gateway's token and nothing else secret
+        env = services[name]["environment"]
+        assert env["LORAPLEX_WORKER_TOKEN"] == gateway_env["LORAPLEX_WORKER_TOKEN"]
+        assert "LORAPLEX_ADMIN_KEY" not in env and "LORAPLEX_DATABASE_URL" not in env
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
     targets = {job["job_name"]: job["static_configs"][0]["targets"] for job in scrape}
     assert targets == {"loraplex-gateway": ["gateway:8000"], "loraplex-worker": [f"{w}:8100" for w in workers]}
@@ -183,3 +194,25 @@ def test_kubernetes_workers_get_a_gpu_each_and_the_gateway_knows_them_all() -> N
         pod = docs[(kind, name)]["spec"]["template"]
         assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_kubernetes_pods_get_only_the_secrets_they_need_and_only_gateways_reach_workers() -> None:
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in k8s_documents()}
+
+    def secrets(kind: str, name: str, container: str = "containers") -> set[str]:
+        pod = docs[(kind, name)]["spec"]["template"]["spec"]
+        return {ref["secretRef"]["name"] for c in pod[container] for ref in c.get("envFrom", []) if "secretRef" in ref}
+
+    assert secrets("StatefulSet", "loraplex-worker") == {"loraplex-storage", "loraplex-worker-token"}
+    assert secrets("Deployment", "loraplex-job-runner") == {"loraplex-database"}
+    assert secrets("Deployment", "loraplex-gateway") == {"loraplex-admin", "loraplex-database", "loraplex-storage",
+                                                          "loraplex-worker-token"}
+    assert all(("Secret", s) in docs for s in secrets("Deployment", "loraplex-gateway"))
+    policy = docs[("NetworkPolicy", "loraplex-worker-ingress")]["spec"]
+    worker_labels = docs[("StatefulSet", "loraplex-worker")]["spec"]["template"]["metadata"]["labels"]
+    gateway_labels = docs[("Deployment", "loraplex-gateway")]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"] == worker_labels and policy["policyTypes"] == ["Ingress"]
+    allowed = [peer.get("podSelector", {}).get("matchLabels") for rule in policy["ingress"] for peer in rule["from"]]
+    assert gateway_labels in allowed
+    redis_url = docs[("ConfigMap", "loraplex-config")]["data"]["LORAPLEX_REDIS_URL"]
+    assert redis_url == "redis://loraplex-redis:6379/0" and ("Service", "loraplex-redis") in docs
