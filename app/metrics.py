@@ -58,6 +58,12 @@ QUANTIZATION_JOBS = Gauge("loraplex_quantization_jobs", "Quantization jobs in th
 RETRIES = Counter(
     "loraplex_failover_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
 )
+ADAPTER_ROUTES = Counter(
+    "loraplex_adapter_routes", "Adapter requests routed, by whether the chosen worker already held the adapter",
+    ["outcome"], registry=REGISTRY,
+)
+for _outcome in ("resident", "cold"):
+    ADAPTER_ROUTES.labels(_outcome)
 WORKER_RESTARTS = Counter(
     "loraplex_worker_restarts", "Local workers restarted by the gateway: exited, or hung (alive, not serving)",
     ["reason"], registry=REGISTRY,

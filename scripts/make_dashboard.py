@@ -95,6 +95,9 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Adapter bytes by tier", "bytes", [("sum by (tier) (loraplex_worker_adapter_bytes)", "{{tier}}")]),
         ("Lookups by result", "ops", [
             (f"sum by (result) (rate(loraplex_worker_adapter_lookups_total[{RATE}]))", "{{result}}")]),
+        ("Routed to a worker holding the adapter", "percentunit", [
+            (f'sum(rate(loraplex_adapter_routes_total{{outcome="resident"}}[{RATE}]))'
+             f" / sum(rate(loraplex_adapter_routes_total[{RATE}]))", "resident ratio")]),
         ("Device hit ratio", "percentunit", [
             (f'sum(rate(loraplex_worker_adapter_lookups_total{{result="hit"}}[{RATE}]))'
              f" / sum(rate(loraplex_worker_adapter_lookups_total[{RATE}]))", "hit ratio")]),

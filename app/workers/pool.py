@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,16 +66,28 @@ class WorkerPool:
         return any(s.health.ready for s in self.slots)
 
     def pick(self, adapter_key: str | None, exclude: list[WorkerSlot] | None = None) -> WorkerSlot:
-        """Prefer a ready worker that already holds the adapter and is not overloaded; else the least loaded."""
+        """The worker for a request: for an adapter, the same one on every gateway replica.
+
+        Ready workers are ranked by rendezvous hashing of the adapter key with each worker's URL
+        (every gateway lists the same URLs, so every gateway ranks alike, with no coordination;
+        a worker joining or leaving moves only its own share of adapters). The first worker in
+        that order that already holds the adapter and is not overloaded takes it, else the first
+        not overloaded (it loads the adapter there), else the least loaded. So each adapter lives
+        on as few workers as load allows. Base-model requests go to the least loaded worker.
+        """
         ready = [s for s in self.slots
                  if s.health.ready and not s.draining and not any(s is e for e in exclude or [])]
         if not ready:
             raise WorkerUnavailable("no worker is ready" + (" (others failed)" if exclude else ""), retry_after=5)
-        if adapter_key is not None:
-            holding = [s for s in ready if adapter_key in s.health.adapters_resident and s.load < self.overload]
-            if holding:
-                return min(holding, key=lambda s: s.load)
-        return min(ready, key=lambda s: s.load)
+        if adapter_key is None:
+            return min(ready, key=lambda s: s.load)
+        ranked = sorted(ready, key=lambda s: _rendezvous(adapter_key, s.client.base_url), reverse=True)
+        open_ = [s for s in ranked if s.load < self.overload]
+        holding = [s for s in open_ if adapter_key in s.health.adapters_resident]
+        chosen = holding[0] if holding else open_[0] if open_ else min(ranked, key=lambda s: s.load)
+        resident = adapter_key in chosen.health.adapters_resident
+        metrics.ADAPTER_ROUTES.labels("resident" if resident else "cold").inc()
+        return chosen
 
     async def evict_everywhere(self, key: str) -> None:
         await asyncio.gather(*(s.client.evict(key) for s in self.slots))
@@ -169,3 +182,8 @@ class WorkerPool:
         metrics.WORKER_RESTARTS.labels("hung").inc()
         slot.health = WorkerHealth(ready=False, error=f"restarted: {reason}")
         slot.answered, slot.unwell_since = False, None
+
+
+def _rendezvous(key: str, worker_url: str) -> int:
+    """The worker's weight for the key: highest random weight (rendezvous) hashing."""
+    return int.from_bytes(hashlib.blake2b(f"{key}|{worker_url}".encode(), digest_size=8).digest(), "big")
