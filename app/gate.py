@@ -9,6 +9,7 @@ moment it passes the limit, whatever the app was doing with it.
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ FRAMING_SLACK = 1024 * 1024
 # Routes anyone may call: probes, the scrape endpoints and the API's own description.
 PUBLIC_PATHS = frozenset({"/health/live", "/health/ready", "/metrics", "/metrics/workers", "/docs",
                           "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# The scrape endpoints name tenants and their usage: with a metrics token set, only its bearer reads them.
+METRICS_PATHS = frozenset({"/metrics", "/metrics/workers"})
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,12 @@ class BodyLimits:
 
 
 class RequestGate:
-    def __init__(self, app: ASGIApp, limits: BodyLimits, authenticate: Authenticator) -> None:
+    def __init__(self, app: ASGIApp, limits: BodyLimits, authenticate: Authenticator,
+                 metrics_token: str | None = None) -> None:
         self.app = app
         self.limits = limits
         self.authenticate = authenticate
+        self.metrics_token = metrics_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,6 +74,8 @@ class RequestGate:
         try:
             if scope["path"] not in PUBLIC_PATHS:
                 scope.setdefault("state", {})["principal"] = await self.authenticate(_bearer(headers))
+            elif scope["path"] in METRICS_PATHS and self.metrics_token is not None:
+                self._check_metrics_token(headers, self.metrics_token)
             limit, named = self.limits.for_request(scope["method"], scope["path"])
             declared = headers.get(b"content-length", b"")
             if declared.isdigit() and int(declared) > limit:
@@ -84,6 +91,12 @@ class RequestGate:
                 raise  # whatever the app made of the cut-off body, the answer is the 413 below
         if guard.exceeded and not guard.started:
             await _refuse(send, Refusal(413, "payload_too_large", f"the request body is larger than the {named}"))
+
+
+    @staticmethod
+    def _check_metrics_token(headers: dict[bytes, bytes], expected: str) -> None:
+        if not hmac.compare_digest(_bearer(headers).encode(), expected.encode()):
+            raise Refusal(401, "unauthorized", "the metrics token is wrong (LORAPLEX_METRICS_TOKEN)")
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str:

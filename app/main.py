@@ -73,7 +73,8 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
     app.state.services = services
     install_error_handlers(app)
     limits = BodyLimits(upload_bytes=settings.max_adapter_bytes, request_bytes=settings.max_request_bytes)
-    app.add_middleware(RequestGate, limits=limits, authenticate=principal_for(services))
+    metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token is not None else None
+    app.add_middleware(RequestGate, limits=limits, authenticate=principal_for(services), metrics_token=metrics_token)
     app.add_middleware(RequestMetrics)  # outermost: counts what the gate refuses too
     for module in (health, admin, jobs, adapters, keys, generate, openai):
         app.include_router(module.router)

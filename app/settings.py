@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # Per-tenant request limits counted in Redis (redis://host:6379/0), shared by every gateway replica;
     # unset: counted in this process. A gateway that dies frees its requests' slots after redis_lease_s.
     redis_url: str | None = None
+    # /metrics and /metrics/workers name tenants and their usage: set this and Prometheus must send it
+    # (authorization.credentials); unset, they answer anyone who reaches the gateway.
+    metrics_token: SecretStr | None = None
+    metrics_fanout_cache_s: float = Field(default=2.0, ge=0.0, le=60.0)  # /metrics/workers answers this old
     redis_lease_s: float = Field(default=30.0, ge=1.0, le=3600.0)
     redis_prefix: str = "loraplex:quota:"  # several deployments may share one Redis under different prefixes
     blob_sweep_interval_s: float = Field(default=3600.0, gt=0)  # unreferenced blobs are removed this often

@@ -1,10 +1,12 @@
-"""Liveness, readiness and the Prometheus scrape endpoint (no auth)."""
+"""Liveness, readiness and the Prometheus scrape endpoints (no API key; the scrapes take a metrics token if set)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from dataclasses import dataclass, field
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -42,11 +44,26 @@ async def prometheus(services: ServicesDep) -> Response:
 
 
 @router.get("/metrics/workers")
-async def worker_metrics(services: ServicesDep) -> Response:
-    """Every worker's /metrics in one scrape, each series with a `worker` label."""
-    slots = services.pool.slots
-    texts = await asyncio.gather(*(s.client.metrics() for s in slots), return_exceptions=True)
-    merged = metrics.merge_worker_metrics(
-        {s.client.name: t if isinstance(t, str) else None for s, t in zip(slots, texts, strict=True)}
-    )
-    return Response(merged, media_type=CONTENT_TYPE_LATEST)
+async def worker_metrics(services: ServicesDep, request: Request) -> Response:
+    """Every worker's /metrics in one scrape, each series with a `worker` label.
+
+    Answers from a copy at most `metrics_fanout_cache_s` old, and concurrent scrapes share one
+    fan-out: however often it is called, each worker is asked at most once per that interval.
+    """
+    cache: _FanOut = request.app.state.__dict__.setdefault("worker_metrics", _FanOut())
+    async with cache.lock:
+        if time.monotonic() - cache.at > services.settings.metrics_fanout_cache_s or cache.text is None:
+            slots = services.pool.slots
+            texts = await asyncio.gather(*(s.client.metrics() for s in slots), return_exceptions=True)
+            cache.text = metrics.merge_worker_metrics(
+                {s.client.name: t if isinstance(t, str) else None for s, t in zip(slots, texts, strict=True)}
+            )
+            cache.at = time.monotonic()
+        return Response(cache.text, media_type=CONTENT_TYPE_LATEST)
+
+
+@dataclass
+class _FanOut:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    text: bytes | None = None
+    at: float = 0.0

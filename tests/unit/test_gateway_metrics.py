@@ -67,3 +67,38 @@ def test_one_scrape_of_the_gateway_shows_every_worker(tmp_path) -> None:  # type
     assert ("loraplex_worker_requests_total", (("worker", "w0"),)) in samples
     assert not any(dict(labels).get("worker") == "w2" for name, labels in samples if name != "loraplex_worker_up")
     assert text.count("# TYPE loraplex_worker_memory_bytes gauge") == 1
+
+
+class CountingWorker(FakeWorkerClient):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.scrapes = 0
+
+    async def metrics(self) -> str:
+        self.scrapes += 1
+        return await super().metrics()
+
+
+def test_the_worker_fan_out_is_cached_so_scrapes_cannot_hammer_the_workers(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = Settings(data_dir=tmp_path / "a", admin_key=SecretStr(ADMIN_KEY), metrics_fanout_cache_s=30)
+    worker = CountingWorker("w0")
+    with gateway_client(settings, [worker]) as client:
+        texts = {client.get("/metrics/workers").text for _ in range(20)}
+    assert worker.scrapes == 1 and len(texts) == 1  # twenty scrapes, one question to the worker
+    settings = Settings(data_dir=tmp_path / "b", admin_key=SecretStr(ADMIN_KEY), metrics_fanout_cache_s=0)
+    with gateway_client(settings, [worker]) as client:
+        for _ in range(3):
+            client.get("/metrics/workers")
+    assert worker.scrapes == 4  # no cache: each scrape asks
+
+
+def test_a_metrics_token_guards_both_scrapes_and_nothing_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    token = "m" * 40
+    settings = Settings(data_dir=tmp_path, admin_key=SecretStr(ADMIN_KEY), metrics_token=SecretStr(token))
+    with gateway_client(settings, [FakeWorkerClient("w0")]) as client:
+        for path in ("/metrics", "/metrics/workers"):
+            assert client.get(path).status_code == 401
+            refused = client.get(path, headers={"Authorization": f"Bearer {ADMIN_KEY}"})  # not the admin key either
+            assert refused.status_code == 401 and "LORAPLEX_METRICS_TOKEN" in refused.json()["error"]["message"]
+            assert client.get(path, headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert client.get("/health/live").status_code == 200  # probes stay open
