@@ -148,16 +148,17 @@ class JobStore:
     def reap_stale(self, older_than: timedelta) -> list[int]:
         """Fail running jobs whose runner stopped sending heartbeats (it died with the job)."""
         cutoff = utcnow() - older_than
+        # One UPDATE with the staleness in its WHERE, returning what it changed: a heartbeat that lands
+        # first keeps its job, and of two runners reaping at once each job goes to exactly one.
         with self.sessions.begin() as session:
-            stale = list(session.scalars(select(QuantizationJob.id).where(
-                QuantizationJob.state == "running", QuantizationJob.heartbeat_at < cutoff)))
-            if stale:
-                session.execute(
-                    update(QuantizationJob).where(QuantizationJob.id.in_(stale), QuantizationJob.state == "running")
-                    .values(state="failed", finished_at=utcnow(),
-                            error=f"the job runner stopped (no heartbeat for {older_than.total_seconds():.0f} s)")
-                )
-            return stale
+            reaped = session.scalars(
+                update(QuantizationJob)
+                .where(QuantizationJob.state == "running", QuantizationJob.heartbeat_at < cutoff)
+                .values(state="failed", finished_at=utcnow(),
+                        error=f"the job runner stopped (no heartbeat for {older_than.total_seconds():.0f} s)")
+                .returning(QuantizationJob.id)
+            )
+            return sorted(reaped)
 
     def count_by_state(self) -> dict[str, int]:
         with self.sessions() as session:

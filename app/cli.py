@@ -45,13 +45,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from app.main import build_app
+    from app.workers.supervisor import SupervisedProcess
 
     settings = _settings(args)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if settings.workers and _active_base(settings) is None:
         print("preparing the embedded base model (first start only)...", flush=True)
         subprocess.run([sys.executable, "-m", "app.cli", "models", "prepare"], env=_settings_env(settings), check=True)
-    runner = _start_job_runner(settings) if settings.job_runner else None
+    runner = SupervisedProcess("job runner", lambda: _start_job_runner(settings)) if settings.job_runner else None
     app = build_app(settings)
     admin_key = app.state.services.admin_key
     print(f"loraplex gateway listening on http://{settings.host}:{settings.port}", flush=True)
@@ -62,8 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30)
     finally:
         if runner is not None:
-            runner.terminate()
-            runner.wait(30)
+            runner.stop()
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from adapters.db import make_engine, make_sessionmaker
 from adapters.jobs import JobStore
 from adapters.models import BaseCheckpoint, QuantizationJob
@@ -66,8 +68,13 @@ class JobRunner:
     def run_forever(self, stop: threading.Event) -> None:
         log.info("job runner %s polling for quantization jobs", self.name)
         while not stop.is_set():
-            self.reap()
-            job = self.jobs.claim(self.name)
+            try:
+                self.reap()
+                job = self.jobs.claim(self.name)
+            except (SQLAlchemyError, OSError):  # a database that is down now: the next poll tries again
+                log.exception("job runner %s could not reach the database; retrying", self.name)
+                stop.wait(self.config.poll_interval_s)
+                continue
             if job is None:
                 stop.wait(self.config.poll_interval_s)
                 continue
@@ -81,8 +88,12 @@ class JobRunner:
         """Fail jobs whose runner died; remove temporary directories no running job owns."""
         for job_id in self.jobs.reap_stale(self.stale_after):
             log.warning("job %d lost its runner; marked failed", job_id)
+        # The directories first, the running jobs after: a runner claims its job before it makes the
+        # directory, so every directory listed here whose job still runs is in `running`. (Read the other
+        # way round, a job claimed in between would lose the directory its runner just made.)
+        leftovers = list(self.models_dir.glob(f"{TMP_PREFIX}*"))
         running = self.jobs.active_ids()
-        for tmp in self.models_dir.glob(f"{TMP_PREFIX}*"):
+        for tmp in leftovers:
             owner = tmp.name[len(TMP_PREFIX):].split("-", 1)[0]
             if not owner.isdigit() or int(owner) not in running:
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)

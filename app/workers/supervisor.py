@@ -1,4 +1,4 @@
-"""Spawns a local worker process and restarts it when it dies."""
+"""Spawns local worker processes (and the job runner) and restarts them when they die."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from worker.config import WorkerConfig
@@ -90,6 +92,45 @@ class LocalWorkerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class SupervisedProcess:
+    """A child `serve` keeps running (the job runner): restarted whenever it exits, with a backoff
+    (1 s doubling to 60 s; back to 1 s once it ran a minute) so one that dies at once cannot spin."""
+
+    def __init__(self, name: str, start: Callable[[], subprocess.Popen[bytes]], poll_s: float = 1.0) -> None:
+        self.name, self._start, self.poll_s = name, start, poll_s
+        self.proc = start()
+        self.restarts = 0
+        self._started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name=f"supervise-{name}", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff = 1.0
+        while not self._stop.wait(self.poll_s):
+            if self.proc.poll() is None:
+                continue
+            ran = time.monotonic() - self._started
+            backoff = 1.0 if ran > 60 else min(60.0, backoff * 2)
+            log.warning("%s exited with %s after %.0f s; restarting in %.0f s", self.name, self.proc.returncode,
+                        ran, backoff)
+            if self._stop.wait(backoff):
+                return
+            self.proc, self._started = self._start(), time.monotonic()
+            self.restarts += 1
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def die_with_parent() -> None:

@@ -254,3 +254,66 @@ def test_a_child_that_stops_talking_before_done_is_not_taken_for_finished(gatewa
     config = replace(gateway.settings.job_runner_config(), heartbeat_s=0.1, exit_grace_s=0.1)
     child = _Child([sys.executable, "-c", "import sys\nprint('PROGRESS evaluating 1 2', flush=True)\nsys.exit(1)\n"])
     assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event()) == "failed"
+
+
+def test_two_runners_reaping_at_once_fail_each_stale_job_once_and_spare_a_live_one(gateway: Gateway) -> None:
+    jobs = store(gateway)
+    stale, live = (jobs.submit(n, "tiny-base", QuantizeSpec(group_size=16)) for n in ("s", "l"))
+    jobs.claim("dead-runner")
+    jobs.claim("live-runner")
+    time.sleep(0.05)
+    jobs.heartbeat(live.id, "quantizing", 1, 2, "")  # its runner is alive
+    reaped: list[list[int]] = []
+    barrier = threading.Barrier(2)
+
+    def reap() -> None:
+        barrier.wait()
+        reaped.append(JobStore(jobs.sessions).reap_stale(timedelta(seconds=0.03)))
+
+    threads = [threading.Thread(target=reap) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(i for ids in reaped for i in ids) == [stale.id]  # one reaper got it, the other nothing
+    assert jobs.get(live.id).state == "running"
+
+
+def test_a_directory_made_by_a_runner_claiming_during_the_reap_is_left_alone(gateway: Gateway, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    settings = gateway.settings.model_copy(update={"models_dir": tmp_path})
+    reaper = JobRunner(settings.job_runner_config(), name="reaper")
+    new_dir = tmp_path / f"{TMP_PREFIX}{job.id}-abcd1234"
+    real_active_ids = reaper.jobs.active_ids
+
+    def claim_meanwhile() -> set[int]:
+        before = real_active_ids()  # the reaper's view, read just before another runner claims and
+        jobs.claim("another-runner")  # makes its directory
+        new_dir.mkdir()
+        return before
+
+    reaper.jobs.active_ids = claim_meanwhile  # type: ignore[method-assign]
+    reaper.reap()
+    assert new_dir.exists()  # listed before the claim, never seen as anybody's leftover
+
+
+def test_the_runner_outlives_a_database_outage(gateway: Gateway, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import OperationalError
+
+    settings = gateway.settings.model_copy(update={"job_poll_interval_s": 0.01})
+    runner = JobRunner(settings.job_runner_config(), name="survivor")
+    calls = {"n": 0}
+    stop = threading.Event()
+
+    def flaky_claim(name: str) -> None:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise OperationalError("SELECT", {}, Exception("database is down"))
+        stop.set()  # it came back and the runner asked again
+
+    monkeypatch.setattr(runner.jobs, "claim", flaky_claim)
+    thread = threading.Thread(target=runner.run_forever, args=(stop,))
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive() and calls["n"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from app import metrics
 from app.workers.pool import WorkerPool, WorkerSlot
@@ -101,3 +102,25 @@ def test_a_loading_worker_gets_the_start_timeout_not_the_hang_timeout(monkeypatc
     assert process.kills == 0
     poll_at(pool, clock, 101.0)
     assert process.kills == 1
+
+
+def test_the_job_runner_is_restarted_when_it_exits_and_stopped_with_serve() -> None:
+    import subprocess
+    import sys
+
+    from app.workers.supervisor import SupervisedProcess
+
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        code = "raise SystemExit(3)" if not started else "import time; time.sleep(60)"  # dies once, then runs
+        started.append(subprocess.Popen([sys.executable, "-c", code]))
+        return started[-1]
+
+    supervised = SupervisedProcess("job runner", start, poll_s=0.05)
+    deadline = time.monotonic() + 10
+    while supervised.restarts < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert supervised.restarts == 1 and started[0].returncode == 3 and started[1].poll() is None
+    supervised.stop(timeout=5)
+    assert started[1].poll() is not None and len(started) == 2  # stopped, and not started again
