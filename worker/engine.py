@@ -114,6 +114,14 @@ class BatchEngine:
         """Seconds since the loop last came round (it comes round every 50 ms when idle)."""
         return (time.monotonic() if now is None else now) - self.last_beat
 
+    def fail_everything(self, message: str, status: int = 503) -> None:
+        """Fail every request it holds; only once its thread has ended (a worker changing base model)."""
+        for seq in [*self._inbox, *self.waiting, *self.running]:
+            if seq.finish_reason is None:
+                seq.fail(message, status)
+        self._inbox.clear()
+        self.running = []
+
     # -- the engine thread ---------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
         try:

@@ -185,6 +185,14 @@ class EvictRequest(BaseModel):
     key: str
 
 
+class ReloadRequest(BaseModel):
+    """Move the worker onto another base model (a path on its own filesystem, as the gateway's)."""
+
+    model_path: str = Field(min_length=1, max_length=4096)
+    model_name: str = Field(min_length=1, max_length=200)
+    drain_s: float = Field(default=120.0, ge=0, le=3600)  # requests running may finish this long first
+
+
 class WorkerHealth(BaseModel):
     ready: bool
     live: bool = True  # False: the engine thread died, or made no step for the stall timeout

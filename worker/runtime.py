@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 import torch
@@ -71,6 +75,8 @@ class WorkerRuntime:
         self.config = config
         self.loaded: LoadedWorker | None = None
         self.error: str | None = None
+        self.reloading: str | None = None  # the base model it is moving to; new requests get 503 meanwhile
+        self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
         # Chat templating and tokenization: one thread of their own, never the engine's.
@@ -78,6 +84,42 @@ class WorkerRuntime:
 
     def start(self) -> None:
         self._thread.start()
+
+    def reload(self, model_path: str, model_name: str, drain_s: float) -> bool:
+        """Move onto another base model in this process (blocking: run it off the event loop).
+
+        New requests are refused (503: the gateway sends them elsewhere) and running ones get up
+        to `drain_s` to finish; what is left then fails with a 503. The old model is dropped before
+        the new one loads, so the memory is never needed twice. False if a reload is already under way.
+        """
+        if not self._reload_lock.acquire(blocking=False):
+            return False
+        try:
+            self.reloading = model_name
+            loaded = self.loaded
+            deadline = time.monotonic() + drain_s
+            while loaded is not None and loaded.engine.stats() != (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self._stop.set()
+            if loaded is not None:
+                loaded.engine.wake()
+            self._thread.join()
+            if loaded is not None:
+                loaded.engine.fail_everything(f"the worker moved to base model {model_name!r}; retry")
+                loaded.adapters.shutdown()
+            self.loaded, loaded = None, None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.config = dataclasses.replace(self.config, model_path=Path(model_path), model_name=model_name)
+            self.error = None
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+            self._thread.start()
+            return True
+        finally:
+            self.reloading = None
+            self._reload_lock.release()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

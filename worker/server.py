@@ -18,7 +18,7 @@ from worker import metrics
 from worker.auth import TokenGate
 from worker.engine import QueueFull
 from worker.prompts import PromptError
-from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
+from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, ReloadRequest, WorkerHealth
 from worker.runtime import WorkerRuntime
 
 
@@ -47,6 +47,8 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
         problem = runtime.liveness_problem()
         if problem is not None:
             return _error(503, f"the worker cannot serve: {problem}")
+        if runtime.reloading is not None:
+            return _error(503, f"the worker is moving to base model {runtime.reloading!r}")
         loop = asyncio.get_running_loop()
         try:
             prepared = await loop.run_in_executor(runtime.prompt_thread, loaded.prompts.prepare, body)
@@ -114,6 +116,16 @@ def _add_control_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
         if runtime.loaded is not None:
             runtime.loaded.adapters.evict(body.key)
         return {"ok": True}
+
+    @app.post("/reload", status_code=202)
+    async def reload(body: ReloadRequest) -> JSONResponse:
+        """Move onto another base model (the gateway's activation); poll /health for the new model, ready."""
+        if runtime.reloading is not None:
+            return _error(409, f"already moving to base model {runtime.reloading!r}")
+        runtime.reloading = body.model_name  # refuse new requests from now, not from when the thread starts
+        asyncio.get_running_loop().run_in_executor(
+            None, runtime.reload, body.model_path, body.model_name, body.drain_s)
+        return JSONResponse({"reloading": body.model_name}, status_code=202)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -84,7 +84,7 @@ class BaseModelPublic(Schema):
 class Activation(Schema):
     active: BaseModelPublic
     moved_workers: list[str]
-    not_moved_workers: list[str] = Field(description="remote workers: redeploy them with the new model")
+    not_moved_workers: list[str] = Field(description="always empty: every worker moves, remote ones by reload")
 
 
 @router.post("/quantization-jobs", response_model=JobPublic, status_code=201)
@@ -121,11 +121,16 @@ def base_models(services: ServicesDep) -> list[BaseModelPublic]:
 
 @router.post("/base-models/{model_id}/activate", response_model=Activation)
 async def activate(model_id: int, services: ServicesDep) -> Activation:
-    """Roll the local workers onto this base model one at a time; the others keep serving."""
+    """Roll every worker, local and remote, onto this base model one at a time; the others keep serving.
+
+    One activation at a time (409). If a worker cannot move, the ones already moved go back and the
+    answer is a 503 that says so; the active base model is unchanged.
+    """
     target = await run_in_threadpool(services.base_models.activation_target, model_id)
+    current = await run_in_threadpool(services.base_models.active)
     settings = services.settings
-    not_moved = await services.pool.roll_onto(target.path, target.name, drain_timeout=settings.drain_timeout_s,
-                                              start_timeout=settings.worker_start_timeout_s)
+    moved = await services.pool.roll_onto((target.path, target.name), (current.path, current.name),
+                                          drain_timeout=settings.drain_timeout_s,
+                                          start_timeout=settings.worker_start_timeout_s)
     await run_in_threadpool(services.base_models.set_active, model_id)
-    moved = [s.client.name for s in services.pool.slots if s.client.name not in not_moved]
-    return Activation(active=_public(target), moved_workers=moved, not_moved_workers=not_moved)
+    return Activation(active=_public(target), moved_workers=moved, not_moved_workers=[])

@@ -9,7 +9,7 @@ from typing import Protocol
 import httpx
 
 from app.errors import WorkerUnavailable, worker_error
-from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, WorkerHealth
+from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, ReloadRequest, WorkerHealth
 
 
 class WorkerClient(Protocol):
@@ -19,6 +19,8 @@ class WorkerClient(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
 
     async def evict(self, key: str) -> None: ...
+
+    async def reload(self, model_path: str, model_name: str, drain_s: float) -> None: ...
 
     async def health(self) -> WorkerHealth: ...
 
@@ -57,6 +59,17 @@ class HttpWorkerClient:
 
     async def evict(self, key: str) -> None:
         await self._post("/adapters/evict", EvictRequest(key=key).model_dump_json())
+
+    async def reload(self, model_path: str, model_name: str, drain_s: float) -> None:
+        """Ask the worker to move onto another base model; it answers at once and loads in the background."""
+        body = ReloadRequest(model_path=model_path, model_name=model_name, drain_s=drain_s).model_dump_json()
+        try:
+            resp = await self._http.post("/reload", content=body, headers={"content-type": "application/json"},
+                                         timeout=10.0)
+        except httpx.TransportError as exc:
+            raise WorkerUnavailable(f"worker {self.name} is unreachable: {type(exc).__name__}") from exc
+        if resp.status_code != 202:
+            raise WorkerUnavailable(f"worker {self.name} refused to move to {model_name}: {resp.text[:200]}")
 
     async def health(self) -> WorkerHealth:
         resp = await self._http.get("/health", timeout=2.0)

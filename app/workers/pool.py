@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from app import metrics
-from app.errors import WorkerUnavailable
+from app.errors import Conflict, WorkerUnavailable
 from app.workers.client import WorkerClient
 from app.workers.supervisor import LocalWorkerProcess
 from worker.protocol import WorkerHealth
@@ -43,6 +43,7 @@ class WorkerPool:
         self.hang_timeout = hang_timeout  # a local worker not live (or unreachable) this long is killed
         self.start_timeout = start_timeout  # ... and one not ready this long after it started
         self._task: asyncio.Task[None] | None = None
+        self._rolling = asyncio.Lock()  # one base model activation at a time
 
     async def start(self) -> None:
         for slot in self.slots:
@@ -104,29 +105,59 @@ class WorkerPool:
             await asyncio.sleep(self.poll_interval)
 
     async def roll_onto(
-        self, model_path: str, model_name: str, *, drain_timeout: float, start_timeout: float
+        self, target: tuple[str, str], previous: tuple[str, str], *, drain_timeout: float, start_timeout: float
     ) -> list[str]:
-        """Move the local workers onto another base model one at a time: drain, restart, wait ready.
+        """Move every worker, local or remote, onto base model `target` (path, name), one at a time:
+        drain, restart (local) or reload (remote, over its authenticated API), wait until it is ready
+        on the new model. The others keep serving meanwhile. Returns the workers moved.
 
-        The others keep serving meanwhile. Returns the names of the workers it could not move
-        (remote workers: they are redeployed with their own settings).
+        One roll at a time: a second is a 409. If a worker cannot move, every worker already moved goes
+        back to `previous`, so the fleet is on one base either way, and the error says which.
         """
-        skipped = [s.client.name for s in self.slots if s.process is None]
-        for slot in [s for s in self.slots if s.process is not None]:
-            assert slot.process is not None
-            previous = (str(slot.process.config.model_path), slot.process.config.model_name)
-            slot.draining = True
+        if self._rolling.locked():
+            raise Conflict("another base model activation is in progress; try again when it ends")
+        async with self._rolling:
+            moved: list[WorkerSlot] = []
+            for slot in list(self.slots):
+                try:
+                    await self._move(slot, target, drain_timeout, start_timeout)
+                except WorkerUnavailable as exc:
+                    log.error("worker %s failed on %s (%s); moving the fleet back to %s",
+                              slot.client.name, target[1], exc.message, previous[1])
+                    stuck = await self._move_back([*moved, slot], previous, drain_timeout, start_timeout)
+                    where = (f"; could not move back: {', '.join(stuck)}" if stuck
+                             else f"; every worker is back on {previous[1]!r}")
+                    raise WorkerUnavailable(f"activation of {target[1]!r} failed on worker {slot.client.name}: "
+                                            f"{exc.message}{where}") from None
+                moved.append(slot)
+                log.info("worker %s now serves %s", slot.client.name, target[1])
+            return [s.client.name for s in moved]
+
+    async def _move_back(self, slots: list[WorkerSlot], previous: tuple[str, str], drain_timeout: float,
+                         start_timeout: float) -> list[str]:
+        stuck = []
+        for slot in slots:
             try:
-                await self._drain(slot, drain_timeout)
-                await self._restart_on(slot, model_path, model_name, start_timeout)
+                await self._move(slot, previous, drain_timeout, start_timeout)
             except WorkerUnavailable:
-                log.exception("worker %s failed on %s; back to %s", slot.client.name, model_name, previous[1])
-                await self._restart_on(slot, *previous, start_timeout)
-                raise
-            finally:
-                slot.draining = False
-            log.info("worker %s now serves %s", slot.client.name, model_name)
-        return skipped
+                log.exception("worker %s could not go back to %s", slot.client.name, previous[1])
+                stuck.append(slot.client.name)
+        return stuck
+
+    async def _move(self, slot: WorkerSlot, base: tuple[str, str], drain_timeout: float,
+                    start_timeout: float) -> None:
+        slot.draining = True
+        try:
+            await self._drain(slot, drain_timeout)
+            if slot.process is not None:
+                await asyncio.to_thread(slot.process.stop)
+                slot.process.relaunch(*base)
+            else:  # the worker drains what other gateways sent it, then loads `base` in its own process
+                await slot.client.reload(*base, drain_s=drain_timeout)
+            slot.health = WorkerHealth(ready=False, error=f"loading {base[1]}")
+            await self._wait_ready_on(slot, base[1], start_timeout)
+        finally:
+            slot.draining = False
 
     @staticmethod
     async def _drain(slot: WorkerSlot, timeout: float) -> None:
@@ -134,14 +165,10 @@ class WorkerPool:
         while slot.in_flight > 0 and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
 
-    async def _restart_on(self, slot: WorkerSlot, model_path: str, model_name: str, timeout: float) -> None:
-        assert slot.process is not None
-        await asyncio.to_thread(slot.process.stop)
-        slot.health = WorkerHealth(ready=False, error=f"loading {model_name}")
-        slot.process.relaunch(model_path, model_name)
+    async def _wait_ready_on(self, slot: WorkerSlot, model_name: str, timeout: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         while not (slot.health.ready and slot.health.model == model_name):
-            if asyncio.get_running_loop().time() > deadline or slot.process.exited():
+            if asyncio.get_running_loop().time() > deadline or (slot.process is not None and slot.process.exited()):
                 raise WorkerUnavailable(f"worker {slot.client.name} did not come up on {model_name}")
             await asyncio.sleep(0.2)
             await self._refresh(slot)

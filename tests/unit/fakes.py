@@ -27,6 +27,9 @@ class FakeWorkerClient:
         self.ready = True
         self.fail_after: int | None = None  # die after this many events (0: before producing anything)
         self.on_request: Callable[[GenerateRequest], str | None] | None = None  # a returned string fails it (500)
+        self.model = "fake"  # the base model it serves; `reload` moves it
+        self.reloads: list[tuple[str, str]] = []
+        self.cannot_load: set[str] = set()  # base models it fails to come up on
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
         self.requests.append(request)
@@ -76,8 +79,13 @@ class FakeWorkerClient:
     async def evict(self, key: str) -> None:
         self.evicted.append(key)
 
+    async def reload(self, model_path: str, model_name: str, drain_s: float) -> None:
+        self.reloads.append((model_path, model_name))
+        self.model = model_name
+        self.ready = model_name not in self.cannot_load  # it never becomes ready there
+
     async def health(self) -> WorkerHealth:
-        return WorkerHealth(ready=self.ready, model="fake")
+        return WorkerHealth(ready=self.ready, model=self.model)
 
     async def metrics(self) -> str:
         if not self.ready:

@@ -152,7 +152,8 @@ def test_activating_a_derived_base_marks_it_active(gateway: Gateway) -> None:
     result = jobs.succeed(job.id, "/models/tiny-gptq", "gptq", {}, "")
     resp = gateway.client.post(f"/admin/base-models/{result.id}/activate", headers=gateway.admin())
     assert resp.status_code == 200, resp.text
-    assert resp.json()["not_moved_workers"] == ["fake-0"]  # a remote worker is redeployed, not restarted
+    assert resp.json()["moved_workers"] == ["fake-0"] and resp.json()["not_moved_workers"] == []
+    assert gateway.worker.reloads == [("/models/tiny-gptq", "tiny-gptq")]  # a remote worker reloads in place
     active = [m["name"] for m in gateway.client.get("/admin/base-models", headers=gateway.admin()).json()
               if m["active"]]
     assert active == ["tiny-gptq"]
