@@ -6,7 +6,7 @@ import re
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -142,10 +142,18 @@ class AdapterRegistry:
                 adapter = Adapter(tenant_id=tenant_id, name=name, last_version=0)
                 session.add(adapter)
                 session.flush()
-            adapter.last_version += 1  # never max(existing) + 1: a deleted number stays used
+            # Never max(existing) + 1: a deleted number stays used. Incremented in SQL, not from the row read
+            # above: on SQLite that read is not in the transaction (pysqlite begins one at the first write),
+            # so two uploads could both read 5, and once the first's version 6 was deleted the second wrote
+            # another version 6 with other weights.
+            number = session.execute(
+                update(Adapter).where(Adapter.id == adapter.id).values(last_version=Adapter.last_version + 1)
+                .returning(Adapter.last_version).execution_options(synchronize_session=False)
+            ).scalar_one()
+            session.refresh(adapter)
             version = AdapterVersion(
                 adapter_id=adapter.id,
-                version=adapter.last_version,
+                version=number,
                 rank=checked.rank,
                 lora_alpha=checked.lora_alpha,
                 target_modules=checked.target_modules,
