@@ -283,8 +283,11 @@ def test_a_hung_worker_fails_requests_fast_and_is_replaced(arena: Arena) -> None
 def test_a_tenant_that_reaches_a_workers_port_gets_nothing_from_it(arena: Arena) -> None:
     """The worker API needs the gateway's worker token: the bystander's adapter, by its key (as an
     attacker who saw one would send it), cannot be used, listed or evicted directly."""
-    arena.bystander_answer("helper")  # resident now
-    worker = arena.worker()
+    arena.bystander_answer("helper")  # resident now; the gateway sees it at its next poll of the worker
+    deadline = time.monotonic() + 10
+    while not (worker := arena.worker())["adapters_resident"]:
+        assert time.monotonic() < deadline, worker
+        time.sleep(0.2)
     helper_key = next(iter(worker["adapters_resident"]))  # the admin's view; an attacker would have to guess it
     ref = {"key": helper_key, "weights_sha256": helper_key.split("-")[0], "config_sha256": helper_key.split("-")[1]}
     with httpx.Client(base_url=worker["url"], timeout=10) as direct:
