@@ -155,6 +155,9 @@ class WorkerRuntime:
 
     def health(self) -> WorkerHealth:
         problem = self.liveness_problem()
+        if self.reloading is not None:  # not ready from the moment it was asked to move, until the new base runs
+            return WorkerHealth(ready=False, live=problem is None, model=self.config.model_name,
+                                error=f"moving to base model {self.reloading!r}")
         if self.loaded is None or problem is not None:
             return WorkerHealth(ready=False, live=problem is None, model=self.config.model_name, error=problem)
         running, waiting = self.loaded.engine.stats()

@@ -11,6 +11,7 @@ import json
 import os
 import secrets
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -137,3 +138,43 @@ def test_a_gateway_killed_mid_stream_frees_its_slot_after_its_lease(prepared_mod
                 time.sleep(0.3)
             assert answer.status_code == 200 and time.monotonic() - killed >= LEASE_S - 1  # the lease ran out
 
+
+
+def test_activation_from_a_gateway_with_no_workers_of_its_own_rolls_the_remote_workers_under_traffic(
+        prepared_model, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """Gateway A runs two workers; gateway B reaches both by URL and activates the base: B moves them
+    one at a time through their reload API, and B's traffic meanwhile never fails."""
+    token = secrets.token_urlsafe(32)
+    dir_a, dir_b = tmp_path_factory.mktemp("roll-a"), tmp_path_factory.mktemp("roll-b")
+    with running_server(prepared_model.path.parent, dir_a, workers="2", worker_threads="1", worker_token=token,
+                        job_runner="false") as a:
+        with a.client(a.admin_key) as admin:
+            urls = [w["url"] for w in admin.get("/admin/workers").json()]
+        (dir_b / "admin_key").write_text(a.admin_key + "\n")
+        with running_server(prepared_model.path.parent, dir_b, workers="0", worker_urls=json.dumps(urls),
+                            worker_token=token, database_url=f"sqlite:///{dir_a / 'loraplex.db'}",
+                            blob_url=str(dir_a / "blobs"), job_runner="false") as b:
+            _wait_routable(b)
+            key = b.new_tenant("through-the-remote-roll")
+            results: list[int] = []
+            stop = threading.Event()
+
+            def traffic() -> None:
+                with b.client(key) as client:
+                    while not stop.is_set():
+                        results.append(client.post("/generate", json=SHORT).status_code)
+
+            with b.client(b.admin_key, timeout=600) as admin:
+                active = next(m for m in admin.get("/admin/base-models").json() if m["active"])
+                runner = threading.Thread(target=traffic)
+                runner.start()
+                time.sleep(1.0)
+                rolled = admin.post(f"/admin/base-models/{active['id']}/activate")
+                stop.set()
+                runner.join(60)
+                assert rolled.status_code == 200, rolled.text
+                assert rolled.json()["moved_workers"] == ["remote-0", "remote-1"]
+                assert rolled.json()["not_moved_workers"] == []
+                workers = admin.get("/admin/workers").json()
+            assert all(w["ready"] and w["model"] == active["name"] for w in workers)
+            assert len(results) > 3 and set(results) == {200}, results

@@ -49,6 +49,10 @@ def test_a_reload_fails_what_runs_with_a_503_and_serves_on_the_new_base(runtime:
     long.first_event_at()
     reloader = threading.Thread(target=runtime.reload, args=(str(prepared_model.path), "moved", 0.0))
     reloader.start()
+    deadline = time.monotonic() + 10
+    while runtime.reloading is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert not runtime.health().ready  # from the moment it is asked to move, not only once the old model is gone
     final = long.final
     assert final.error_status == 503 and "moved to base model 'moved'" in (final.error or "")
     reloader.join(300)
