@@ -257,6 +257,27 @@ def test_fuzzing_the_public_api_finds_no_5xx_and_no_hang(arena: Arena) -> None:
     arena.assert_unharmed()
 
 
+def test_a_tenant_that_reaches_a_workers_port_gets_nothing_from_it(arena: Arena) -> None:
+    """The worker API needs the gateway's worker token: the bystander's adapter, by its key (as an
+    attacker who saw one would send it), cannot be used, listed or evicted directly."""
+    arena.bystander_answer("helper")  # resident now; the gateway sees it at its next poll of the worker
+    deadline = time.monotonic() + 10
+    while not (worker := arena.worker())["adapters_resident"]:
+        assert time.monotonic() < deadline, worker
+        time.sleep(0.2)
+    helper_key = next(iter(worker["adapters_resident"]))  # the admin's view; an attacker would have to guess it
+    ref = {"key": helper_key, "weights_sha256": helper_key.split("-")[0], "config_sha256": helper_key.split("-")[1]}
+    with httpx.Client(base_url=worker["url"], timeout=10) as direct:
+        stolen = direct.post("/generate", json={"request_id": "x", "prompt": "hi", "adapter": ref})
+        listed = direct.get("/health")
+        evicted = direct.post("/adapters/evict", json={"key": helper_key})
+        assert [r.status_code for r in (stolen, listed, evicted)] == [401, 401, 401]
+        assert helper_key not in direct.get("/health/ready").text + direct.get("/metrics").text
+        assert direct.get("/health/live").status_code == 200
+    assert helper_key in arena.worker()["adapters_resident"]  # nothing was evicted
+    arena.assert_unharmed()
+
+
 def test_a_hung_worker_fails_requests_fast_and_is_replaced(arena: Arena) -> None:
     """SIGSTOP: alive, silent. The caller gets a retryable error within the idle timeout; the
     supervisor kills and restarts the worker once it has been silent for the stall timeout."""
@@ -279,23 +300,3 @@ def test_a_hung_worker_fails_requests_fast_and_is_replaced(arena: Arena) -> None
     assert worker["ready"] and worker["pid"] != pid and worker["restarts"] == 1, worker
     assert arena.bystander_answer(None) == arena.baselines[None]
 
-
-def test_a_tenant_that_reaches_a_workers_port_gets_nothing_from_it(arena: Arena) -> None:
-    """The worker API needs the gateway's worker token: the bystander's adapter, by its key (as an
-    attacker who saw one would send it), cannot be used, listed or evicted directly."""
-    arena.bystander_answer("helper")  # resident now; the gateway sees it at its next poll of the worker
-    deadline = time.monotonic() + 10
-    while not (worker := arena.worker())["adapters_resident"]:
-        assert time.monotonic() < deadline, worker
-        time.sleep(0.2)
-    helper_key = next(iter(worker["adapters_resident"]))  # the admin's view; an attacker would have to guess it
-    ref = {"key": helper_key, "weights_sha256": helper_key.split("-")[0], "config_sha256": helper_key.split("-")[1]}
-    with httpx.Client(base_url=worker["url"], timeout=10) as direct:
-        stolen = direct.post("/generate", json={"request_id": "x", "prompt": "hi", "adapter": ref})
-        listed = direct.get("/health")
-        evicted = direct.post("/adapters/evict", json={"key": helper_key})
-        assert [r.status_code for r in (stolen, listed, evicted)] == [401, 401, 401]
-        assert helper_key not in direct.get("/health/ready").text + direct.get("/metrics").text
-        assert direct.get("/health/live").status_code == 200
-    assert helper_key in arena.worker()["adapters_resident"]  # nothing was evicted
-    arena.assert_unharmed()
