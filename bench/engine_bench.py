@@ -39,6 +39,7 @@ from bench.workloads import (
     DISTINCT_COUNTS,
     adapters_curve,
     admission_latency_lines,
+    choices_lines,
     constrained_row_lines,
     long_context_lines,
 )
@@ -262,6 +263,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     workloads += long_context_lines(runtime.loaded, args.long_new_tokens, args.rounds)
     workloads += admission_latency_lines(runtime.loaded, args.rounds)
     workloads += constrained_row_lines(runtime.loaded, n, args.rounds)
+    workloads += choices_lines(runtime.loaded, n, args.rounds)
     _, cold_refs = adapters("c", ALL_LINEARS, 100)
     _, qv_refs = adapters("q", ("q_proj", "v_proj"), 200)
     loads = load_latencies(runtime.loaded, cold_refs, refs + extra[: 16 - DISTINCT], refs[0])

@@ -4,7 +4,8 @@
     also written to bench/results/adapters.json and, with matplotlib installed, adapters.png;
 (c) decode speed at ~1,000 tokens of context against the same batch at ~64;
 (e) inter-token latency of running streams while a ~2,000-token prompt is admitted;
-(h) what one row under a JSON schema (response_format) costs the 15 free rows of its batch.
+(h) what one row under a JSON schema (response_format) costs the 15 free rows of its batch;
+(i) n=4 choices of one long prompt in one request (one prefill, the KV copied) against four requests.
 """
 
 from __future__ import annotations
@@ -40,16 +41,20 @@ class Streams:
         self.times: dict[str, list[float]] = {}
         self.tokens: dict[str, list[int]] = {}  # completion tokens so far, at each event
         self.done: dict[str, threading.Event] = {}
+        self.choices: dict[str, int] = {}  # n of each request: done once all its choices finished
+        self.finished: dict[str, int] = {}
         self.errors: list[str] = []
         self._lock = threading.Lock()
 
     def submit(self, prompt: str, max_tokens: int, adapter: AdapterRef | None = None,
-               constraint: Constraint | None = None) -> str:
-        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, constraint=constraint)
+               constraint: Constraint | None = None, n: int = 1, temperature: float = 0.0) -> str:
+        sampling = SamplingParams(max_tokens=max_tokens, ignore_eos=True, constraint=constraint, n=n,
+                                  temperature=temperature, seed=0)
         request = GenerateRequest(request_id=uuid.uuid4().hex, prompt=prompt, adapter=adapter, sampling=sampling)
         self.times[request.request_id] = []
         self.tokens[request.request_id] = []
         self.done[request.request_id] = threading.Event()
+        self.choices[request.request_id] = n
         prepared = self.worker.prompts.prepare(request)
         self.worker.engine.submit(request, prepared.ids, self._sink, prepared.matcher)
         return request.request_id
@@ -62,7 +67,9 @@ class Streams:
         if event.finished:
             if event.error:
                 self.errors.append(event.error)
-            self.done[event.request_id].set()
+            self.finished[event.request_id] = self.finished.get(event.request_id, 0) + 1
+            if event.error or self.finished[event.request_id] == self.choices[event.request_id]:
+                self.done[event.request_id].set()
 
     def wait(self, request_ids: list[str] | None = None) -> None:
         for request_id in request_ids or list(self.done):
@@ -254,4 +261,35 @@ def constrained_row_lines(worker: LoadedWorker, n: int, rounds: int, batch: int 
         Row("h", f"{batch - 1} free rows beside a free row", batch, speeds["free"], "tok/s", "1.00"),
         Row("h", f"{batch - 1} free rows beside a JSON-schema row", batch, speeds["schema"], "tok/s",
             f"{ratio:.2f}", "≥ 0.95"),
+    ]
+
+
+# -- (i) n choices from one prefill ---------------------------------------------------------------
+CHOICES = 4
+CHOICES_PROMPT = 1000
+
+
+def choices_lines(worker: LoadedWorker, n: int, rounds: int) -> list[Row]:
+    """Wall time for 4 answers of one ~1,000-token prompt: one request with n=4, or four requests."""
+    prompt = prompt_of(worker, CHOICES_PROMPT, seed=5)
+
+    def line(together: bool) -> Callable[[], float]:
+        def run() -> float:
+            streams = Streams(worker)
+            started = time.perf_counter()
+            if together:
+                streams.submit(prompt, n, n=CHOICES, temperature=0.8)
+            else:
+                for _ in range(CHOICES):
+                    streams.submit(prompt, n, temperature=0.8)  # sampled alike: four different answers too
+            streams.wait()
+            return CHOICES * n / (time.perf_counter() - started)
+        return run
+
+    speeds = interleaved(rounds, {"apart": line(False), "together": line(True)})
+    return [
+        Row("i", f"{CHOICES} requests of one {CHOICES_PROMPT}-token prompt", CHOICES, speeds["apart"], "tok/s",
+            "1.00"),
+        Row("i", f"one request, n={CHOICES} (one prefill, KV copied)", CHOICES, speeds["together"], "tok/s",
+            f"{speeds['together'] / speeds['apart']:.2f}", "> 1"),
     ]
