@@ -90,3 +90,16 @@ def s3_url() -> Iterator[str]:
         yield f"s3://loraplex-test/adapters?endpoint={endpoint}"
     finally:
         server.stop()
+
+
+REDIS_URL = os.environ.get("LORAPLEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_answers() -> bool:
+    """Whether the test Redis server answers (CI starts one: `.ci/redis.sh`); its tests skip otherwise."""
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
+    except redis.RedisError:
+        return False

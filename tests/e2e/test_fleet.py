@@ -26,22 +26,13 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import ROOT, fresh_postgres_database
+from tests.conftest import REDIS_URL, ROOT, fresh_postgres_database, redis_answers
 from tests.e2e.conftest import Server, free_port, running_server
 from tests.e2e.test_user_path import fixture_files
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 LEASE_S = 3
 
-
-def _redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_answers(), reason="no Redis on 127.0.0.1:6379 (.ci/redis.sh starts one)")
+pytestmark = pytest.mark.skipif(not redis_answers(), reason="no Redis on 127.0.0.1:6379 (.ci/redis.sh starts one)")
 
 
 @dataclass

@@ -14,18 +14,9 @@ import redis
 from app.errors import QuotaStoreUnavailable, TooManyRequests
 from app.quotas import TenantLimits
 from app.redis_quotas import RedisQuotas
+from tests.conftest import REDIS_URL, redis_answers
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-def _redis_answers() -> bool:
-    try:
-        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5).ping())
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _redis_answers(), reason="no Redis on 127.0.0.1:6379 (.ci/redis.sh starts one)")
+pytestmark = pytest.mark.skipif(not redis_answers(), reason="no Redis on 127.0.0.1:6379 (.ci/redis.sh starts one)")
 
 
 @pytest.fixture
