@@ -166,4 +166,5 @@ class RedisQuotas:
     def close(self) -> None:
         """Stop renewing (the leases still held expire on their own) and close the connection."""
         self._stop.set()
+        self._renewer.join(5)  # a renewal in flight finishes before its connection closes under it
         self._redis.close()
