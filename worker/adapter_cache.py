@@ -14,6 +14,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -60,8 +61,12 @@ class AdapterCache:
         max_rank: int,
         dtype: torch.dtype,
         on_loaded: Callable[[], None] = lambda: None,
+        pin_host: bool = False,
     ) -> None:
         self.layers = layers
+        # On CUDA the host tier lives in pinned (page-locked) memory, so filling a slot queues its
+        # copies without a host synchronization per layer (`load_slot` copies non-blocking).
+        self.pin_host = pin_host
         self.blobs = blobs
         self.num_slots = num_slots
         self.zero_slot = num_slots  # the always-empty slot of rows without an adapter
@@ -116,6 +121,8 @@ class AdapterCache:
     def _read_untimed(self, ref: AdapterRef) -> HostAdapter:
         try:
             raw_weights = self.blobs.get(ref.weights_sha256)  # verified against its sha256
+            if self.pin_host:
+                raw_weights = _pinned_copy(raw_weights)
             config = parse_config(self.blobs.get(ref.config_sha256))
             header = read_safetensors_header(raw_weights)
             modules = lora_modules(header)
@@ -269,10 +276,22 @@ class AdapterCache:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
+def _pinned_copy(raw: bytearray) -> Any:
+    """The file's bytes in page-locked memory (a byte copy, no torch arithmetic on this thread)."""
+    try:
+        pinned = torch.empty(len(raw), dtype=torch.uint8, pin_memory=True)
+    except RuntimeError:  # no pinned memory to be had: pageable copies are slower, not wrong
+        log.warning("pinned host memory unavailable; adapter copies to the device stay synchronous")
+        return raw
+    view = pinned.numpy()
+    view[:] = memoryview(raw).cast("B")
+    return view.data  # a writable buffer over the pinned bytes, for torch.frombuffer
+
+
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _view(raw: bytearray, info: TensorInfo) -> torch.Tensor:
+def _view(raw: Any, info: TensorInfo) -> torch.Tensor:
     """A tensor over the file's bytes, no copy (safetensors is little-endian, like every host we run on)."""
     dtype = _TORCH_DTYPES.get(info.dtype)
     if dtype is None:

@@ -163,7 +163,9 @@ class MultiLoraLinear(nn.Module):
         tensor was three times the cost of the copies) and `slot_is_finite` only when a sum is not.
         """
         device = self.lora_a.device
-        a, b = a.to(device), b.to(device)  # host file -> device first; arithmetic only on the device
+        # Host file -> device first, arithmetic only on the device. From pinned host memory (CUDA) the
+        # copies are queued, not waited for; the caller's finiteness check is the one synchronization.
+        a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
         rank = a.shape[0]
         self.lora_a[slot, rank:].zero_()  # a narrower adapter than the slot: the rest adds nothing
         self.lora_b[slot, rank:].zero_()

@@ -56,7 +56,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
         layers, open_blob_store(config.blob_url), slots, config.host_adapter_cache_mb * 2**20,
-        config.max_lora_rank, dtype,
+        config.max_lora_rank, dtype, pin_host=device.type == "cuda",
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once

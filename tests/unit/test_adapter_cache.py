@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future
 
+import pytest
 import torch
 
 from adapters.blobstore import LocalBlobStore
@@ -91,3 +92,50 @@ def test_the_host_tier_is_bounded_by_bytes_not_by_count(tmp_path) -> None:  # ty
     count, held = cache.tier_stats()["host"]
     assert count == 2 and held <= 2.5 * size  # the oldest went
     cache.shutdown()
+
+
+def _one_adapter_cache(tmp_path, device: torch.device, pin_host: bool):  # type: ignore[no-untyped-def]
+    from torch import nn
+
+    from tests.factory import adapter_files
+    from worker.lora import LoraRouting, MultiLoraLinear
+
+    name = "model.layers.0.self_attn.q_proj"
+    layer = MultiLoraLinear(nn.Linear(16, 16).to(device), 16, 16, 2, 8, LoraRouting(), device, torch.float32)
+    blobs = LocalBlobStore(tmp_path)
+    config, weights = adapter_files({name: [16, 16]}, rank=4, seed=1)
+    ref = AdapterRef(key="a", weights_sha256=blobs.put(weights), config_sha256=blobs.put(config))
+    loaded = threading.Semaphore(0)
+    cache = AdapterCache({name: layer}, blobs, num_slots=2, host_capacity_bytes=2**20, max_rank=8,
+                         dtype=torch.float32, on_loaded=loaded.release, pin_host=pin_host)
+    cache.prefetch(ref)
+    assert loaded.acquire(timeout=10) and cache.load_error(ref.key) is None
+    return cache, layer, ref
+
+
+def test_without_pinned_memory_the_host_tier_falls_back_to_pageable_bytes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A CPU-only torch has no pinned allocator: asking for one must not fail the adapter's load."""
+    pinned, layer, ref = _one_adapter_cache(tmp_path / "p", torch.device("cpu"), pin_host=not torch.cuda.is_available())
+    plain, plain_layer, _ = _one_adapter_cache(tmp_path / "q", torch.device("cpu"), pin_host=False)
+    slot, plain_slot = pinned.acquire(ref), plain.acquire(ref)
+    assert slot is not None and plain_slot is not None
+    assert torch.equal(layer.lora_a[slot], plain_layer.lora_a[plain_slot])
+    assert torch.equal(layer.lora_b[slot], plain_layer.lora_b[plain_slot])
+    pinned.shutdown()
+    plain.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_the_host_tier_is_pinned_and_fills_a_slot_like_pageable_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cuda = torch.device("cuda")
+    pinned, layer, ref = _one_adapter_cache(tmp_path / "p", cuda, pin_host=True)
+    plain, plain_layer, _ = _one_adapter_cache(tmp_path / "q", cuda, pin_host=False)
+    host = pinned._host[ref.key].weights
+    assert all(a.is_pinned() and b.is_pinned() for a, b, _ in host.values())
+    slot, plain_slot = pinned.acquire(ref), plain.acquire(ref)
+    assert slot is not None and plain_slot is not None
+    torch.cuda.synchronize()
+    assert torch.equal(layer.lora_a[slot], plain_layer.lora_a[plain_slot])
+    assert torch.equal(layer.lora_b[slot], plain_layer.lora_b[plain_slot])
+    pinned.shutdown()
+    plain.shutdown()
