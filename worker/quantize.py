@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
-import sys
 import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from worker.job_child import deliver, progress, run_and_exit
 from worker.model import load_quantized
 from worker.quantize_spec import InvalidJob, QuantizeSpec
 
@@ -37,10 +36,6 @@ def calibration_windows(token_ids: list[int], samples: int, seq_len: int) -> lis
     last = len(token_ids) - seq_len
     starts = [round(i * last / max(samples - 1, 1)) for i in range(samples)]
     return [token_ids[s:s + seq_len] for s in starts]
-
-
-def progress(stage: str, done: int, total: int) -> None:
-    print(f"PROGRESS {stage} {done} {total}", flush=True)
 
 
 def quantize(spec: QuantizeSpec, source: Path, out: Path) -> None:
@@ -130,18 +125,8 @@ def main(argv: list[str]) -> int:
     spec = QuantizeSpec(**json.loads(spec_path.read_text()))
     started = time.monotonic()
     quantize(spec, source, out)
-    report = quality_report(source, out, started)
-    partial = out / "loraplex_report.json.part"
-    partial.write_text(json.dumps(report, indent=2))
-    partial.rename(out / "loraplex_report.json")
-    progress("done", 1, 1)  # the runner takes the result from here on
-    return 0
+    return deliver(quality_report(source, out, started), out / "loraplex_report.json")
 
 
 if __name__ == "__main__":
-    status = main(sys.argv[1:])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Not sys.exit: GPTQModel can leave non-daemon threads behind that keep the interpreter from
-    # exiting (seen with AWQ on the CPU); everything this process makes is on disk by now.
-    os._exit(status)
+    run_and_exit(main)

@@ -94,6 +94,23 @@ def running_server(models_dir: Path, data_dir: Path, port: int | None = None, **
             proc.wait()
 
 
+@contextmanager
+def job_runner(server: Server, **settings: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A `loraplex job-runner` process for `server`'s database and directories; LORAPLEX_* overrides as keywords."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_DATA_DIR": str(server.data_dir),
+           "LORAPLEX_MODELS_DIR": str(server.models_dir), "LORAPLEX_JOB_POLL_INTERVAL_S": "0.5",
+           "LORAPLEX_JOB_HEARTBEAT_S": "0.5", **{f"LORAPLEX_{k.upper()}": v for k, v in settings.items()}}
+    with (server.data_dir / "job-runner.log").open("ab") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "job-runner"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+
 @pytest.fixture(scope="session")
 def server(prepared_model, tmp_path_factory) -> Iterator[Server]:  # type: ignore[no-untyped-def]
     with running_server(prepared_model.path.parent, tmp_path_factory.mktemp("serve-data")) as running:

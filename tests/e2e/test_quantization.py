@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.e2e.conftest import Server, running_server
+from tests.e2e.conftest import Server, job_runner, running_server
 from tests.e2e.test_user_path import fixture_files
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None,
@@ -39,22 +34,6 @@ def quant_server(prepared_model, tmp_path_factory) -> Iterator[Server]:  # type:
     data_dir = tmp_path_factory.mktemp("quant-data")
     with running_server(models, data_dir, job_runner="false", job_stale_after_s="4") as running:
         yield running
-
-
-@contextmanager
-def job_runner(server: Server) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LORAPLEX_DATA_DIR": str(server.data_dir),
-           "LORAPLEX_MODELS_DIR": str(server.models_dir), "LORAPLEX_JOB_POLL_INTERVAL_S": "0.5",
-           "LORAPLEX_JOB_HEARTBEAT_S": "0.5"}
-    with (server.data_dir / "job-runner.log").open("ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "job-runner"], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
 
 
 # A real AWQ job took 6 to 15 minutes on 2 cores (871 s in one full run); the bound is for a hang.
