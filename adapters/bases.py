@@ -12,8 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.jobs import JobConflict, JobNotFound
 from adapters.models import BaseCheckpoint
+from worker.quantize_spec import InvalidJob
 
 ACTIVE_TTL_S = 5.0  # another gateway's activation is seen within this; this one's at once
+
+
+PACKED = ("gptq", "awq")  # what quantization jobs make; every other base is loaded in bitsandbytes NF4
 
 
 class NoActiveBaseModel(RuntimeError):
@@ -76,6 +80,22 @@ class BaseCheckpoints:
             raise JobConflict(f"{target.name} is not derived from {current.name} (or the reverse): "
                               "the registered adapters were validated against the active base")
         return target
+
+    def trainable(self, model_id: int) -> BaseCheckpoint:
+        """The checkpoint fine-tuning runs on for base `model_id`: itself when bitsandbytes loads it in NF4
+        (what the workers serve), else the base of its lineage that a GPTQ/AWQ job made it from.
+
+        LoRA training needs a base whose 4-bit layers PEFT can train through; GPTQ/AWQ kernels on the CPU
+        cannot, and an adapter trained on the lineage's NF4 base applies to every base of that lineage.
+        """
+        models = {m.id: m for m in self.all()}
+        model = models.get(model_id)
+        while model is not None and model.quantization in PACKED:
+            model = models.get(model.parent_id) if model.parent_id is not None else None
+        if model is None:
+            raise InvalidJob(f"base model {model_id} is GPTQ/AWQ-quantized and its lineage has no base that "
+                             "bitsandbytes loads in NF4 to train on")
+        return model
 
     def set_active(self, model_id: int) -> None:
         with self.sessions.begin() as session:

@@ -1,4 +1,4 @@
-"""Quantization jobs in the metadata DB (submit, claim, progress, finish) and the base models they make.
+"""Jobs in the metadata DB (submit, claim, progress, finish); quantization jobs and the base models they make.
 
 The job runner process does the work (`app/jobrunner.py`); this module is only bookkeeping,
 so the gateway can use it without torch. A job is claimed by a conditional UPDATE (queued ->
@@ -8,18 +8,20 @@ row is also read `FOR UPDATE SKIP LOCKED`, so runners do not queue behind each o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.models import JOB_STATES, BaseCheckpoint, QuantizationJob, utcnow
+from adapters.models import JOB_STATES, BaseCheckpoint, JobColumns, QuantizationJob, utcnow
 from worker.quantize_spec import InvalidJob, QuantizeSpec
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 LOG_TAIL_CHARS = 4000
+J = TypeVar("J", bound=JobColumns)
 
 
 class JobNotFound(LookupError):
@@ -30,9 +32,111 @@ class JobConflict(ValueError):
     """The job or its result name is in a state that does not allow this."""
 
 
-class JobStore:
+class JobTable(Generic[J]):
+    """The runner's side of a job table: claim, heartbeat, finish, reap. Both kinds of job share it."""
+
+    model: type[J]
+
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+
+    def claim(self, runner: str) -> J | None:
+        """The oldest queued job, now running for this runner; None when there is none."""
+        table = self.model
+        with self.sessions.begin() as session:
+            candidate = session.scalar(
+                select(table.id).where(table.state == "queued")
+                .order_by(table.id).limit(1).with_for_update(skip_locked=True)
+            )
+            if candidate is None:
+                return None
+            now = utcnow()
+            won = session.execute(
+                update(table)
+                .where(table.id == candidate, table.state == "queued")
+                .values(state="running", runner=runner, started_at=now, heartbeat_at=now, stage="starting")
+            )
+            if won.rowcount != 1:  # type: ignore[attr-defined]
+                return None
+        return self.get(candidate)
+
+    def get(self, job_id: int) -> J:
+        with self.sessions() as session:
+            job = session.get(self.model, job_id)
+            if job is None:
+                raise JobNotFound(f"job {job_id}")
+            return job
+
+    def heartbeat(self, job_id: int, stage: str | None, done: int, total: int, log_tail: str,
+                  events: Sequence[dict[str, Any]] = ()) -> bool:
+        """Record progress (and the events the job reported since); True when the job should stop (cancelled)."""
+        table = self.model
+        with self.sessions.begin() as session:
+            session.execute(
+                update(table).where(table.id == job_id, table.state == "running")
+                .values(heartbeat_at=utcnow(), stage=stage, progress_done=done, progress_total=total,
+                        log_tail=log_tail[-LOG_TAIL_CHARS:])
+            )
+            job = session.get(table, job_id)
+            if job is not None and job.state == "running" and events:
+                self.record_events(session, job_id, events)
+            return job is None or job.state != "running" or job.cancel_requested
+
+    def record_events(self, session: Session, job_id: int, events: Sequence[dict[str, Any]]) -> None:
+        """Events a job reported, in the heartbeat's transaction (quantization jobs report none)."""
+
+    def finish(self, job_id: int, state: str, error: str | None = None, log_tail: str | None = None) -> bool:
+        """End a running job; False when it was no longer running."""
+        table = self.model
+        with self.sessions.begin() as session:
+            values: dict[str, Any] = {"state": state, "error": error, "finished_at": utcnow()}
+            if log_tail is not None:
+                values["log_tail"] = log_tail[-LOG_TAIL_CHARS:]
+            ended = session.execute(update(table).where(table.id == job_id, table.state == "running").values(**values))
+            return bool(getattr(ended, "rowcount", 0))
+
+    def reap_stale(self, older_than: timedelta) -> list[int]:
+        """Fail running jobs whose runner stopped sending heartbeats (it died with the job)."""
+        cutoff, table = utcnow() - older_than, self.model
+        # One UPDATE with the staleness in its WHERE, returning what it changed: a heartbeat that lands
+        # first keeps its job, and of two runners reaping at once each job goes to exactly one.
+        with self.sessions.begin() as session:
+            reaped = session.scalars(
+                update(table)
+                .where(table.state == "running", table.heartbeat_at < cutoff)
+                .values(state="failed", finished_at=utcnow(),
+                        error=f"the job runner stopped (no heartbeat for {older_than.total_seconds():.0f} s)")
+                .returning(table.id)
+            )
+            return sorted(reaped)
+
+    def count_by_state(self) -> dict[str, int]:
+        with self.sessions() as session:
+            rows = session.execute(select(self.model.state, func.count()).group_by(self.model.state))
+            return {state: 0 for state in JOB_STATES} | {str(state): int(n) for state, n in rows}
+
+    def active_ids(self) -> set[int]:
+        with self.sessions() as session:
+            return set(session.scalars(select(self.model.id).where(self.model.state == "running")))
+
+
+def cancel_row(session: Session, job: J, name: str) -> J:
+    """A queued job is cancelled now; a running one when its runner next checks (seconds)."""
+    if job.state == "queued":
+        job.state, job.finished_at = "cancelled", utcnow()
+    elif job.state == "running":
+        job.cancel_requested = True
+    else:
+        raise JobConflict(f"{name} has already {job.state}")
+    session.flush()
+    session.expunge(job)
+    return job
+
+
+class JobStore(JobTable[QuantizationJob]):
+    """Quantization jobs (admin)."""
+
+    model = QuantizationJob
 
     def submit(self, name: str, source: str, spec: QuantizeSpec) -> QuantizationJob:
         if not name or len(name) > 128 or not set(name) <= NAME_CHARS:
@@ -61,67 +165,12 @@ class JobStore:
         with self.sessions() as session:
             return list(session.scalars(select(QuantizationJob).order_by(QuantizationJob.id.desc())))
 
-    def get(self, job_id: int) -> QuantizationJob:
-        with self.sessions() as session:
-            job = session.get(QuantizationJob, job_id)
-            if job is None:
-                raise JobNotFound(f"job {job_id}")
-            return job
-
     def cancel(self, job_id: int) -> QuantizationJob:
-        """A queued job is cancelled now; a running one when its runner next checks (seconds)."""
         with self.sessions.begin() as session:
             job = session.get(QuantizationJob, job_id, with_for_update=True)
             if job is None:
                 raise JobNotFound(f"job {job_id}")
-            if job.state == "queued":
-                job.state, job.finished_at = "cancelled", utcnow()
-            elif job.state == "running":
-                job.cancel_requested = True
-            else:
-                raise JobConflict(f"job {job_id} has already {job.state}")
-            session.flush()
-            session.expunge(job)
-            return job
-
-    # -- runner side ----------------------------------------------------------------
-    def claim(self, runner: str) -> QuantizationJob | None:
-        """The oldest queued job, now running for this runner; None when there is none."""
-        with self.sessions.begin() as session:
-            candidate = session.scalar(
-                select(QuantizationJob.id).where(QuantizationJob.state == "queued")
-                .order_by(QuantizationJob.id).limit(1).with_for_update(skip_locked=True)
-            )
-            if candidate is None:
-                return None
-            now = utcnow()
-            won = session.execute(
-                update(QuantizationJob)
-                .where(QuantizationJob.id == candidate, QuantizationJob.state == "queued")
-                .values(state="running", runner=runner, started_at=now, heartbeat_at=now, stage="starting")
-            )
-            if won.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-        return self.get(candidate)
-
-    def heartbeat(self, job_id: int, stage: str | None, done: int, total: int, log_tail: str) -> bool:
-        """Record progress; True when the job should stop (cancelled)."""
-        with self.sessions.begin() as session:
-            session.execute(
-                update(QuantizationJob).where(QuantizationJob.id == job_id, QuantizationJob.state == "running")
-                .values(heartbeat_at=utcnow(), stage=stage, progress_done=done, progress_total=total,
-                        log_tail=log_tail[-LOG_TAIL_CHARS:])
-            )
-            job = session.get(QuantizationJob, job_id)
-            return job is None or job.state != "running" or job.cancel_requested
-
-    def finish(self, job_id: int, state: str, error: str | None = None, log_tail: str | None = None) -> None:
-        with self.sessions.begin() as session:
-            values: dict[str, Any] = {"state": state, "error": error, "finished_at": utcnow()}
-            if log_tail is not None:
-                values["log_tail"] = log_tail[-LOG_TAIL_CHARS:]
-            session.execute(update(QuantizationJob)
-                            .where(QuantizationJob.id == job_id, QuantizationJob.state == "running").values(**values))
+            return cancel_row(session, job, f"job {job_id}")
 
     def succeed(
         self, job_id: int, path: str, quantization: str, report: dict[str, Any], log_tail: str
@@ -145,26 +194,3 @@ class JobStore:
             session.expunge(result)
             return result
 
-    def reap_stale(self, older_than: timedelta) -> list[int]:
-        """Fail running jobs whose runner stopped sending heartbeats (it died with the job)."""
-        cutoff = utcnow() - older_than
-        # One UPDATE with the staleness in its WHERE, returning what it changed: a heartbeat that lands
-        # first keeps its job, and of two runners reaping at once each job goes to exactly one.
-        with self.sessions.begin() as session:
-            reaped = session.scalars(
-                update(QuantizationJob)
-                .where(QuantizationJob.state == "running", QuantizationJob.heartbeat_at < cutoff)
-                .values(state="failed", finished_at=utcnow(),
-                        error=f"the job runner stopped (no heartbeat for {older_than.total_seconds():.0f} s)")
-                .returning(QuantizationJob.id)
-            )
-            return sorted(reaped)
-
-    def count_by_state(self) -> dict[str, int]:
-        with self.sessions() as session:
-            rows = session.execute(select(QuantizationJob.state, func.count()).group_by(QuantizationJob.state))
-            return {state: 0 for state in JOB_STATES} | {str(state): int(n) for state, n in rows}
-
-    def active_ids(self) -> set[int]:
-        with self.sessions() as session:
-            return set(session.scalars(select(QuantizationJob.id).where(QuantizationJob.state == "running")))

@@ -124,15 +124,10 @@ class BaseCheckpoint(Base):
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
-class QuantizationJob(Base):
-    """An offline GPTQ/AWQ run that makes a new base model; claimed by one job runner."""
-
-    __tablename__ = "quantization_jobs"
+class JobColumns:
+    """What every job the runner claims has: state, progress, heartbeats, its log's tail, times."""
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(256))  # of the base model it will register
-    source_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # worker.quantize_spec.QuantizeSpec fields
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
     progress_done: Mapped[int] = mapped_column(default=0)
@@ -142,7 +137,69 @@ class QuantizationJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     log_tail: Mapped[str] = mapped_column(Text, default="")
     error: Mapped[str | None] = mapped_column(Text, default=None)
-    result_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class QuantizationJob(JobColumns, Base):
+    """An offline GPTQ/AWQ run that makes a new base model; claimed by one job runner."""
+
+    __tablename__ = "quantization_jobs"
+
+    name: Mapped[str] = mapped_column(String(256))  # of the base model it will register
+    source_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # worker.quantize_spec.QuantizeSpec fields
+    result_id: Mapped[int | None] = mapped_column(ForeignKey("base_models.id"), default=None)
+
+
+class TrainingFile(Base):
+    """A tenant's JSONL file for fine-tuning (`POST /v1/files`), checked line by line when uploaded.
+
+    Its bytes are a blob (content-addressed, counted in `blobs` like adapter files).
+    """
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # file-<random>: ids never reveal counts
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(String(256))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    examples: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FineTuningJob(JobColumns, Base):
+    """A tenant's QLoRA training run on the served 4-bit base; its result is one of the tenant's adapters."""
+
+    __tablename__ = "fine_tuning_jobs"
+
+    public_id: Mapped[str] = mapped_column(String(40), unique=True)  # ftjob-<random>
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model: Mapped[str] = mapped_column(String(256))  # as asked: the base's name, or the adapter continued from
+    base_model_id: Mapped[int] = mapped_column(ForeignKey("base_models.id"))
+    training_file: Mapped[str] = mapped_column(String(40))
+    validation_file: Mapped[str | None] = mapped_column(String(40), default=None)
+    suffix: Mapped[str | None] = mapped_column(String(64), default=None)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    # The run's whole plan (worker.finetune_spec.FineTuneSpec fields, file digests, hyperparameters).
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    trained_tokens: Mapped[int | None] = mapped_column(BigInteger, default=None)  # known once files are read
+    fine_tuned_model: Mapped[str | None] = mapped_column(String(128), default=None)
+    report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class FineTuningEvent(Base):
+    """What a fine-tuning job reports as it goes (`GET /v1/fine_tuning/jobs/{id}/events`)."""
+
+    __tablename__ = "fine_tuning_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("fine_tuning_jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8), default="info")
+    type: Mapped[str] = mapped_column(String(16), default="message")  # message | metrics
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)

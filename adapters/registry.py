@@ -17,6 +17,9 @@ from adapters.models import Adapter, AdapterVersion
 from adapters.validation import DEFAULT_MAX_DELTA, AdapterFiles, ValidatedAdapter, validate_adapter
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# What fine-tuning names its results, OpenAI's shape: ft:<base>:<suffix, may be empty>:<job id>. Uploads
+# cannot take such a name (':' is not in NAME_PATTERN), so it always means a fine-tuned adapter.
+FINE_TUNED_PATTERN = re.compile(r"^ft:[A-Za-z0-9._-]{1,48}:[A-Za-z0-9._-]{0,40}:[a-z0-9]{1,24}$")
 
 
 class AdapterNotFound(LookupError):
@@ -60,7 +63,11 @@ class ResolvedAdapter:
         return f"{self.weights_sha256[:32]}-{self.config_sha256[:16]}"
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, fine_tuned: bool = False) -> str:
+    if fine_tuned:
+        if not FINE_TUNED_PATTERN.match(name):
+            raise InvalidAdapterName(f"{name!r} is not a fine-tuned model's name (ft:<base>:<suffix>:<id>)")
+        return name
     if not NAME_PATTERN.match(name):
         raise InvalidAdapterName(
             "adapter name must be 1-64 characters of letters, digits, '.', '_' or '-', "
@@ -106,14 +113,15 @@ class AdapterRegistry:
         self.blob_refs = BlobReferences(sessions, blobs)
 
     def create_version(
-        self, tenant_id: int, name: str, files: AdapterFiles, quota: StorageQuota | None = None
+        self, tenant_id: int, name: str, files: AdapterFiles, quota: StorageQuota | None = None,
+        fine_tuned: bool = False,
     ) -> tuple[Adapter, AdapterVersion]:
         """Validate, check the quota, store the blobs, then record a new version.
 
         Every refusal comes before anything is stored. Concurrent uploads to one name get
         distinct, consecutive versions: a transaction that loses the race is run again.
         """
-        check_name(name)
+        check_name(name, fine_tuned)
         base = self.bases.active()
         linear_modules, base_id = base.linear_modules, base.id
         # Outside the session: validation takes time in proportion to the upload, and must not hold
@@ -137,7 +145,7 @@ class AdapterRegistry:
             )
             if quota is not None:
                 new_name = adapter is None or not adapter.versions
-                _check_quota(session, tenant_id, quota, new_name=new_name, new_bytes=files.weights_size)
+                check_quota(session, tenant_id, quota, new_name=new_name, new_bytes=files.weights_size)
             if adapter is None:
                 adapter = Adapter(tenant_id=tenant_id, name=name, last_version=0)
                 session.add(adapter)
@@ -290,7 +298,7 @@ def _view(adapter: Adapter, tenant_id: int) -> AdapterView:
     return AdapterView(adapter.name, adapter.tenant_id, versions, adapter.last_version)
 
 
-def _check_quota(session: Session, tenant_id: int, quota: StorageQuota, *, new_name: bool, new_bytes: int) -> None:
+def check_quota(session: Session, tenant_id: int, quota: StorageQuota, *, new_name: bool, new_bytes: int) -> None:
     if new_name:
         count = session.scalar(
             select(func.count(func.distinct(AdapterVersion.adapter_id)))

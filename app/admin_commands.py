@@ -98,6 +98,13 @@ def _print_models(models: list[dict[str, Any]]) -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> None:
+    """Fine-tuning jobs with a tenant's key (--api-key, LORAPLEX_API_KEY); quantization jobs with the admin key."""
+    from app.finetune_commands import list_finetune_jobs, tenant_key
+
+    if tenant_key(args):
+        list_finetune_jobs(args)
+        if not (args.admin_key or os.environ.get("LORAPLEX_ADMIN_KEY")):
+            return
     with _admin_client(args) as client:
         for job in _checked(client.get("/admin/quantization-jobs")):
             progress = f"{job['progress']['done']}/{job['progress']['total']}"

@@ -12,7 +12,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.models import Adapter, ApiKey, Tenant, utcnow
+from adapters.finetuning import TrainingFiles
+from adapters.models import Adapter, ApiKey, FineTuningEvent, FineTuningJob, Tenant, utcnow
 from adapters.registry import AdapterRegistry, ResolvedAdapter
 from app.errors import Conflict, NotFound
 
@@ -95,15 +96,21 @@ class TenantService:
         return tenant
 
     def delete(self, tenant_id: int) -> list[ResolvedAdapter]:
-        """The tenant, its keys, adapters and versions in one transaction; then the blobs nothing
-        else refers to. Returns the versions that were deleted, so workers can evict them."""
+        """The tenant, its keys, adapters and versions, files and fine-tuning jobs in one transaction; then
+        the blobs nothing else refers to. Returns the versions that were deleted, so workers can evict them.
+        A job of the tenant's that is running stops at its runner's next heartbeat and registers nothing."""
         with self.sessions.begin() as session:
             tenant = self._tenant(session, tenant_id)
             gone = self.registry.delete_tenant_adapters(session, tenant_id)
+            files = TrainingFiles(self.sessions, self.registry.blob_refs).delete_tenant_files(session, tenant_id)
+            jobs = select(FineTuningJob.id).where(FineTuningJob.tenant_id == tenant_id)
+            session.execute(delete(FineTuningEvent).where(FineTuningEvent.job_id.in_(jobs)))
+            session.execute(delete(FineTuningJob).where(FineTuningJob.tenant_id == tenant_id))
             session.execute(delete(Adapter).where(Adapter.tenant_id == tenant_id))
             session.execute(delete(ApiKey).where(ApiKey.tenant_id == tenant_id))
             session.delete(tenant)
         self.registry.collect_blobs(gone)
+        self.registry.blob_refs.collect(files)
         return gone
 
     def issue_key(self, tenant_id: int) -> tuple[ApiKey, str]:

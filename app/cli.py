@@ -127,6 +127,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from app.admin_commands import cmd_base_models, cmd_jobs, cmd_quantize
+    from app.finetune_commands import cmd_finetune
 
     parser = argparse.ArgumentParser(prog="loraplex", description="Multi-tenant LoRA serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,12 +154,24 @@ def build_parser() -> argparse.ArgumentParser:
     runner.set_defaults(func=cmd_job_runner)
 
     for name, func, text in (("quantize", cmd_quantize, "submit a GPTQ/AWQ quantization job"),
-                             ("jobs", cmd_jobs, "list quantization jobs"),
+                             ("jobs", cmd_jobs, "list quantization jobs (admin key) or fine-tuning jobs (--api-key)"),
+                             ("finetune", cmd_finetune, "fine-tune an adapter on a JSONL chat file (a tenant's key)"),
                              ("base-models", cmd_base_models, "list base models with their quality reports")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("--url", default=os.environ.get("LORAPLEX_URL", "http://127.0.0.1:8000"))
         cmd.add_argument("--admin-key")
+        cmd.add_argument("--api-key", help="a tenant's key (or LORAPLEX_API_KEY)")
         cmd.set_defaults(func=func)
+        if name == "finetune":
+            cmd.add_argument("file", help="JSONL, one {\"messages\": [...]} conversation per line")
+            cmd.add_argument("--validation-file")
+            cmd.add_argument("--model", help="the base model (default) or one of your adapters to continue from")
+            cmd.add_argument("--suffix", help="part of the fine-tuned model's name")
+            cmd.add_argument("--epochs", type=int)
+            cmd.add_argument("--batch-size", type=int)
+            cmd.add_argument("--lr-multiplier", type=float)
+            cmd.add_argument("--seed", type=int)
+            cmd.add_argument("--follow", action="store_true", help="show progress and the loss until the job ends")
         if name == "quantize":
             cmd.add_argument("--name", required=True, help="name of the new base model")
             cmd.add_argument("--source", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="base model to quantize")

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from adapters.bases import BaseCheckpoints
+from adapters.finetuning import FineTuningJobs, TrainingFiles
 from adapters.jobs import JobStore
 from adapters.models import Tenant
 from adapters.registry import AdapterRegistry
@@ -35,6 +36,8 @@ class Services:
     tenant_labels: TenantLabels
     jobs: JobStore
     base_models: BaseCheckpoints
+    training_files: TrainingFiles
+    finetune_jobs: FineTuningJobs
 
 
 def get_services(request: Request) -> Services:

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.bases import NoActiveBaseModel
+from adapters.finetuning import FileNotFound, FileQuotaExceeded, FineTuneQuotaExceeded, InvalidFineTuneRequest
 from adapters.jobs import InvalidJob, JobConflict, JobNotFound
 from adapters.registry import (
     AdapterNotFound,
@@ -24,6 +25,8 @@ from adapters.registry import (
     StorageQuotaExceeded,
 )
 from adapters.validation import InvalidAdapter
+from worker.finetune_spec import InvalidFineTune
+from worker.training_data import TrainingDataError
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,12 @@ _MAPPED: list[tuple[type[Exception], Callable[[Exception], ApiError]]] = [
     (InvalidJob, lambda e: BadRequest(str(e))),
     (JobNotFound, lambda e: NotFound(f"{e.args[0]} not found")),
     (JobConflict, lambda e: Conflict(str(e))),
+    (FileNotFound, lambda e: NotFound(str(e))),
+    (TrainingDataError, lambda e: BadRequest(str(e))),
+    (InvalidFineTune, lambda e: BadRequest(str(e))),
+    (InvalidFineTuneRequest, lambda e: BadRequest(str(e))),
+    (FileQuotaExceeded, lambda e: TooManyRequests(str(e), retry_after=60)),
+    (FineTuneQuotaExceeded, lambda e: TooManyRequests(str(e), retry_after=getattr(e, "retry_after", 60))),
 ]
 
 

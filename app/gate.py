@@ -51,10 +51,13 @@ Authenticator = Callable[[str], Awaitable[Principal]]
 class BodyLimits:
     upload_bytes: int  # POST /adapters (max_adapter_bytes)
     request_bytes: int  # every other body (max_request_bytes)
+    file_bytes: int = 64 * 2**20  # POST /v1/files (max_training_file_bytes)
 
     def for_request(self, method: str, path: str) -> tuple[int, str]:
         if method == "POST" and path.rstrip("/") == "/adapters":
             return self.upload_bytes + FRAMING_SLACK, f"{self.upload_bytes}-byte limit (max_adapter_bytes)"
+        if method == "POST" and path.rstrip("/") == "/v1/files":
+            return self.file_bytes + FRAMING_SLACK, f"{self.file_bytes}-byte limit (max_training_file_bytes)"
         return self.request_bytes, f"{self.request_bytes}-byte limit (max_request_bytes)"
 
 

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.bases import BaseCheckpoints
 from adapters.blobstore import open_blob_store
 from adapters.db import make_engine, make_sessionmaker
+from adapters.finetuning import FineTuningJobs, TrainingFiles
 from adapters.jobs import JobStore
 from adapters.registry import AdapterRegistry
 from app import metrics
@@ -25,7 +26,7 @@ from app.errors import install_error_handlers
 from app.gate import BodyLimits, RequestGate
 from app.quotas import Quotas, RequestQuotas
 from app.redis_quotas import RedisQuotas
-from app.routes import adapters, admin, generate, health, jobs, keys, openai
+from app.routes import adapters, admin, finetune, generate, health, jobs, keys, openai
 from app.settings import Settings
 from app.workers.client import HttpWorkerClient
 from app.workers.pool import WorkerPool, WorkerSlot
@@ -57,6 +58,8 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
         tenant_labels=metrics.TenantLabels(settings.metrics_top_tenants),
         jobs=JobStore(sessions),
         base_models=bases,
+        training_files=TrainingFiles(sessions, registry.blob_refs),
+        finetune_jobs=FineTuningJobs(sessions),
     )
 
     @asynccontextmanager
@@ -72,11 +75,12 @@ def build_app(settings: Settings, pool: WorkerPool | None = None) -> FastAPI:
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    limits = BodyLimits(upload_bytes=settings.max_adapter_bytes, request_bytes=settings.max_request_bytes)
+    limits = BodyLimits(upload_bytes=settings.max_adapter_bytes, request_bytes=settings.max_request_bytes,
+                        file_bytes=settings.max_training_file_bytes)
     metrics_token = settings.metrics_token.get_secret_value() if settings.metrics_token is not None else None
     app.add_middleware(RequestGate, limits=limits, authenticate=principal_for(services), metrics_token=metrics_token)
     app.add_middleware(RequestMetrics)  # outermost: counts what the gate refuses too
-    for module in (health, admin, jobs, adapters, keys, generate, openai):
+    for module in (health, admin, jobs, adapters, keys, generate, openai, finetune):
         app.include_router(module.router)
     return app
 

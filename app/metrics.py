@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
@@ -55,6 +55,32 @@ IN_FLIGHT = Gauge("loraplex_in_flight_requests", "Generation requests in flight"
 WORKERS_READY = Gauge("loraplex_workers_ready", "Workers ready to serve", registry=REGISTRY)
 QUANTIZATION_JOBS = Gauge("loraplex_quantization_jobs", "Quantization jobs in the database, by state", ["state"],
                           registry=REGISTRY)
+FINETUNE_JOBS = Gauge("loraplex_finetune_jobs", "Fine-tuning jobs in the database, by state", ["state"],
+                      registry=REGISTRY)
+FINETUNE_TOKENS = Gauge("loraplex_finetune_trained_tokens",
+                        "Tokens trained by the fine-tuning jobs in the database that succeeded (file tokens x epochs)",
+                        registry=REGISTRY)
+JOB_DURATION_BUCKETS = (30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0, 12 * 3600.0)
+
+
+class JobDurations(Collector):
+    """A histogram of finished jobs' durations, read from the database at each scrape (so every gateway
+    replica reports the same, and a restart loses nothing)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name, self.documentation = name, documentation
+        self.durations: list[float] = []
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        durations = list(self.durations)
+        buckets = [(str(le), float(sum(1 for d in durations if d <= le))) for le in JOB_DURATION_BUCKETS]
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=[*buckets, ("+Inf", float(len(durations)))],
+                                    sum_value=sum(durations))
+
+
+FINETUNE_DURATION = JobDurations("loraplex_finetune_job_duration_seconds",
+                                 "Duration of finished fine-tuning jobs (started to finished), from the database")
+REGISTRY.register(FINETUNE_DURATION)
 RETRIES = Counter(
     "loraplex_failover_retries", "Requests moved to another worker after theirs failed", registry=REGISTRY
 )

@@ -84,6 +84,16 @@ class Settings(BaseSettings):
     # Remote workers, by base URL (one code path with local ones).
     worker_urls: list[str] = Field(default_factory=list)
 
+    # Fine-tuning (POST /v1/files, /v1/fine_tuning/jobs): run by the job runner, one job at a time per runner.
+    max_training_file_bytes: int = Field(default=64 * 2**20, ge=1)  # one uploaded JSONL file
+    max_training_examples: int = Field(default=50_000, ge=1)  # lines of one file
+    finetune_max_example_tokens: int = Field(default=2048, ge=16)  # per example (never above the base's context)
+    finetune_threads: int = Field(default=2, ge=1)  # torch threads of a training process
+    tenant_max_files: int = Field(default=100, ge=0)
+    tenant_max_file_bytes: int = Field(default=2**30, ge=0)  # all of a tenant's files together
+    finetune_max_active_jobs: int = Field(default=2, ge=1)  # a tenant's jobs queued or running
+    finetune_tokens_per_day: int | None = Field(default=5_000_000, ge=1)  # trained tokens (x epochs); None: no limit
+
     # Per-tenant defaults (admins override them per tenant); over a limit is a 429.
     tenant_max_concurrent_requests: int = Field(default=32, ge=1)
     tenant_tokens_per_minute: int | None = Field(default=None, ge=1)  # None: unlimited
@@ -133,7 +143,9 @@ class Settings(BaseSettings):
         return JobRunnerConfig(
             database_url=self.resolved_database_url, data_dir=self.data_dir, models_dir=self.resolved_models_dir,
             poll_interval_s=self.job_poll_interval_s, heartbeat_s=self.job_heartbeat_s,
-            stale_after_s=self.job_stale_after_s,
+            stale_after_s=self.job_stale_after_s, blob_url=self.resolved_blob_url, max_lora_rank=self.max_lora_rank,
+            max_adapter_delta=self.max_adapter_delta, train_threads=self.finetune_threads,
+            max_example_tokens=self.finetune_max_example_tokens, max_training_examples=self.max_training_examples,
         )
 
     @property

@@ -40,6 +40,10 @@ async def prometheus(services: ServicesDep) -> Response:
     metrics.WORKERS_READY.set(sum(1 for s in services.pool.slots if s.health.ready))
     for state, count in (await run_in_threadpool(services.jobs.count_by_state)).items():
         metrics.QUANTIZATION_JOBS.labels(state).set(count)
+    for state, count in (await run_in_threadpool(services.finetune_jobs.count_by_state)).items():
+        metrics.FINETUNE_JOBS.labels(state).set(count)
+    metrics.FINETUNE_TOKENS.set(await run_in_threadpool(services.finetune_jobs.tokens_trained))
+    metrics.FINETUNE_DURATION.durations = await run_in_threadpool(services.finetune_jobs.finished_durations)
     return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
