@@ -43,6 +43,11 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Fail-overs to another worker", "reqps", [
             (f"sum(rate(loraplex_failover_retries_total[{RATE}]))", "retries")]),
         ("Quantization jobs by state", "short", [("max by (state) (loraplex_quantization_jobs)", "{{state}}")]),
+        ("Fine-tuning jobs by state", "short", [("max by (state) (loraplex_finetune_jobs)", "{{state}}")]),
+        ("Fine-tuning: tokens trained, job duration", "short", [
+            ("max(loraplex_finetune_trained_tokens)", "tokens trained (succeeded jobs)"),
+            ("histogram_quantile(0.5, max by (le) (loraplex_finetune_job_duration_seconds_bucket))",
+             "job duration p50 (s)")]),
     ]),
     ("Latency", [
         ("End-to-end latency", "s", quantiles("loraplex_request_duration_seconds", "route")),
