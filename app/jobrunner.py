@@ -12,6 +12,7 @@ killed its runner, say out of memory, would only kill the next one) and removes 
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import logging
@@ -113,11 +114,13 @@ class JobRunner:
             # The directories first, the running jobs after: a runner claims its job before it makes the
             # directory, so every directory listed here whose job still runs is in `running`. (Read the other
             # way round, a job claimed in between would lose the directory its runner just made.)
+            # A directory is also left alone while it is fresh: its runner touches it with every heartbeat,
+            # and a runner of another deployment sharing the volume has jobs this database does not know.
             leftovers = list(self.models_dir.glob(f"{prefix}*"))
             running = table.active_ids()
             for tmp in leftovers:
                 owner = tmp.name[len(prefix):].split("-", 1)[0]
-                if not owner.isdigit() or int(owner) not in running:
+                if (not owner.isdigit() or int(owner) not in running) and _untouched_for(tmp, self.stale_after):
                     shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
     def run(self, job: QuantizationJob, stop: threading.Event | None = None) -> None:
@@ -136,7 +139,7 @@ class JobRunner:
         child = _Child([sys.executable, "-m", "worker.quantize", str(spec_file), source_path, str(out)],
                        cwd=self.config.data_dir.resolve())
         try:
-            state = self._watch(job.id, child, stop or threading.Event())
+            state = self._watch(job.id, child, stop or threading.Event(), tmp)
             if state == "succeeded":
                 self._register(job, out, child.tail())
             elif state == "stopped":
@@ -149,10 +152,13 @@ class JobRunner:
             child.kill()
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _watch(self, job_id: int, child: _Child, stop: threading.Event, table: JobTable[Any] | None = None) -> str:
+    def _watch(self, job_id: int, child: _Child, stop: threading.Event, workdir: Path,
+               table: JobTable[Any] | None = None) -> str:
         table = table or self.jobs
         while True:
             done = child.wait(self.config.heartbeat_s)
+            with contextlib.suppress(OSError):  # gone: the child fails on its own and says why
+                os.utime(workdir)  # fresh: no runner of another deployment reaps it (see `reap`)
             if stop.is_set() and not done:
                 child.kill()
                 return "stopped"
@@ -217,7 +223,7 @@ class JobRunner:
             child = _Child([sys.executable, "-m", "worker.finetune", str(tmp / "plan.json"), str(out)], cwd=tmp,
                            threads=self.config.train_threads)
             try:
-                state = self._watch(job.id, child, stop or threading.Event(), self.finetunes)
+                state = self._watch(job.id, child, stop or threading.Event(), tmp, self.finetunes)
                 self._record_events(job.id, child)
                 if state == "succeeded":
                     self._register_adapter(job, out, child.tail())
@@ -295,6 +301,13 @@ def fine_tuned_name(served_base: str, suffix: str | None, public_id: str) -> str
     tenant's suffix (may be empty), and the job's id without its prefix's randomness cut short."""
     base = "".join(c if c.isalnum() or c in "._-" else "-" for c in served_base.rsplit("/", 1)[-1])[:48] or "base"
     return f"ft:{base}:{suffix or ''}:{public_id.removeprefix('ftjob-')[:12]}"
+
+
+def _untouched_for(path: Path, age: timedelta) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime >= age.total_seconds()
+    except FileNotFoundError:
+        return False
 
 
 def _move_into_place(out: Path, wanted: Path) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -181,6 +183,38 @@ def test_reap_leaves_a_live_jobs_directory(gateway: Gateway, tmp_path) -> None: 
     assert live.exists() and jobs.get(job.id).state == "running"
 
 
+def test_reap_spares_a_directory_another_deployments_runner_keeps_fresh(gateway: Gateway, tmp_path: Path) -> None:
+    """Two deployments on one models volume: the other's job ids mean nothing in this database, but its
+    runner touches its directory with every heartbeat; only an untouched one is a leftover."""
+    from dataclasses import replace
+
+    from app.jobrunner import _Child
+
+    jobs = store(gateway)
+    job = jobs.submit("q", "tiny-base", QuantizeSpec(group_size=16))
+    assert jobs.claim("theirs") is not None
+    theirs = tmp_path / f"{TMP_PREFIX}{job.id + 1000}-abcd1234"  # a job this database has never seen
+    (theirs / "model").mkdir(parents=True)
+    settings = gateway.settings.model_copy(update={"models_dir": tmp_path, "job_stale_after_s": 60})
+    reaper = JobRunner(settings.job_runner_config(), name="ours")
+    reaper.reap()
+    assert theirs.exists()
+    an_hour_ago = time.time() - 3600
+    os.utime(theirs, (an_hour_ago, an_hour_ago))
+    # Their runner's heartbeat makes it fresh again.
+    config = replace(settings.job_runner_config(), heartbeat_s=0.05)
+    child = _Child([sys.executable, "-c", "import time\ntime.sleep(0.3)\n"])
+    try:
+        JobRunner(config, name="theirs")._watch(job.id, child, threading.Event(), theirs)
+    finally:
+        child.kill()
+    reaper.reap()
+    assert theirs.exists()
+    os.utime(theirs, (an_hour_ago, an_hour_ago))  # their runner died an hour ago
+    reaper.reap()
+    assert not theirs.exists()
+
+
 def test_jobs_by_state_are_on_the_metrics(gateway: Gateway) -> None:
     jobs = store(gateway)
     jobs.submit("a", "tiny-base", QuantizeSpec(group_size=16))
@@ -223,7 +257,7 @@ def test_a_leftover_result_directory_does_not_fail_the_job(tmp_path) -> None:  #
     assert (wanted / "old" / "model.safetensors").read_bytes() == b"someone else's"
 
 
-def test_a_child_that_said_done_but_does_not_exit_still_succeeds(gateway: Gateway) -> None:
+def test_a_child_that_said_done_but_does_not_exit_still_succeeds(gateway: Gateway, tmp_path: Path) -> None:
     """GPTQModel's AWQ left a thread that kept the quantizing process alive after its report was written;
     the job sat in `running` forever. The result is complete once the child says `done`."""
     from dataclasses import replace
@@ -237,14 +271,14 @@ def test_a_child_that_said_done_but_does_not_exit_still_succeeds(gateway: Gatewa
     child = _Child([sys.executable, "-c", "import time\nprint('PROGRESS done 1 1', flush=True)\ntime.sleep(600)\n"])
     started = time.monotonic()
     try:
-        assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event()) == "succeeded"
+        assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event(), tmp_path) == "succeeded"
     finally:
         child.kill()
     assert time.monotonic() - started < 30
     assert child.returncode is not None  # killed, not left behind
 
 
-def test_a_child_that_stops_talking_before_done_is_not_taken_for_finished(gateway: Gateway) -> None:
+def test_a_child_that_stops_talking_before_done_is_not_taken_for_finished(gateway: Gateway, tmp_path: Path) -> None:
     from dataclasses import replace
 
     from app.jobrunner import _Child
@@ -254,7 +288,7 @@ def test_a_child_that_stops_talking_before_done_is_not_taken_for_finished(gatewa
     assert jobs.claim("r1") is not None
     config = replace(gateway.settings.job_runner_config(), heartbeat_s=0.1, exit_grace_s=0.1)
     child = _Child([sys.executable, "-c", "import sys\nprint('PROGRESS evaluating 1 2', flush=True)\nsys.exit(1)\n"])
-    assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event()) == "failed"
+    assert JobRunner(config, name="r1")._watch(job.id, child, threading.Event(), tmp_path) == "failed"
 
 
 def test_two_runners_reaping_at_once_fail_each_stale_job_once_and_spare_a_live_one(gateway: Gateway) -> None:
