@@ -9,6 +9,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -76,6 +77,31 @@ def _tenants(server: Server) -> tuple[str, str]:
     return key, str(narrow.json()["api_key"])
 
 
+def _finish_a_finetuning_job(server: Server, key: str) -> None:
+    """A fine-tuning job that starts and is cancelled: a finished job, the job-duration histogram's observation."""
+    training = (ROOT / "tests" / "fixtures" / "finetune" / "robot.jsonl").read_bytes()
+    with server.client(key) as client:
+        uploaded = client.post("/v1/files", data={"purpose": "fine-tune"},
+                               files={"file": ("robot.jsonl", training, "application/jsonl")})
+        assert uploaded.status_code == 200, uploaded.text
+        base = next(m["id"] for m in client.get("/v1/models").json()["data"] if m["owned_by"] == "loraplex")
+        job = client.post("/v1/fine_tuning/jobs", json={"model": base, "training_file": uploaded.json()["id"],
+                                                        "hyperparameters": {"n_epochs": 25}})
+        assert job.status_code == 200, job.text
+        url = f"/v1/fine_tuning/jobs/{job.json()['id']}"
+        status = _wait_for_job(client, url, lambda s: s not in ("queued", "validating_files"))
+        assert status == "running", client.get(url).json()["error"]
+        assert client.post(f"{url}/cancel").status_code == 200
+        assert _wait_for_job(client, url, lambda s: s != "running") == "cancelled"
+
+
+def _wait_for_job(client: httpx.Client, url: str, done: Callable[[str], bool]) -> str:
+    deadline = time.monotonic() + 120
+    while not done(status := str(client.get(url).json()["status"])) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return status
+
+
 def _load(server: Server, key: str, narrow: str) -> None:
     """A little traffic of every kind: adapters and base, streamed and not, a 404 and some 429s."""
 
@@ -138,6 +164,7 @@ def test_prometheus_scrapes_and_every_query_returns_data(server: Server, tmp_pat
             stdout=log, stderr=subprocess.STDOUT)
     try:
         key, narrow = _tenants(server)
+        _finish_a_finetuning_job(server, key)
         _wait_for_scrapes(base, proc, 2)  # rates need a starting point from before the load
         _load(server, key, narrow)
         _wait_for_scrapes(base, proc, _scrapes(base) + 3)  # and a few points after it
