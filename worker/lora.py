@@ -5,20 +5,26 @@ Each adapted linear layer keeps all resident adapters stacked in slot tensors an
 NF4, GPTQ/AWQ or plain): with one adapter in the pass, two plain matmuls on views of
 its slot; with several, the tokens of slots with few of them (decode rows) grouped by slot
 for two batched matmuls on views of the slot stacks, and each slot with many (a prompt
-chunk) two matmuls of its own. Adapter weights are
-copied into the slot tensors from their own files: the base module is never read or
-written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
+chunk) two matmuls of its own. Layers that read the same input (q/k/v, gate/up: a `SharedInput`)
+keep their A stacks interleaved in one tensor, so the first of them to run gathers the tokens
+and shrinks them for all (one matmul where there were three), and the others take their share.
+Adapter weights are copied into the slot tensors from their own files: the base module is never
+read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
+# Sibling layers that every supported architecture calls on one and the same input tensor. A wrong
+# guess costs speed only: the shrink is shared only when the very same tensor comes in.
+SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 @dataclass
@@ -37,14 +43,18 @@ class LoraRouting:
     groups: SlotGroups | None = None  # several adapters: few-token slots grouped for two bmm
     big: tuple[tuple[int, torch.Tensor], ...] = ()  # several adapters: (slot, its token indices) for slots with many
 
+    pass_id: int = 0  # changes with every routing: shared shrinks never outlive their pass
+
     def clear(self) -> None:
         self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
         self.groups, self.big = None, ()
+        self.pass_id += 1
 
     def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device,
               lengths: list[int] | None = None) -> None:
         """Set the routing for a pass whose row i has `lengths[i]` tokens (default 1) on `slots[i]`
         (`zero_slot`: the base model)."""
+        self.pass_id += 1
         active = frozenset(slot for slot in slots if slot != zero_slot)
         if not active:
             self.clear()
@@ -101,6 +111,48 @@ class SlotGroups:
         return SlotGroups(span, per_slot, take_t, used_t, rows_t)
 
 
+def by_member(h: torch.Tensor, rank: int, members: int) -> torch.Tensor:
+    """A shrink [..., rank * members] (rank-major, as A is interleaved) as [..., members, rank], so each
+    member's share has unit stride: matmuls read a strided last dimension many times slower."""
+    if members == 1:
+        return h.unsqueeze(-2)
+    return h.unflatten(-1, (rank, members)).transpose(-1, -2).contiguous()
+
+
+class SharedInput:
+    """The A stacks of `members` layers that read the same input, interleaved as
+    [slots + 1, max_rank, members, in], and the last shrink computed from them.
+
+    A member's own A stack is the view [:, :, member]; the shrink of rank r for all members is one
+    matmul with [slots, r * members, in] (a view too), whose result [..., r, members] each member
+    reads at [..., member]. The result is kept for the input tensor it was computed from, for the
+    current pass, so the next member called with that same tensor reuses it.
+    """
+
+    def __init__(self, members: int, num_slots: int, max_rank: int, in_features: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        self.members = members
+        self.a = torch.zeros(num_slots + 1, max_rank, members, in_features, device=device, dtype=dtype)
+        self._input: torch.Tensor | None = None
+        self._pass = -1
+        self._shrinks: dict[object, torch.Tensor] = {}
+
+    def shrink(self, x_in: torch.Tensor, pass_id: int, key: object,
+               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self.members == 1:
+            return compute()
+        if x_in is not self._input or pass_id != self._pass:
+            self._input, self._pass, self._shrinks = x_in, pass_id, {}
+        found = self._shrinks.get(key)
+        if found is None:
+            found = self._shrinks[key] = compute()
+        return found
+
+    def release(self) -> None:
+        """The last member has run: nothing holds the input or the shrinks past the layer."""
+        self._input, self._shrinks = None, {}
+
+
 class MultiLoraLinear(nn.Module):
     def __init__(
         self,
@@ -112,48 +164,67 @@ class MultiLoraLinear(nn.Module):
         routing: LoraRouting,
         device: torch.device,
         dtype: torch.dtype,
+        shared: tuple[SharedInput, int] | None = None,
     ) -> None:
         super().__init__()
         self.base = base
         self.routing = routing
         # The extra last slot stays zero: rows without an adapter point at it.
-        self.lora_a = torch.zeros(num_slots + 1, max_rank, in_features, device=device, dtype=dtype)
+        self.shared, self.member = shared or (SharedInput(1, num_slots, max_rank, in_features, device, dtype), 0)
+        self.lora_a = self.shared.a[:, :, self.member]  # [slots + 1, max_rank, in], a view
         self.lora_b = torch.zeros(num_slots + 1, max_rank, out_features, device=device, dtype=dtype)  # B transposed
         self.filled: set[int] = set()  # slots holding weights for this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._forward(x)
+        finally:
+            if self.shared.members > 1 and self.member == self.shared.members - 1:
+                self.shared.release()  # members run in order (q, k, v): this one is the last
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         route = self.routing
         if route.slots is None or self.filled.isdisjoint(route.active):
             return y
-        shape = y.shape
+        x_in, shape = x, y.shape
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # [tokens, in], [tokens, out]
         rank = route.rank
         if x.dtype != self.lora_a.dtype:
             x = x.to(self.lora_a.dtype)
+        members, shared = self.shared.members, self.shared
+
+        def shrink(key: object, tokens: Callable[[], torch.Tensor], slot: int) -> torch.Tensor:
+            """[tokens, rank] of one slot: this layer's share of the members' one matmul."""
+            a = shared.a[slot, :rank].reshape(rank * members, -1)  # [rank * members, in], a view
+            h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a.T, rank, members))
+            return h[..., self.member, :]
+
         if route.single is not None:
-            rows = route.single_rows
+            slot, rows = route.single, route.single_rows
             if rows is None:
-                return (y + self._delta(x, route.single, rank).to(y.dtype)).view(shape)
+                delta = shrink(slot, lambda: x, slot) @ self.lora_b[slot, :rank]
+                return (y + delta.to(y.dtype)).view(shape)
             # Only the adapter's tokens are computed and added: base tokens keep the base layer's
             # exact values whatever the adapter holds (masking by x 0 turned its inf into NaN there).
-            delta = self._delta(x.index_select(0, rows), route.single, rank)
+            only = rows
+            delta = shrink(slot, lambda: x.index_select(0, only), slot) @ self.lora_b[slot, :rank]
             return y.index_add(0, rows, delta.to(y.dtype)).view(shape)
         groups = route.groups
         if groups is not None:
-            padded = torch.cat([x, x.new_zeros(1, x.shape[1])])  # token `tokens`: zeros
-            xs = padded.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
-            a = self.lora_a[groups.span, :rank]  # [span, rank, in], a view
-            b = self.lora_b[groups.span, :rank]  # [span, rank, out], a view
-            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b)  # [span, per_slot, out]
+            def grouped() -> torch.Tensor:
+                padded = torch.cat([x, x.new_zeros(1, x.shape[1])])  # token `tokens`: zeros
+                xs = padded.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
+                a = shared.a[groups.span, :rank].reshape(xs.shape[0], rank * members, -1)  # a view
+                return by_member(torch.bmm(xs, a.transpose(1, 2)), rank, members)  # [span, per_slot, members, rank]
+
+            h = shared.shrink(x_in, route.pass_id, "groups", grouped)[..., self.member, :]  # [span, per_slot, rank]
+            delta = torch.bmm(h, self.lora_b[groups.span, :rank])  # [span, per_slot, out]
             y = y.index_add(0, groups.rows, delta.view(-1, delta.shape[2]).index_select(0, groups.used).to(y.dtype))
         for slot, rows in route.big:
-            y = y.index_add(0, rows, self._delta(x.index_select(0, rows), slot, rank).to(y.dtype))
+            delta = shrink(("big", slot), partial(x.index_select, 0, rows), slot) @ self.lora_b[slot, :rank]
+            y = y.index_add(0, rows, delta.to(y.dtype))
         return y.view(shape)
-
-    def _delta(self, x: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
-        """B · (A · x) of one slot for tokens x [tokens, in]."""
-        return (x @ self.lora_a[slot, :rank].T) @ self.lora_b[slot, :rank]
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.
@@ -209,11 +280,24 @@ def install_lora_layers(
 ) -> dict[str, MultiLoraLinear]:
     """Wrap every adaptable linear layer in place; return them by module name."""
     layers: dict[str, MultiLoraLinear] = {}
+    shared: dict[str, tuple[SharedInput, int]] = {}
+    for siblings in SHARED_INPUTS:
+        for name in linear_modules:
+            parent_name, _, child = name.rpartition(".")
+            if child != siblings[0]:
+                continue
+            names = [f"{parent_name}.{s}" if parent_name else s for s in siblings]
+            ins = {linear_modules[n][0] for n in names if n in linear_modules}
+            present = [n for n in names if n in linear_modules]
+            if len(present) > 1 and len(ins) == 1:
+                group = SharedInput(len(present), num_slots, max_rank, ins.pop(), device, dtype)
+                shared.update({n: (group, member) for member, n in enumerate(present)})
     for name, (in_features, out_features) in linear_modules.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         wrapped = MultiLoraLinear(
-            getattr(parent, child), in_features, out_features, num_slots, max_rank, routing, device, dtype
+            getattr(parent, child), in_features, out_features, num_slots, max_rank, routing, device, dtype,
+            shared.get(name),
         )
         setattr(parent, child, wrapped)
         layers[name] = wrapped

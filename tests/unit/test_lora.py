@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from worker.config import WorkerConfig
-from worker.lora import LoraRouting, MultiLoraLinear, slots_in_budget
+from worker.lora import LoraRouting, MultiLoraLinear, install_lora_layers, slots_in_budget
 
 IN, OUT, SLOTS, MAX_RANK = 12, 10, 3, 8
 
@@ -188,3 +188,71 @@ def test_slots_in_a_memory_budget_count_every_layer_and_the_zero_slot() -> None:
 def test_a_slot_budget_must_be_positive() -> None:
     with pytest.raises(ValueError, match="adapter_slots_mb must be at least 1"):
         WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", adapter_slots_mb=0)
+
+
+class Block(nn.Module):
+    """q/k/v read one tensor, as attention does; o reads another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(IN, OUT), nn.Linear(IN, 4), nn.Linear(IN, 4)
+        self.o_proj = nn.Linear(OUT, IN)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.q_proj(x)
+        return q, self.k_proj(x), self.v_proj(x), self.o_proj(q)
+
+
+def block_pair() -> tuple[Block, Block, LoraRouting, LoraRouting]:
+    """The same block twice, one with the shared q/k/v shrink and one with every layer on its own;
+    the same adapters in both (k has none in slot 1: an adapter need not target every sibling)."""
+    torch.manual_seed(0)
+    blocks, routings = (Block(), Block()), (LoraRouting(), LoraRouting())
+    blocks[1].load_state_dict(blocks[0].state_dict())
+    modules = {"q_proj": [IN, OUT], "k_proj": [IN, 4], "v_proj": [IN, 4], "o_proj": [OUT, IN]}
+    shared = install_lora_layers(blocks[0], modules, SLOTS, MAX_RANK, routings[0], torch.device("cpu"), torch.float32)
+    for name, (i, o) in modules.items():
+        setattr(blocks[1], name, MultiLoraLinear(getattr(blocks[1], name), i, o, SLOTS, MAX_RANK, routings[1],
+                                                 torch.device("cpu"), torch.float32))
+    assert shared["q_proj"].shared is shared["v_proj"].shared and shared["o_proj"].shared.members == 1
+    for slot, rank in ((0, 4), (1, 8), (2, 2)):
+        for name, (i, o) in modules.items():
+            if slot == 1 and name == "k_proj":
+                continue
+            a, b = torch.randn(rank, i), torch.randn(o, rank)
+            for block in blocks:
+                getattr(block, name).load_slot(slot, a, b, 0.5)
+    return *blocks, *routings  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("slots", "lengths"),
+    [
+        ([1, 0, 2, None], [1, 1, 1, 1]),  # decode rows on several adapters: the grouped shrink
+        ([1, 0, 2, 0], [1, 30, 1, 20]),  # prompt chunks beside decode rows: their own shrinks
+        ([2, 2], [1, 3]),  # one adapter on every token
+        ([None, 1, None], [2, 1, 3]),  # one adapter beside base tokens
+    ],
+)
+def test_layers_sharing_an_input_give_what_separate_layers_give(slots: list[int | None], lengths: list[int]) -> None:
+    shared, separate, route_shared, route_separate = block_pair()
+    x = torch.randn(sum(lengths), IN)
+    # A second pass on the same tensor, routed to other slots, computes afresh: nothing stale is kept.
+    for pass_slots in (slots, [None if s is None else (s + 1) % SLOTS for s in slots]):
+        for routing in (route_shared, route_separate):
+            route(routing, pass_slots, {0: 4, 1: 8, 2: 2}, lengths)
+        got, want = shared(x), separate(x)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sibling_called_with_another_tensor_does_not_reuse_the_shrink() -> None:
+    shared, separate, route_shared, route_separate = block_pair()
+    for routing in (route_shared, route_separate):
+        route(routing, [1, 0, 2], {0: 4, 1: 8, 2: 2})
+    x, other = torch.randn(3, IN), torch.randn(3, IN)
+    for block in (shared, separate):
+        block.v_proj(x)  # out of order, and q with another input between
+    torch.testing.assert_close(shared.q_proj(other), separate.q_proj(other))
+    torch.testing.assert_close(shared.k_proj(x), separate.k_proj(x))
+    torch.testing.assert_close(shared.v_proj(x), separate.v_proj(x))
