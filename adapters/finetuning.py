@@ -22,7 +22,7 @@ from adapters.blobrefs import BlobReferences
 from adapters.jobs import JobConflict, JobNotFound, JobTable, cancel_row
 from adapters.models import FineTuningEvent, FineTuningJob, TrainingFile, utcnow
 from adapters.peft_format import Buffer
-from adapters.registry import StorageQuota, check_quota
+from adapters.registry import StorageQuota, check_quota, hold_tenant
 
 ACTIVE = ("queued", "running")
 MIN_TRAINING_EXAMPLES = 10
@@ -67,6 +67,7 @@ class TrainingFiles:
         for attempt in range(_WRITE_ATTEMPTS):
             try:
                 with self.sessions.begin() as session:
+                    hold_tenant(session, tenant_id)
                     count, stored = session.execute(
                         select(func.count(), func.coalesce(func.sum(TrainingFile.bytes), 0))
                         .where(TrainingFile.tenant_id == tenant_id)).one()
@@ -148,6 +149,7 @@ class FineTuningJobs(JobTable[FineTuningJob]):
     def submit(self, tenant_id: int, request: JobRequest, limits: FineTuneLimits,
                storage: StorageQuota) -> FineTuningJob:
         with self.sessions.begin() as session:
+            hold_tenant(session, tenant_id)
             for file_id in filter(None, (request.training_file, request.validation_file)):
                 _own_file(session, tenant_id, file_id)
             training = _own_file(session, tenant_id, request.training_file)

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from adapters.bases import BaseCheckpoints
 from adapters.blobrefs import BlobReferences
 from adapters.blobstore import BlobStore
-from adapters.models import Adapter, AdapterVersion
+from adapters.models import Adapter, AdapterVersion, Tenant
 from adapters.validation import DEFAULT_MAX_DELTA, AdapterFiles, ValidatedAdapter, validate_adapter
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -140,6 +140,8 @@ class AdapterRegistry:
         quota: StorageQuota | None,
     ) -> tuple[Adapter, AdapterVersion]:
         with self.sessions.begin() as session:
+            if quota is not None:
+                hold_tenant(session, tenant_id)
             adapter = session.scalar(
                 select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.name == name).with_for_update()
             )
@@ -298,7 +300,15 @@ def _view(adapter: Adapter, tenant_id: int) -> AdapterView:
     return AdapterView(adapter.name, adapter.tenant_id, versions, adapter.last_version)
 
 
+def hold_tenant(session: Session, tenant_id: int) -> None:
+    """Make this transaction the tenant's only writer until it ends, so a limit it checks by counting stays
+    true until its own row is in: a row lock on PostgreSQL, the database's write lock on SQLite (whose reads
+    before the first write are not in the transaction at all). Take it first: tenant, then its rows."""
+    session.execute(update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id))
+
+
 def check_quota(session: Session, tenant_id: int, quota: StorageQuota, *, new_name: bool, new_bytes: int) -> None:
+    """Refuse what would put the tenant over its adapter limits; call it after `hold_tenant`."""
     if new_name:
         count = session.scalar(
             select(func.count(func.distinct(AdapterVersion.adapter_id)))

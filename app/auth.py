@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.finetuning import TrainingFiles
 from adapters.models import Adapter, ApiKey, FineTuningEvent, FineTuningJob, Tenant, utcnow
-from adapters.registry import AdapterRegistry, ResolvedAdapter
+from adapters.registry import AdapterRegistry, ResolvedAdapter, hold_tenant
 from app.errors import Conflict, NotFound
 
 KEY_PREFIX = "lpx_"
@@ -100,6 +100,7 @@ class TenantService:
         the blobs nothing else refers to. Returns the versions that were deleted, so workers can evict them.
         A job of the tenant's that is running stops at its runner's next heartbeat and registers nothing."""
         with self.sessions.begin() as session:
+            hold_tenant(session, tenant_id)  # before its rows, in the order every quota-checked write takes
             tenant = self._tenant(session, tenant_id)
             gone = self.registry.delete_tenant_adapters(session, tenant_id)
             files = TrainingFiles(self.sessions, self.registry.blob_refs).delete_tenant_files(session, tenant_id)
