@@ -67,6 +67,7 @@ class JobRunnerConfig:
     max_adapter_delta: float = 1000.0
     train_threads: int = 2  # torch threads of a training process
     max_example_tokens: int = 2048  # per training example (and never above the base's context)
+    micro_batch_tokens: int = 2048  # padded tokens in one forward pass (at least one example)
     max_training_examples: int = 50_000
 
 
@@ -213,6 +214,7 @@ class JobRunner:
                                  if job.validation_file else None),
                 init_adapter=self._fetch_adapter(job, tmp / "init"),
                 max_example_tokens=min(context, self.config.max_example_tokens),
+                micro_batch_tokens=self.config.micro_batch_tokens,
                 max_examples=self.config.max_training_examples,
                 token_budget=self.finetunes.tokens_left_today(job),
             )

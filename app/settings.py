@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     max_training_file_bytes: int = Field(default=64 * 2**20, ge=1)  # one uploaded JSONL file
     max_training_examples: int = Field(default=50_000, ge=1)  # lines of one file
     finetune_max_example_tokens: int = Field(default=2048, ge=16)  # per example (never above the base's context)
+    # Padded tokens in one forward pass of a training job, whatever its batch_size: the job's memory bound.
+    finetune_micro_batch_tokens: int = Field(default=2048, ge=16)
     finetune_threads: int = Field(default=2, ge=1)  # torch threads of a training process
     tenant_max_files: int = Field(default=100, ge=0)
     tenant_max_file_bytes: int = Field(default=2**30, ge=0)  # all of a tenant's files together
@@ -145,7 +147,8 @@ class Settings(BaseSettings):
             poll_interval_s=self.job_poll_interval_s, heartbeat_s=self.job_heartbeat_s,
             stale_after_s=self.job_stale_after_s, blob_url=self.resolved_blob_url, max_lora_rank=self.max_lora_rank,
             max_adapter_delta=self.max_adapter_delta, train_threads=self.finetune_threads,
-            max_example_tokens=self.finetune_max_example_tokens, max_training_examples=self.max_training_examples,
+            max_example_tokens=self.finetune_max_example_tokens,
+            micro_batch_tokens=self.finetune_micro_batch_tokens, max_training_examples=self.max_training_examples,
         )
 
     @property

@@ -32,7 +32,6 @@ from worker.job_child import deliver, progress, run_and_exit
 from worker.training_data import Example, TrainingDataError, encode, read_examples
 
 PROBE_TOKENS = 32
-EVAL_BATCH = 8
 
 
 class Refused(Exception):
@@ -81,16 +80,54 @@ def batch(rows: list[tuple[list[int], list[int]]], pad: int, device: torch.devic
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def mean_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad: int, device: torch.device) -> float:
+def micro_batches(rows: list[tuple[list[int], list[int]]], max_tokens: int) -> list[list[tuple[list[int], list[int]]]]:
+    """`rows` in order, cut into runs whose padded size (rows x the longest) is at most `max_tokens`, one row
+    at least: memory follows the padded tokens of a forward pass, whatever batch_size the tenant chose."""
+    chunks: list[list[tuple[list[int], list[int]]]] = []
+    width = 0
+    for row in rows:
+        grown = max(width, len(row[0]))
+        if chunks and grown * (len(chunks[-1]) + 1) <= max_tokens:
+            chunks[-1].append(row)
+            width = grown
+        else:
+            chunks.append([row])
+            width = len(row[0])
+    return chunks
+
+
+def learned_tokens(rows: list[tuple[list[int], list[int]]]) -> int:
+    """Label tokens the loss averages over (each label predicts from the tokens before it)."""
+    return sum(sum(1 for label in lab[1:] if label != -100) for _, lab in rows)
+
+
+def mean_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad: int, device: torch.device,
+              max_tokens: int) -> float:
     """Loss per assistant token over `rows`, without gradients."""
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(rows), EVAL_BATCH):
-            chunk = rows[start:start + EVAL_BATCH]
-            tokens = sum(sum(1 for label in lab[1:] if label != -100) for _, lab in chunk)
+        for chunk in micro_batches(rows, max_tokens):
+            tokens = learned_tokens(chunk)
             total += float(model(**batch(chunk, pad, device)).loss) * tokens
             count += tokens
     return total / max(count, 1)
+
+
+def accumulate(model: Any, rows: list[tuple[list[int], list[int]]], pad: int, device: torch.device,
+               max_tokens: int) -> float:
+    """Gradients of the batch's loss per assistant token, a micro-batch at a time; returns the loss (may
+    be non-finite: the caller refuses to step on it). The same gradients as one pass over the batch."""
+    total = learned_tokens(rows)
+    loss_sum = 0.0
+    for chunk in micro_batches(rows, max_tokens):
+        share = learned_tokens(chunk) / max(total, 1)
+        loss = model(**batch(chunk, pad, device)).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            return value
+        (loss * share).backward()
+        loss_sum += value * share
+    return loss_sum
 
 
 def answer(model: Any, tokenizer: Any, messages: list[dict[str, str]], device: torch.device) -> str:
@@ -149,7 +186,7 @@ def train(plan: TrainingPlan, out: Path) -> dict[str, Any]:
     probe = probe_messages(plan.validation_file or plan.training_file)
     with peft_model.disable_adapter():
         base_answer = answer(peft_model, tokenizer, probe, device)
-    before = mean_loss(peft_model, valid_rows, pad, device) if valid_rows else None
+    before = mean_loss(peft_model, valid_rows, pad, device, plan.micro_batch_tokens) if valid_rows else None
 
     event("Fine-tuning job started", data={"total_steps": total_steps})
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -166,22 +203,21 @@ def train(plan: TrainingPlan, out: Path) -> dict[str, Any]:
         for start in range(0, len(indices), spec.batch_size):
             rows = [train_rows[i] for i in indices[start:start + spec.batch_size]]
             optimizer.zero_grad(set_to_none=True)
-            loss = peft_model(**batch(rows, pad, device)).loss
-            if not torch.isfinite(loss):
-                raise Refused("training_diverged", f"the training loss became {float(loss)} at step {step + 1}; "
+            loss = accumulate(peft_model, rows, pad, device, plan.micro_batch_tokens)
+            if not math.isfinite(loss):
+                raise Refused("training_diverged", f"the training loss became {loss} at step {step + 1}; "
                               "lower learning_rate_multiplier")
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             schedule.step()
             step += 1
-            losses.append(round(float(loss), 4))
+            losses.append(round(loss, 4))
             event(f"Step {step}/{total_steps}: training loss={losses[-1]:.4f}", "metrics",
                   {"step": step, "epoch": epoch + 1, "train_loss": losses[-1], "total_steps": total_steps})
             progress("training", step, total_steps)
 
     progress("evaluating", 0, 1)
-    after = mean_loss(peft_model, valid_rows, pad, device) if valid_rows else None
+    after = mean_loss(peft_model, valid_rows, pad, device, plan.micro_batch_tokens) if valid_rows else None
     result_answer = answer(peft_model, tokenizer, probe, device)
     progress("saving", 0, 1)
     target = out / "adapter"

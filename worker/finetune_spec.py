@@ -88,6 +88,7 @@ class TrainingPlan:
     validation_file: str | None
     init_adapter: str | None  # a directory with the adapter continued from
     max_example_tokens: int
+    micro_batch_tokens: int  # padded tokens in one forward pass: what bounds the job's memory
     max_examples: int
     token_budget: int | None  # tokens the tenant may still train today (None: no limit)
     device: str = "auto"
