@@ -68,6 +68,7 @@ class JobRunnerConfig:
     train_threads: int = 2  # torch threads of a training process
     max_example_tokens: int = 2048  # per training example (and never above the base's context)
     micro_batch_tokens: int = 2048  # padded tokens in one forward pass (at least one example)
+    max_validation_tokens: int = 200_000  # a validation file's, in all (evaluated before and after training)
     max_training_examples: int = 50_000
 
 
@@ -215,6 +216,7 @@ class JobRunner:
                 init_adapter=self._fetch_adapter(job, tmp / "init"),
                 max_example_tokens=min(context, self.config.max_example_tokens),
                 micro_batch_tokens=self.config.micro_batch_tokens,
+                max_validation_tokens=self.config.max_validation_tokens,
                 max_examples=self.config.max_training_examples,
                 token_budget=self.finetunes.tokens_left_today(job),
             )

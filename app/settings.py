@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     finetune_max_example_tokens: int = Field(default=2048, ge=16)  # per example (never above the base's context)
     # Padded tokens in one forward pass of a training job, whatever its batch_size: the job's memory bound.
     finetune_micro_batch_tokens: int = Field(default=2048, ge=16)
+    # A validation file's tokens in all: it is evaluated before and after training, on the runner's time.
+    finetune_max_validation_tokens: int = Field(default=200_000, ge=16)
     finetune_threads: int = Field(default=2, ge=1)  # torch threads of a training process
     tenant_max_files: int = Field(default=100, ge=0)
     tenant_max_file_bytes: int = Field(default=2**30, ge=0)  # all of a tenant's files together
@@ -149,6 +151,7 @@ class Settings(BaseSettings):
             max_adapter_delta=self.max_adapter_delta, train_threads=self.finetune_threads,
             max_example_tokens=self.finetune_max_example_tokens,
             micro_batch_tokens=self.finetune_micro_batch_tokens, max_training_examples=self.max_training_examples,
+            max_validation_tokens=self.finetune_max_validation_tokens,
         )
 
     @property

@@ -46,9 +46,11 @@ def event(message: str, kind: str = "message", data: dict[str, Any] | None = Non
     print("EVENT " + json.dumps({"message": message, "type": kind, "data": data}), flush=True)
 
 
-def load_examples(path: str, which: str, max_examples: int, tokenizer: Any, max_tokens: int) -> list[
-        tuple[list[int], list[int]]]:
+def load_examples(path: str, which: str, max_examples: int, tokenizer: Any, max_tokens: int,
+                  max_total: tuple[int, str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """The file's examples tokenized; `max_total`: (a bound on all their tokens, the setting that sets it)."""
     encoded = []
+    total = 0
     with open(path, "rb") as lines:
         try:
             for number, turns in enumerate(read_examples(lines, max_examples), start=1):
@@ -56,6 +58,10 @@ def load_examples(path: str, which: str, max_examples: int, tokenizer: Any, max_
                 if len(ids) > max_tokens:
                     raise Refused("invalid_file", f"{which} file example {number}: {len(ids)} tokens, over the "
                                   f"limit of {max_tokens} (the base model's context, or max_example_tokens)")
+                total += len(ids)
+                if max_total is not None and total > max_total[0]:
+                    raise Refused("invalid_file", f"{which} file: over {max_total[0]} tokens by example {number}, "
+                                  f"the limit ({max_total[1]}); it is evaluated before and after training")
                 encoded.append((ids, labels))
         except TrainingDataError as exc:
             raise Refused("invalid_file", f"{which} file {exc}") from None
@@ -160,8 +166,9 @@ def train(plan: TrainingPlan, out: Path) -> dict[str, Any]:
     model, tokenizer = load_base_model(Path(plan.base_path), device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_rows = load_examples(plan.training_file, "training", plan.max_examples, tokenizer, plan.max_example_tokens)
-    valid_rows = load_examples(plan.validation_file, "validation", plan.max_examples, tokenizer,
-                               plan.max_example_tokens) if plan.validation_file else []
+    valid_rows = load_examples(
+        plan.validation_file, "validation", plan.max_examples, tokenizer, plan.max_example_tokens,
+        (plan.max_validation_tokens, "finetune_max_validation_tokens")) if plan.validation_file else []
     tokens_per_epoch = sum(len(ids) for ids, _ in train_rows)
     trained_tokens = tokens_per_epoch * spec.n_epochs
     if plan.token_budget is not None and trained_tokens > plan.token_budget:

@@ -89,6 +89,7 @@ class TrainingPlan:
     init_adapter: str | None  # a directory with the adapter continued from
     max_example_tokens: int
     micro_batch_tokens: int  # padded tokens in one forward pass: what bounds the job's memory
+    max_validation_tokens: int  # all of the validation file's: it is evaluated twice, on the runner's time
     max_examples: int
     token_budget: int | None  # tokens the tenant may still train today (None: no limit)
     device: str = "auto"
