@@ -202,7 +202,7 @@ class Generation:
                 except WorkerUnavailable:
                     if produced:
                         raise  # the client has part of an answer: a retryable error, not a silent restart
-                    self._fail_over()
+                    await self._fail_over()
         finally:
             self.finish()
 
@@ -229,7 +229,7 @@ class Generation:
             try:
                 return await self._complete_once()
             except WorkerUnavailable:
-                self._fail_over()
+                await self._fail_over()
 
     def sse(self, fmt: SseFormat) -> StreamingResponse:
         """The events as Server-Sent Events in `fmt`'s shapes; the lease ends with the stream, or
@@ -335,7 +335,7 @@ class Generation:
             self._generated[event.index] = usage.completion_tokens
             self.lease.tokens = usage.prompt_tokens + sum(self._generated.values())
 
-    def _fail_over(self) -> None:
+    async def _fail_over(self) -> None:
         """Move to another ready worker once, or raise 503.
 
         Once only: a request that kills or hangs every worker it reaches (a poison pill) must not
@@ -346,8 +346,8 @@ class Generation:
         if len(self._tried) > MAX_RETRIES:
             raise WorkerUnavailable(f"the request failed on {len(self._tried)} workers (last: {failed}); "
                                     "it is not retried further")
-        self.slot = self.services.pool.pick(self.request.adapter.key if self.request.adapter else None,
-                                            exclude=self._tried)
+        self.slot = await self.services.pool.pick_fresh(self.request.adapter.key if self.request.adapter else None,
+                                                        exclude=self._tried)
         metrics.RETRIES.inc()
         log.warning("request %s: worker %s failed, retrying on %s", self.request.request_id, failed,
                     self.slot.client.name)

@@ -76,6 +76,8 @@ class WorkerRuntime:
         self.loaded: LoadedWorker | None = None
         self.error: str | None = None
         self.reloading: str | None = None  # the base model it is moving to; new requests get 503 meanwhile
+        self._admitting = 0  # requests past the reloading check whose prompt the engine does not hold yet
+        self._admit_lock = threading.Lock()  # the reloading check and the count, against a move starting
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
@@ -84,6 +86,20 @@ class WorkerRuntime:
 
     def start(self) -> None:
         self._thread.start()
+
+    def begin_admission(self) -> str | None:
+        """Why a new request is refused now (a move is under way), or None: then it counts as
+        admitting until `end_admission`, and a move that starts meanwhile waits for it."""
+        with self._admit_lock:
+            if self.reloading is not None:
+                return f"the worker is moving to base model {self.reloading!r}"
+            self._admitting += 1
+            return None
+
+    def end_admission(self) -> None:
+        """The request's prompt is in the engine (or was refused)."""
+        with self._admit_lock:
+            self._admitting -= 1
 
     def reload(self, model_path: str, model_name: str, drain_s: float) -> bool:
         """Move onto another base model in this process (blocking: run it off the event loop).
@@ -95,10 +111,12 @@ class WorkerRuntime:
         if not self._reload_lock.acquire(blocking=False):
             return False
         try:
-            self.reloading = model_name
+            with self._admit_lock:
+                self.reloading = model_name
             loaded = self.loaded
             deadline = time.monotonic() + drain_s
-            while loaded is not None and loaded.engine.stats() != (0, 0) and time.monotonic() < deadline:
+            while (loaded is not None and (self._admitting or loaded.engine.stats() != (0, 0))
+                   and time.monotonic() < deadline):
                 time.sleep(0.1)
             self._stop.set()
             if loaded is not None:

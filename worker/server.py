@@ -47,22 +47,25 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
         problem = runtime.liveness_problem()
         if problem is not None:
             return _error(503, f"the worker cannot serve: {problem}")
-        if runtime.reloading is not None:
-            return _error(503, f"the worker is moving to base model {runtime.reloading!r}")
         loop = asyncio.get_running_loop()
-        try:
-            prepared = await loop.run_in_executor(runtime.prompt_thread, loaded.prompts.prepare, body)
-        except PromptError as exc:
-            return _error(400, str(exc))
         events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
 
         def sink(event: GenerateEvent) -> None:  # runs on the engine thread
             loop.call_soon_threadsafe(events.put_nowait, event)
 
+        # A move that starts while the prompt is tokenized waits for it, not only for what the engine holds.
+        moving = runtime.begin_admission()
+        if moving is not None:
+            return _error(503, moving)
         try:
+            prepared = await loop.run_in_executor(runtime.prompt_thread, loaded.prompts.prepare, body)
             loaded.engine.submit(body, prepared.ids, sink, prepared.matcher)
+        except PromptError as exc:
+            return _error(400, str(exc))
         except QueueFull as exc:
             return _error(503, str(exc))
+        finally:
+            runtime.end_admission()
         metrics.REQUESTS.inc()
         stream = _ndjson(events, lambda: loaded.engine.abort(body.request_id), runtime, body.sampling.n)
         return StreamingResponse(stream, media_type="application/x-ndjson")

@@ -90,6 +90,16 @@ class WorkerPool:
         metrics.ADAPTER_ROUTES.labels("resident" if resident else "cold").inc()
         return chosen
 
+    async def pick_fresh(self, adapter_key: str | None, exclude: list[WorkerSlot]) -> WorkerSlot:
+        """`pick`, asking the other workers for their health again first if none looked ready: another
+        gateway may be moving them (a roll), and the poll's view of the one it just finished can be up
+        to a poll interval old, while the one it moves next already refuses."""
+        try:
+            return self.pick(adapter_key, exclude)
+        except WorkerUnavailable:
+            await asyncio.gather(*(self._refresh(s) for s in self.slots if not any(s is e for e in exclude)))
+            return self.pick(adapter_key, exclude)
+
     async def evict_everywhere(self, key: str) -> None:
         await asyncio.gather(*(s.client.evict(key) for s in self.slots))
 

@@ -73,3 +73,22 @@ def test_a_second_reload_while_one_runs_is_refused(runtime: WorkerRuntime, prepa
     first.join(300)
     assert results == [True]
     wait_ready(runtime, "again")
+
+
+def test_a_request_admitted_while_the_move_starts_is_drained_not_failed(runtime: WorkerRuntime,
+                                                                        prepared_model) -> None:  # type: ignore[no-untyped-def]
+    """The worker's /generate counts a request from its reloading check until the engine holds it (the
+    prompt is tokenized in between): a move asked for meanwhile drains it like a running one."""
+    assert runtime.begin_admission() is None  # past the check, its prompt being tokenized
+    reloader = threading.Thread(target=runtime.reload, args=(str(prepared_model.path), "drained", 30.0))
+    try:
+        reloader.start()
+        time.sleep(0.5)
+        assert reloader.is_alive() and runtime.loaded is not None and runtime.liveness_problem() is None
+        assert runtime.begin_admission() is not None  # a request arriving now is refused
+        admitted = ask(runtime, FRANCE, max_tokens=12)  # the engine takes it, as /generate does next
+    finally:
+        runtime.end_admission()
+    assert admitted.final.error is None and "Paris" in admitted.text
+    reloader.join(300)
+    wait_ready(runtime, "drained")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from app import metrics
 from app.workers.pool import WorkerPool, WorkerSlot
 from tests.unit.fakes import FakeWorkerClient
@@ -71,3 +73,24 @@ def test_base_model_requests_go_to_the_least_loaded_worker() -> None:
     pool.slots[1].health = WorkerHealth(ready=True, running=1)
     pool.slots[2].health = WorkerHealth(ready=True, running=2)
     assert chosen(pool, None) == "w1"
+
+
+def test_a_fail_over_asks_again_when_its_view_says_no_worker_is_ready() -> None:
+    """Another gateway rolling the workers: the one it finished is ready, but this gateway's last poll
+    saw it loading, and the one being moved now just refused a request."""
+    import asyncio
+
+    from app.errors import WorkerUnavailable
+
+    pool = fleet(2)
+    moving, finished = pool.slots
+    finished.health = WorkerHealth(ready=False)  # as last polled, mid-move
+    assert isinstance(finished.client, FakeWorkerClient) and finished.client.ready  # as it is now
+    with pytest.raises(WorkerUnavailable):
+        pool.pick(None, exclude=[moving])  # the stale view has no worker for it
+    assert asyncio.run(pool.pick_fresh(None, exclude=[moving])) is finished
+    assert isinstance(finished.client, FakeWorkerClient)
+    finished.client.ready = False  # really not ready: still a 503, after asking
+    finished.health = WorkerHealth(ready=False)
+    with pytest.raises(WorkerUnavailable):
+        asyncio.run(pool.pick_fresh(None, exclude=[moving]))
