@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from adapters.blobstore import BlobCorrupt, BlobNotFound, check_digest
+from adapters.blobstore import BlobNotFound, check_digest, verify_blob
 from adapters.peft_format import Buffer
 
 
@@ -42,8 +42,8 @@ class S3BlobStore:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise BlobNotFound(digest) from exc
             raise
-        if verify and hashlib.sha256(body).hexdigest() != digest:
-            raise BlobCorrupt(f"blob {digest} does not match its digest")
+        if verify:
+            verify_blob(body, digest)
         return bytearray(body)
 
     def delete(self, digest: str) -> None:

@@ -139,3 +139,35 @@ def test_on_cuda_the_host_tier_is_pinned_and_fills_a_slot_like_pageable_memory(t
     assert torch.equal(layer.lora_b[slot], plain_layer.lora_b[plain_slot])
     pinned.shutdown()
     plain.shutdown()
+
+
+@pytest.mark.parametrize("where", ["weights", "header"])
+def test_a_blob_changed_on_disk_is_refused_by_its_digest_not_served(tmp_path, where: str) -> None:  # type: ignore[no-untyped-def]
+    """The digest is checked beside the parse, not before it: a blob altered after upload (a bad disk,
+    someone with access to the volume) must still never reach the host tier, and the error says why."""
+    from torch import nn
+
+    from tests.factory import adapter_files
+    from worker.lora import LoraRouting, MultiLoraLinear
+
+    name = "model.layers.0.self_attn.q_proj"
+    layer = MultiLoraLinear(nn.Linear(16, 16), 16, 16, 2, 8, LoraRouting(), torch.device("cpu"), torch.float32)
+    blobs = LocalBlobStore(tmp_path)
+    config, weights = adapter_files({name: [16, 16]})
+    ref = AdapterRef(key="altered", weights_sha256=blobs.put(weights), config_sha256=blobs.put(config))
+    path = blobs.path_for(ref.weights_sha256)
+    altered = bytearray(path.read_bytes())
+    altered[-1 if where == "weights" else 10] ^= 0xFF  # one weight byte, or a byte inside the JSON header
+    path.write_bytes(bytes(altered))
+    loaded = threading.Event()
+    cache = AdapterCache({name: layer}, blobs, num_slots=2, host_capacity_bytes=2**20, max_rank=8,
+                         dtype=torch.float32, on_loaded=loaded.set)
+    cache.prefetch(ref)
+    assert loaded.wait(10)
+    error = cache.load_error("altered")
+    assert error is not None and "does not match its digest" in str(error)
+    assert cache.tier_stats()["host"] == (0, 0)
+    with pytest.raises(Exception, match="does not match its digest"):
+        cache.acquire(ref)
+    assert cache.resident() == []
+    cache.shutdown()
