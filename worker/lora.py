@@ -94,6 +94,7 @@ class SlotGroups:
     take: torch.Tensor  # [span * per_slot] token at each position; `tokens` (a zero row) where none
     used: torch.Tensor  # [tokens grouped] positions holding a real token
     rows: torch.Tensor  # [tokens grouped] their token indices, in the order of `used`
+    dense: bool  # every position holds a real token (every slot in the span has per_slot): no zero row
 
     @staticmethod
     def of(by_slot: dict[int, list[int]], tokens: int, device: torch.device) -> SlotGroups:
@@ -108,7 +109,7 @@ class SlotGroups:
                 used.append(position)
                 rows.append(row)
         take_t, used_t, rows_t = (torch.tensor(values, device=device) for values in (take, used, rows))
-        return SlotGroups(span, per_slot, take_t, used_t, rows_t)
+        return SlotGroups(span, per_slot, take_t, used_t, rows_t, dense=len(used) == len(take))
 
 
 def by_member(h: torch.Tensor, rank: int, members: int) -> torch.Tensor:
@@ -213,14 +214,18 @@ class MultiLoraLinear(nn.Module):
         groups = route.groups
         if groups is not None:
             def grouped() -> torch.Tensor:
-                padded = torch.cat([x, x.new_zeros(1, x.shape[1])])  # token `tokens`: zeros
-                xs = padded.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
+                # Token `tokens` (a zero row) fills the positions of slots with fewer tokens, if any.
+                source = x if groups.dense else torch.cat([x, x.new_zeros(1, x.shape[1])])
+                xs = source.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
                 a = shared.a[groups.span, :rank].reshape(xs.shape[0], rank * members, -1)  # a view
                 return by_member(torch.bmm(xs, a.transpose(1, 2)), rank, members)  # [span, per_slot, members, rank]
 
             h = shared.shrink(x_in, route.pass_id, "groups", grouped)[..., self.member, :]  # [span, per_slot, rank]
-            delta = torch.bmm(h, self.lora_b[groups.span, :rank])  # [span, per_slot, out]
-            y = y.index_add(0, groups.rows, delta.view(-1, delta.shape[2]).index_select(0, groups.used).to(y.dtype))
+            delta = torch.bmm(h, self.lora_b[groups.span, :rank]).view(-1, y.shape[1])  # [span * per_slot, out]
+            if groups.dense:  # every position is a token: no zero row's result to drop
+                y = y.index_add(0, groups.take, delta.to(y.dtype))
+            else:
+                y = y.index_add(0, groups.rows, delta.index_select(0, groups.used).to(y.dtype))
         for slot, rows in route.big:
             delta = shrink(("big", slot), partial(x.index_select, 0, rows), slot) @ self.lora_b[slot, :rank]
             y = y.index_add(0, rows, delta.to(y.dtype))

@@ -51,6 +51,7 @@ def expected(layer: MultiLoraLinear, x: torch.Tensor, slots: list[int | None], w
     [
         [1, None, 0, 2, 1],  # several adapters and base rows in one batch
         [0, 1, 2],  # every row its own adapter
+        [2, 0, 1, 1, 0, 2],  # every slot in the span equally busy, rows out of slot order: no zero row
         [2, None, 0, 2, 2],  # a busy slot, a gap in the span of slots in use
         [2, 2, 2],  # one adapter on every row
         [None, 0, None],  # one adapter beside base rows
