@@ -111,7 +111,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
         ("Evictions by tier and reason", "ops", [
             (f"sum by (tier, reason) (rate(loraplex_worker_adapter_evictions_total[{RATE}]))",
              "{{tier}} {{reason}}")]),
-        ("Load latency", "s", quantiles("loraplex_worker_adapter_load_duration_seconds")),
+        ("Load latency (store to host; host to slot, which stalls the batch)", "s",
+         quantiles("loraplex_worker_adapter_load_duration_seconds")
+         + [(expr, f"slot fill {legend}")
+            for expr, legend in quantiles("loraplex_worker_adapter_slot_fill_duration_seconds")]),
     ]),
 ]
 

@@ -55,6 +55,9 @@ ADAPTER_EVICTIONS = Counter("loraplex_worker_adapter_evictions", "Adapters dropp
                             ["tier", "reason"], registry=REGISTRY)
 ADAPTER_LOAD_TIME = Histogram("loraplex_worker_adapter_load_duration_seconds",
                               "Blob store to host memory: read, verify, parse", buckets=LOAD_BUCKETS, registry=REGISTRY)
+SLOT_FILL_TIME = Histogram("loraplex_worker_adapter_slot_fill_duration_seconds",
+                           "Host memory to a device slot, on the engine thread: the running batch waits for it",
+                           buckets=LOAD_BUCKETS, registry=REGISTRY)
 KV_TOKENS = Gauge("loraplex_worker_kv_cache_tokens", "KV pool token positions: held by running rows "
                   "(each its prompt plus max_tokens), capacity, and the largest free region", ["state"],
                   registry=REGISTRY)

@@ -38,6 +38,7 @@ def test_generation_and_adapter_loads_are_counted(worker: Worker) -> None:
     assert grew("loraplex_worker_adapter_lookups_total", result="hit") >= 1
     assert grew("loraplex_worker_adapter_loads_total", outcome="ok") == 1
     assert grew("loraplex_worker_adapter_load_duration_seconds_count") == 1
+    assert grew("loraplex_worker_adapter_slot_fill_duration_seconds_count") == 1  # the hit refills nothing
     assert grew("loraplex_worker_step_duration_seconds_count", phase="prefill") >= 2
     assert grew("loraplex_worker_step_duration_seconds_count", phase="decode") >= 8
     assert grew("loraplex_worker_queue_duration_seconds_count") >= 2
