@@ -146,6 +146,20 @@ def test_load_slot_reports_values_that_overflow_the_slot_dtype() -> None:
     assert layer.slot_is_finite(0)
 
 
+def test_a_narrower_adapter_reloaded_into_a_slot_leaves_nothing_of_the_wider_one() -> None:
+    layer, routing, weights = make_layer()  # slot 1 holds a rank-8 adapter
+    a, b = torch.randn(2, IN), torch.randn(OUT, 2)
+    layer.load_slot(1, a, b, 3.0)  # rank 2 into the same slot, read at rank 4 beside slot 0's adapter
+    weights[1] = (a, b * 3.0)
+    x = torch.randn(3, IN)
+    route(routing, [1, 0, 1], {0: 4, 1: 2, 2: 2})
+    torch.testing.assert_close(layer(x), expected(layer, x, [1, 0, 1], weights), rtol=1e-5, atol=1e-4)
+    layer.clear_slot(1)
+    layer.load_slot(1, torch.randn(8, IN), torch.randn(OUT, 8), 1.0)  # wider again after a clear
+    layer.load_slot(1, a, b, 3.0)
+    torch.testing.assert_close(layer(x), expected(layer, x, [1, 0, 1], weights), rtol=1e-5, atol=1e-4)
+
+
 def test_large_finite_weights_whose_sum_overflows_are_still_finite() -> None:
     layer, _, _ = make_layer()
     sums = layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e37), 1.0)
