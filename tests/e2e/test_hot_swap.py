@@ -14,6 +14,16 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 EXPECTED = {1: "The answer is 42", 2: "Meow", 3: "The answer is 42"}  # the fixture each version was made from
 
 
+def answered_with(results: list[tuple[float, int, dict]], version: int) -> None:  # type: ignore[type-arg]
+    """Wait until the traffic has an answer from `version` (fixed sleeps lost one on a loaded CI machine)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(status == 200 and body["adapter_version"] == version for _, status, body in list(results)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no answer from version {version} within 60 s: {results[-3:]}")
+
+
 def test_versions_swap_under_traffic_and_a_delete_drains(server: Server) -> None:
     key = server.new_tenant("swapper")
     results: list[tuple[float, int, dict]] = []  # type: ignore[type-arg]
@@ -38,23 +48,25 @@ def test_versions_swap_under_traffic_and_a_delete_drains(server: Server) -> None
             return int(response.json()["version"])
 
         assert upload("answer42") == 1
-        threads = [threading.Thread(target=traffic) for _ in range(3)]
+        threads = [threading.Thread(target=traffic, daemon=True) for _ in range(3)]
         for t in threads:
             t.start()
-        time.sleep(2.0)
-        assert upload("meow") == 2
-        time.sleep(2.0)
-        assert upload("answer42") == 3
-        time.sleep(2.0)
-        deleted_at = time.monotonic()
-        assert client.delete("/adapters/swap").status_code == 204
-        # Until a request that started after the delete has its answer (seconds on a loaded machine).
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and sum(1 for when, _, _ in results if when >= deleted_at) < 4:
-            time.sleep(0.2)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        try:
+            answered_with(results, 1)
+            assert upload("meow") == 2
+            answered_with(results, 2)
+            assert upload("answer42") == 3
+            answered_with(results, 3)
+            deleted_at = time.monotonic()
+            assert client.delete("/adapters/swap").status_code == 204
+            # Until a request that started after the delete has its answer (seconds on a loaded machine).
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and sum(1 for when, _, _ in results if when >= deleted_at) < 4:
+                time.sleep(0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
 
     answered = [(when, body) for when, status, body in results if status == 200]
     for _, body in answered:
