@@ -36,7 +36,7 @@ def quant_server(prepared_model, tmp_path_factory) -> Iterator[Server]:  # type:
         yield running
 
 
-# A real AWQ job took 6 to 15 minutes on 2 cores (871 s in one full run); the bound is for a hang.
+# The AWQ job below takes ~5 min on an idle 2-core machine, more inside the suite; the bound is for a hang.
 JOB_TIMEOUT_S = 2400
 
 
@@ -96,7 +96,9 @@ def test_a_gptq_job_makes_a_base_that_serves_the_same_adapters(quant_server: Ser
 
 
 def test_an_awq_job_makes_a_base_that_serves_the_same_adapters(quant_server: Server) -> None:
-    quantize_activate_and_ask(quant_server, "awq", sym=False, calibration_samples=4, calibration_seq_len=64)
+    # AWQ's clip search costs tokens x weights per linear: at 4 x 64 calibration tokens it was on course for 13 min
+    # on an idle 2-core machine (22 min inside the suite); at 2 x 32 it takes 5 min, perplexity 20.5 -> 24.0.
+    quantize_activate_and_ask(quant_server, "awq", sym=False, calibration_samples=2, calibration_seq_len=32)
 
 
 def leftovers(server: Server, name: str) -> list[Path]:
