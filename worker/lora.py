@@ -251,7 +251,7 @@ class MultiLoraLinear(nn.Module):
         a_slot, b_slot = self.lora_a[slot, :rank], self.lora_b[slot, :rank]
         a_slot.copy_(a)  # converts to the slot's dtype
         if b.dtype == b_slot.dtype:
-            torch.mul(b.T, scale, out=b_slot)  # one pass instead of copy then scale: ~40% of a slot fill
+            torch.mul(b.T, scale, out=b_slot)  # one pass over B instead of a copy and then a scale
         else:
             b_slot.copy_(b.T)
             b_slot.mul_(scale)  # in the slot's dtype: an overflow there shows as Inf
