@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,15 @@ def load_base_model(path: Path, device: torch.device) -> tuple[Any, Any]:
 
 
 def load_quantized(path: Path, device: Any = None) -> Any:
-    """A GPTQ/AWQ checkpoint as a transformers model: GPTQModel's torch kernels on CPU (they compute
-    in bfloat16 and refuse float32), its automatic kernel choice on CUDA."""
+    """A GPTQ/AWQ checkpoint as a transformers model: GPTQModel's torch kernels on CPU, its automatic
+    kernel choice on CUDA.
+
+    The CPU kernels refuse to load in float32, so they load in bfloat16, and then the model's float
+    tensors (activations, scales, embeddings) move to float32: on a CPU without bfloat16 instructions
+    (AVX2) a 128-token GPTQ forward took 16.0 s in bfloat16, 0.95 s in float32. GPTQ's kernel follows
+    its scales' dtype; AWQ's computes in float16/bfloat16 whatever it is given, so its layers get a
+    float32 forward over the library's own dequantization (`_awq_float32_forward`).
+    """
     import torch
     import torch._dynamo
     from gptqmodel import BACKEND, GPTQModel
@@ -133,4 +141,24 @@ def load_quantized(path: Path, device: Any = None) -> Any:
     cpu_backend = BACKEND.AWQ_TORCH if method == "awq" else BACKEND.TORCH
     backend = BACKEND.AUTO if device.type == "cuda" else cpu_backend
     wrapped = GPTQModel.load(str(path), device=str(device), backend=backend, dtype=torch.bfloat16)
+    if device.type == "cpu":
+        wrapped.model.float()  # packed weights and zeros stay int32; scales and the float parts change
+        if method == "awq":
+            from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+            for module in wrapped.model.modules():
+                if isinstance(module, AwqTorchLinear):
+                    module.forward = types.MethodType(_awq_float32_forward, module)
     return wrapped.model
+
+
+def _awq_float32_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """AwqTorchLinear.forward in float32: the library's dequantization, one matmul (its own casts to
+    float16/bfloat16, which a CPU without those instructions multiplies many times slower)."""
+    from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+    weight = dequantize_gemm(self.qweight, self.qzeros, self.scales, self.bits, self.group_size).to(torch.float32)
+    out = x.reshape(-1, x.shape[-1]).to(torch.float32) @ weight
+    if self.bias is not None:
+        out = out + self.bias
+    return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -76,6 +76,9 @@ def quantize_activate_and_ask(server: Server, method: str, **spec: object) -> di
         for side in ("source", "result"):
             assert math.isfinite(report[side]["perplexity"]) and report[side]["perplexity"] > 1
             assert report[side]["probe_answer"].strip()
+        # 4 bits on tiny calibration costs some perplexity (GPTQ 20.5 -> 27.0, AWQ -> 24.0); a model whose
+        # kernels compute garbage lands in the hundreds or thousands.
+        assert report["result"]["perplexity"] < 2 * report["source"]["perplexity"], report
         assert report["result"]["size_bytes"] < report["source"]["size_bytes"] / 3
         activated = admin.post(f"/admin/base-models/{model['id']}/activate")
         assert activated.status_code == 200, activated.text
