@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
+VIEWS_KEPT = 64  # per layer and kind: slot (and span) views kept for reuse; spans x ranks could be thousands
 # Sibling layers that every supported architecture calls on one and the same input tensor. A wrong
 # guess costs speed only: the shrink is shared only when the very same tensor comes in.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
@@ -176,6 +177,10 @@ class MultiLoraLinear(nn.Module):
         self.lora_b = torch.zeros(num_slots + 1, max_rank, out_features, device=device, dtype=dtype)  # B transposed
         self.filled: set[int] = set()  # slots holding weights for this layer
         self.written_rank = [0] * (num_slots + 1)  # per slot: rows [0, written_rank) may be nonzero
+        # (slot, rank) -> (every member's A [in, rank * members], this layer's B [rank, out]): views of
+        # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
+        self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -196,21 +201,21 @@ class MultiLoraLinear(nn.Module):
             x = x.to(self.lora_a.dtype)
         members, shared = self.shared.members, self.shared
 
-        def shrink(key: object, tokens: Callable[[], torch.Tensor], slot: int) -> torch.Tensor:
-            """[tokens, rank] of one slot: this layer's share of the members' one matmul."""
-            a = shared.a[slot, :rank].reshape(rank * members, -1)  # [rank * members, in], a view
-            h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a.T, rank, members))
-            return h[..., self.member, :]
+        def shrink_and_expand(key: object, tokens: Callable[[], torch.Tensor], slot: int) -> torch.Tensor:
+            """[tokens, out] of one slot: this layer's share of the members' one shrink, expanded by its B."""
+            a_t, b = self.slot_views(slot, rank)
+            h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a_t, rank, members))
+            return h[..., self.member, :] @ b
 
         if route.single is not None:
             slot, rows = route.single, route.single_rows
             if rows is None:
-                delta = shrink(slot, lambda: x, slot) @ self.lora_b[slot, :rank]
+                delta = shrink_and_expand(slot, lambda: x, slot)
                 return (y + delta.to(y.dtype)).view(shape)
             # Only the adapter's tokens are computed and added: base tokens keep the base layer's
             # exact values whatever the adapter holds (masking by x 0 turned its inf into NaN there).
             only = rows
-            delta = shrink(slot, lambda: x.index_select(0, only), slot) @ self.lora_b[slot, :rank]
+            delta = shrink_and_expand(slot, lambda: x.index_select(0, only), slot)
             return y.index_add(0, rows, delta.to(y.dtype)).view(shape)
         groups = route.groups
         if groups is not None:
@@ -218,19 +223,41 @@ class MultiLoraLinear(nn.Module):
                 # Token `tokens` (a zero row) fills the positions of slots with fewer tokens, if any.
                 source = x if groups.dense else torch.cat([x, x.new_zeros(1, x.shape[1])])
                 xs = source.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
-                a = shared.a[groups.span, :rank].reshape(xs.shape[0], rank * members, -1)  # a view
-                return by_member(torch.bmm(xs, a.transpose(1, 2)), rank, members)  # [span, per_slot, members, rank]
+                return by_member(torch.bmm(xs, span_a), rank, members)  # [span, per_slot, members, rank]
 
+            span_a, span_b = self.span_views(groups.span.start, groups.span.stop, rank)
             h = shared.shrink(x_in, route.pass_id, "groups", grouped)[..., self.member, :]  # [span, per_slot, rank]
-            delta = torch.bmm(h, self.lora_b[groups.span, :rank]).view(-1, y.shape[1])  # [span * per_slot, out]
+            delta = torch.bmm(h, span_b).view(-1, y.shape[1])  # [span * per_slot, out]
             if groups.dense:  # every position is a token: no zero row's result to drop
                 y = y.index_add(0, groups.take, delta.to(y.dtype))
             else:
                 y = y.index_add(0, groups.rows, delta.index_select(0, groups.used).to(y.dtype))
         for slot, rows in route.big:
-            delta = shrink(("big", slot), partial(x.index_select, 0, rows), slot) @ self.lora_b[slot, :rank]
+            delta = shrink_and_expand(("big", slot), partial(x.index_select, 0, rows), slot)
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y.view(shape)
+
+    def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A of every member sharing the input, [in, rank * members]; this layer's B, [rank, out]) of a
+        slot's first `rank` ranks: views, built on first use (a pass of 210 layers otherwise spent
+        ~1,000 indexing calls a step re-making them)."""
+        views = self._slot_views.get((slot, rank))
+        if views is None:
+            if len(self._slot_views) >= VIEWS_KEPT:
+                self._slot_views.clear()
+            a = self.shared.a[slot, :rank].reshape(rank * self.shared.members, -1)  # [rank * members, in], a view
+            views = self._slot_views[(slot, rank)] = (a.T, self.lora_b[slot, :rank])
+        return views
+
+    def span_views(self, start: int, stop: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`slot_views` of the slots [start, stop) at once: [span, in, rank * members] and [span, rank, out]."""
+        views = self._span_views.get((start, stop, rank))
+        if views is None:
+            if len(self._span_views) >= VIEWS_KEPT:
+                self._span_views.clear()
+            a = self.shared.a[start:stop, :rank].reshape(stop - start, rank * self.shared.members, -1)  # a view
+            views = self._span_views[(start, stop, rank)] = (a.transpose(1, 2), self.lora_b[start:stop, :rank])
+        return views
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.

@@ -160,6 +160,22 @@ def test_a_narrower_adapter_reloaded_into_a_slot_leaves_nothing_of_the_wider_one
     torch.testing.assert_close(layer(x), expected(layer, x, [1, 0, 1], weights), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("slots", [[1, 1], [1, None], [0, 1, 2, 1], [1] * 20 + [0]])
+def test_an_adapter_replaced_in_a_slot_at_the_same_rank_is_what_the_next_pass_computes(
+    slots: list[int | None],
+) -> None:
+    """Passes reuse views of the slot stacks: a new adapter written into a slot must show through them."""
+    layer, routing, weights = make_layer()
+    x = torch.randn(len(slots), IN)
+    route(routing, slots, {0: 4, 1: 8, 2: 2})
+    torch.testing.assert_close(layer(x), expected(layer, x, slots, weights), rtol=1e-5, atol=1e-4)
+    a, b = torch.randn(8, IN), torch.randn(OUT, 8)
+    layer.load_slot(1, a, b, 2.0)  # slot 1 again at rank 8, another adapter
+    weights[1] = (a, b * 2.0)
+    route(routing, slots, {0: 4, 1: 8, 2: 2})
+    torch.testing.assert_close(layer(x), expected(layer, x, slots, weights), rtol=1e-5, atol=1e-4)
+
+
 def test_large_finite_weights_whose_sum_overflows_are_still_finite() -> None:
     layer, _, _ = make_layer()
     sums = layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e37), 1.0)
