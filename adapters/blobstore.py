@@ -11,11 +11,15 @@ import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
 from adapters.peft_format import Buffer
+
+READ_CHUNK = 2 << 20  # hashed while the next is read; 256 KiB to 4 MiB measured alike
+_HASH_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="blob-sha256")  # shared by every store
 
 
 class BlobNotFound(LookupError):
@@ -28,7 +32,7 @@ class BlobCorrupt(ValueError):
 
 class BlobStore(Protocol):
     def put(self, data: Buffer) -> str: ...
-    def get(self, digest: str, *, verify: bool = True) -> bytearray: ...
+    def get(self, digest: str) -> bytearray: ...
     def delete(self, digest: str) -> None: ...
     def digests(self) -> Iterator[str]: ...
     def clean_temp(self) -> int: ...
@@ -52,8 +56,7 @@ def open_blob_store(url: str) -> BlobStore:
 
 
 def verify_blob(data: Buffer, digest: str) -> None:
-    """Raise BlobCorrupt unless `data` hashes to `digest` (for callers that read with verify=False
-    to check on another thread while they parse)."""
+    """Raise BlobCorrupt unless `data` hashes to `digest`."""
     if hashlib.sha256(data).hexdigest() != digest:
         raise BlobCorrupt(f"blob {digest} does not match its digest")
 
@@ -93,18 +96,37 @@ class LocalBlobStore:
             raise
         return digest
 
-    def get(self, digest: str, *, verify: bool = True) -> bytearray:
-        """The blob's bytes (writable, so tensors can view them without a copy), checked against the digest."""
+    def get(self, digest: str) -> bytearray:
+        """The blob's bytes (writable, so tensors can view them without a copy), checked against the digest.
+
+        Read in chunks, each hashed on another thread while the next is read (hashlib lets go of the
+        GIL): a 19 MB adapter not in the page cache took 27.5 ms (median) so, 36.8 ms read whole and
+        then hashed; from the page cache 20 ms either way.
+        """
         path = self.path_for(digest)
+        hasher = hashlib.sha256()
+        hashed: Future[None] | None = None  # the latest chunk's update; each waits for the one before
         try:
             with path.open("rb") as f:
                 data = bytearray(os.fstat(f.fileno()).st_size)
-                if f.readinto(data) != len(data):
+                view, done = memoryview(data), 0
+                while done < len(data):
+                    got = f.readinto(view[done : done + READ_CHUNK])
+                    if not got:
+                        raise BlobCorrupt(f"blob {digest} changed size while being read")
+                    if hashed is not None:
+                        hashed.result()  # updates in file order
+                    hashed = _HASH_THREADS.submit(hasher.update, view[done : done + got])
+                    done += got
+                if f.read(1):
                     raise BlobCorrupt(f"blob {digest} changed size while being read")
         except FileNotFoundError as exc:
             raise BlobNotFound(digest) from exc
-        if verify:
-            verify_blob(data, digest)
+        finally:
+            if hashed is not None:
+                hashed.result()  # nothing hashes the buffer after this returns
+        if hasher.hexdigest() != digest:
+            raise BlobCorrupt(f"blob {digest} does not match its digest")
         return data
 
     def delete(self, digest: str) -> None:

@@ -35,15 +35,14 @@ class S3BlobStore:
                                 ContentMD5=base64.b64encode(checksum).decode())  # the server checks it arrived whole
         return digest
 
-    def get(self, digest: str, *, verify: bool = True) -> bytearray:
+    def get(self, digest: str) -> bytearray:
         try:
             body = self._s3.get_object(Bucket=self.bucket, Key=self.key_for(digest))["Body"].read()
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise BlobNotFound(digest) from exc
             raise
-        if verify:
-            verify_blob(body, digest)
+        verify_blob(body, digest)
         return bytearray(body)
 
     def delete(self, digest: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from adapters.blobstore import BlobStore, verify_blob
+from adapters.blobstore import BlobStore
 from adapters.peft_format import (
     FormatError,
     TensorInfo,
@@ -84,8 +84,6 @@ class AdapterCache:
         self._refs: Counter[str] = Counter()
         self._doomed: set[str] = set()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-loader")
-        # hashlib lets go of the GIL: a file's digest is checked here while the loader parses it.
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-digest")
 
     # -- host tier -------------------------------------------------------------------
     def prefetch(self, ref: AdapterRef) -> None:
@@ -122,19 +120,15 @@ class AdapterCache:
 
     def _read_untimed(self, ref: AdapterRef) -> HostAdapter:
         try:
-            raw_weights = self.blobs.get(ref.weights_sha256, verify=False)
-            # Checked against its sha256 while it is parsed (a third of a cold load, done alone);
-            # nothing parsed from it leaves here before the check has passed.
-            digest = self._hasher.submit(verify_blob, raw_weights, ref.weights_sha256)
-            try:
-                if self.pin_host:
-                    raw_weights = _pinned_copy(raw_weights)
-                config = parse_config(self.blobs.get(ref.config_sha256))
-                header = read_safetensors_header(raw_weights)
-                modules = lora_modules(header)
-                tensors = {key: _view(raw_weights, info) for key, info in header.items()}
-            finally:
-                digest.result()  # a corrupt blob's error wins over what parsing it said
+            # Checked against its sha256 as it is read (the store hashes each chunk while it reads
+            # the next), so nothing here ever parses bytes that are not the blob's.
+            raw_weights = self.blobs.get(ref.weights_sha256)
+            if self.pin_host:
+                raw_weights = _pinned_copy(raw_weights)
+            config = parse_config(self.blobs.get(ref.config_sha256))
+            header = read_safetensors_header(raw_weights)
+            modules = lora_modules(header)
+            tensors = {key: _view(raw_weights, info) for key, info in header.items()}
         except FormatError as exc:
             raise AdapterLoadError(f"adapter {ref.key} could not be loaded: {exc}", status=422) from exc
         except (LookupError, ValueError, OSError) as exc:
@@ -283,7 +277,6 @@ class AdapterCache:
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
-        self._hasher.shutdown(wait=False, cancel_futures=True)
 
 
 def _pinned_copy(raw: bytearray) -> Any:

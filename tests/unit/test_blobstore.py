@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from adapters import blobstore
 from adapters.blobstore import BlobCorrupt, BlobNotFound, BlobStore, LocalBlobStore, open_blob_store
 
 
@@ -38,6 +41,57 @@ def test_a_blob_changed_behind_the_stores_back_is_refused(store: BlobStore) -> N
         store._s3.put_object(Bucket=store.bucket, Key=store.key_for(digest), Body=b"tampered")  # type: ignore[attr-defined]
     with pytest.raises(BlobCorrupt):
         store.get(digest)
+
+
+@pytest.mark.parametrize("flip_at", [0, 2999, 3000, 9998, None])
+def test_a_blob_read_in_chunks_comes_back_whole_and_any_changed_byte_is_refused(
+    tmp_path, monkeypatch, flip_at: int | None  # type: ignore[no-untyped-def]
+) -> None:
+    """Local reads hash each chunk while the next is read: first, middle, chunk-edge and last bytes."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK", 3000)  # 9,999 bytes: three whole chunks and a 999-byte tail
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(9999)
+    digest = store.put(data)
+    if flip_at is None:
+        assert bytes(store.get(digest)) == data
+        return
+    tampered = bytearray(data)
+    tampered[flip_at] ^= 1
+    store.path_for(digest).write_bytes(tampered)
+    with pytest.raises(BlobCorrupt, match="does not match"):
+        store.get(digest)
+
+
+def test_a_blob_cut_short_or_grown_is_refused(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(blobstore, "READ_CHUNK", 3000)
+    store = LocalBlobStore(tmp_path / "blobs")
+    data = os.urandom(9999)
+    digest = store.put(data)
+    for changed in (data[:5000], data + b"more"):
+        store.path_for(digest).write_bytes(changed)
+        with pytest.raises(BlobCorrupt):
+            store.get(digest)
+
+
+def test_concurrent_reads_of_many_chunked_blobs_each_check_their_own_digest(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every read's chunks share two hashing threads; each blob's must still be hashed in its own order."""
+    monkeypatch.setattr(blobstore, "READ_CHUNK", 4096)
+    store = LocalBlobStore(tmp_path / "blobs")
+    blobs = [os.urandom(50_000 + i) for i in range(12)]
+    digests = [store.put(b) for b in blobs]
+    corrupt = bytearray(blobs[5])
+    corrupt[-1] ^= 1
+    store.path_for(digests[5]).write_bytes(corrupt)
+
+    def read(i: int) -> bytes | str:
+        try:
+            return bytes(store.get(digests[i % 12]))
+        except BlobCorrupt:
+            return "corrupt"
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(read, range(96)))
+    assert got == [("corrupt" if i % 12 == 5 else blobs[i % 12]) for i in range(96)]
 
 
 def test_unknown_schemes_are_refused() -> None:
