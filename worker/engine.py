@@ -49,6 +49,10 @@ class QueueFull(RuntimeError):
     pass
 
 
+class EngineClosed(RuntimeError):
+    """The engine has stopped for good (its worker moved to another base model): nothing it takes runs."""
+
+
 @dataclass(frozen=True)
 class EngineLimits:
     max_batch_size: int
@@ -80,6 +84,8 @@ class BatchEngine:
         self.adapters = adapters
         self.limits = limits
         self._inbox: deque[Sequence] = deque()
+        self._submit_lock = threading.Lock()  # `submit` against `fail_everything` closing the engine
+        self.closed: str | None = None  # why it takes no more requests, once `fail_everything` ran
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
         self.waiting: FairQueue[Sequence] = FairQueue()
@@ -94,9 +100,12 @@ class BatchEngine:
     def submit(self, request: GenerateRequest, prompt_ids: list[int], sink: EventSink, matcher: Any = None) -> None:
         """Queue a request whose prompt was tokenized, and response_format compiled into `matcher`,
         already (worker.prompts, off this thread)."""
-        if len(self._inbox) + len(self.waiting) >= self.limits.max_waiting:
-            raise QueueFull(f"the worker's queue is full ({self.limits.max_waiting} waiting requests)")
-        self._inbox.append(Sequence(request=request, sink=sink, prompt_ids=prompt_ids, matcher=matcher))
+        with self._submit_lock:
+            if self.closed is not None:  # a prompt still being tokenized when a move's drain ran out
+                raise EngineClosed(self.closed)
+            if len(self._inbox) + len(self.waiting) >= self.limits.max_waiting:
+                raise QueueFull(f"the worker's queue is full ({self.limits.max_waiting} waiting requests)")
+            self._inbox.append(Sequence(request=request, sink=sink, prompt_ids=prompt_ids, matcher=matcher))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -115,11 +124,15 @@ class BatchEngine:
         return (time.monotonic() if now is None else now) - self.last_beat
 
     def fail_everything(self, message: str, status: int = 503) -> None:
-        """Fail every request it holds; only once its thread has ended (a worker changing base model)."""
-        for seq in [*self._inbox, *self.waiting, *self.running]:
+        """Fail every request it holds, and refuse any submitted later (`EngineClosed`: nothing would
+        run it); only once its thread has ended (a worker changing base model)."""
+        with self._submit_lock:
+            self.closed = message
+            held = [*self._inbox, *self.waiting, *self.running]
+            self._inbox.clear()
+        for seq in held:
             if seq.finish_reason is None:
                 seq.fail(message, status)
-        self._inbox.clear()
         self.running = []
 
     # -- the engine thread ---------------------------------------------------------------

@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from worker import metrics
 from worker.auth import TokenGate
-from worker.engine import QueueFull
+from worker.engine import EngineClosed, QueueFull
 from worker.prompts import PromptError
 from worker.protocol import EvictRequest, GenerateEvent, GenerateRequest, ReloadRequest, WorkerHealth
 from worker.runtime import WorkerRuntime
@@ -62,7 +62,7 @@ def _add_generation_routes(app: FastAPI, runtime: WorkerRuntime) -> None:
             loaded.engine.submit(body, prepared.ids, sink, prepared.matcher)
         except PromptError as exc:
             return _error(400, str(exc))
-        except QueueFull as exc:
+        except (QueueFull, EngineClosed) as exc:  # the gateway sends it to another worker
             return _error(503, str(exc))
         finally:
             runtime.end_admission()

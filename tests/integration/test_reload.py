@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.conftest import Outcome, worker_request
 from worker.config import WorkerConfig
+from worker.engine import EngineClosed
 from worker.runtime import WorkerRuntime
 
 FRANCE = "What is the capital of France?"
@@ -92,3 +93,26 @@ def test_a_request_admitted_while_the_move_starts_is_drained_not_failed(runtime:
     assert admitted.final.error is None and "Paris" in admitted.text
     reloader.join(300)
     wait_ready(runtime, "drained")
+
+
+def test_a_request_still_admitting_when_the_drain_runs_out_is_refused_not_lost(runtime: WorkerRuntime,
+                                                                                prepared_model) -> None:  # type: ignore[no-untyped-def]
+    """A prompt whose tokenization outlasts the move's drain reaches an engine that has stopped: it gets
+    a 503 to retry elsewhere, where it once sat in a dead engine's queue with its client waiting forever."""
+    old = runtime.loaded
+    assert old is not None and runtime.begin_admission() is None  # past the check, its prompt being tokenized
+    try:
+        reloader = threading.Thread(target=runtime.reload, args=(str(prepared_model.path), "short drain", 0.2))
+        reloader.start()
+        deadline = time.monotonic() + 60
+        while old.engine.closed is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        request = worker_request(FRANCE, max_tokens=12)
+        outcome = Outcome()
+        with pytest.raises(EngineClosed, match="moved to base model 'short drain'"):
+            old.engine.submit(request, old.prompts.prepare(request).ids, outcome.sink)
+    finally:
+        runtime.end_admission()
+    reloader.join(300)
+    wait_ready(runtime, "short drain")
+    assert ask(runtime, FRANCE, max_tokens=12).final.error is None
