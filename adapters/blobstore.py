@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
+
 from adapters.peft_format import Buffer
 
 READ_CHUNK = 2 << 20  # hashed while the next is read; 256 KiB to 4 MiB measured alike
@@ -32,7 +34,7 @@ class BlobCorrupt(ValueError):
 
 class BlobStore(Protocol):
     def put(self, data: Buffer) -> str: ...
-    def get(self, digest: str) -> bytearray: ...
+    def get(self, digest: str) -> memoryview: ...
     def delete(self, digest: str) -> None: ...
     def digests(self) -> Iterator[str]: ...
     def clean_temp(self) -> int: ...
@@ -59,6 +61,17 @@ def verify_blob(data: Buffer, digest: str) -> None:
     """Raise BlobCorrupt unless `data` hashes to `digest`."""
     if hashlib.sha256(data).hexdigest() != digest:
         raise BlobCorrupt(f"blob {digest} does not match its digest")
+
+
+def blob_buffer(size: int) -> memoryview:
+    """Writable memory for a blob's bytes, not zeroed: every byte is read into before anyone sees it.
+
+    A `bytearray` zero-fills its pages and the read then writes them again; new pages are what an
+    adapter load pays most for on a VM (~2 ms per MB here). numpy also asks for transparent huge
+    pages for an array this large. Read + sha256 of a 19 MB adapter in a running worker, six
+    interleaved rounds: 63.6 ms median with a bytearray, 56.3 ms with this.
+    """
+    return np.empty(size, dtype=np.uint8).data
 
 
 def check_digest(digest: str) -> str:
@@ -96,7 +109,7 @@ class LocalBlobStore:
             raise
         return digest
 
-    def get(self, digest: str) -> bytearray:
+    def get(self, digest: str) -> memoryview:
         """The blob's bytes (writable, so tensors can view them without a copy), checked against the digest.
 
         Read in chunks, each hashed on another thread while the next is read (hashlib lets go of the
@@ -108,15 +121,15 @@ class LocalBlobStore:
         hashed: Future[None] | None = None  # the latest chunk's update; each waits for the one before
         try:
             with path.open("rb") as f:
-                data = bytearray(os.fstat(f.fileno()).st_size)
-                view, done = memoryview(data), 0
+                data = blob_buffer(os.fstat(f.fileno()).st_size)
+                done = 0
                 while done < len(data):
-                    got = f.readinto(view[done : done + READ_CHUNK])
+                    got = f.readinto(data[done : done + READ_CHUNK])
                     if not got:
                         raise BlobCorrupt(f"blob {digest} changed size while being read")
                     if hashed is not None:
                         hashed.result()  # updates in file order
-                    hashed = _HASH_THREADS.submit(hasher.update, view[done : done + got])
+                    hashed = _HASH_THREADS.submit(hasher.update, data[done : done + got])
                     done += got
                 if f.read(1):
                     raise BlobCorrupt(f"blob {digest} changed size while being read")

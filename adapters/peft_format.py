@@ -136,10 +136,10 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _strict_json(raw: bytes | bytearray, what: str) -> Any:
+def _strict_json(raw: Buffer, what: str) -> Any:
     """JSON with finite numbers only; any malformation (deep nesting, 5000-digit integers) is a FormatError."""
     try:
-        return json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
+        return json.loads(bytes(raw), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{what} is not valid JSON: {exc}") from exc
     except RecursionError:
@@ -167,7 +167,7 @@ def _pattern_values(config: dict[str, Any], field: str, limit: float, *, integer
         _positive_number({f"{field}[{key[:60]!r}]": value}, f"{field}[{key[:60]!r}]", limit, integer=integer)
 
 
-def parse_config(raw: bytes | bytearray) -> dict[str, Any]:
+def parse_config(raw: Buffer) -> dict[str, Any]:
     """Load adapter_config.json and check it describes a plain LoRA adapter with sane numbers."""
     config = _strict_json(raw, "adapter_config.json")
     if not isinstance(config, dict):

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from adapters.blobstore import BlobNotFound, check_digest, verify_blob
+from adapters.blobstore import BlobNotFound, blob_buffer, check_digest, verify_blob
 from adapters.peft_format import Buffer
 
 
@@ -35,7 +35,7 @@ class S3BlobStore:
                                 ContentMD5=base64.b64encode(checksum).decode())  # the server checks it arrived whole
         return digest
 
-    def get(self, digest: str) -> bytearray:
+    def get(self, digest: str) -> memoryview:
         try:
             body = self._s3.get_object(Bucket=self.bucket, Key=self.key_for(digest))["Body"].read()
         except ClientError as exc:
@@ -43,7 +43,9 @@ class S3BlobStore:
                 raise BlobNotFound(digest) from exc
             raise
         verify_blob(body, digest)
-        return bytearray(body)
+        data = blob_buffer(len(body))
+        data[:] = body
+        return data
 
     def delete(self, digest: str) -> None:
         self._s3.delete_object(Bucket=self.bucket, Key=self.key_for(digest))

@@ -279,7 +279,7 @@ class AdapterCache:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
 
-def _pinned_copy(raw: bytearray) -> Any:
+def _pinned_copy(raw: memoryview) -> Any:
     """The file's bytes in page-locked memory (a byte copy, no torch arithmetic on this thread)."""
     try:
         pinned = torch.empty(len(raw), dtype=torch.uint8, pin_memory=True)
