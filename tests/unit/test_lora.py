@@ -88,6 +88,40 @@ def test_a_flat_pass_of_ragged_rows_gives_each_token_its_rows_adapter(
     torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_decode_pass_runs_its_lora_on_one_thread_and_gives_every_thread_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny decode matmuls run on one thread; the base layers (and prompt chunks) keep them all, even
+    when the adapter math fails: a thread count left at 1 would halve the whole engine on 2 cores."""
+    layer, routing, weights = make_layer()
+    ranks = {s: w[0].shape[0] for s, w in weights.items()}
+    threads_seen: list[int] = []
+    real = layer._add_lora
+
+    def counting(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        threads_seen.append(torch.get_num_threads())
+        return real(x, y)
+
+    def failing(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("adapter math failed")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(layer, "_add_lora", counting)
+        route(routing, [0, 1, None], ranks)
+        x = torch.randn(3, 1, IN)
+        torch.testing.assert_close(layer(x), expected(layer, x, [0, 1, None], weights), rtol=1e-5, atol=1e-5)
+        route(routing, [0, 1], ranks, [1, 40])  # a prompt chunk: big enough to split
+        layer(torch.randn(1, 41, IN))
+        assert threads_seen == [1, 2] and torch.get_num_threads() == 2
+        monkeypatch.setattr(layer, "_add_lora", failing)
+        route(routing, [0], ranks)
+        with pytest.raises(RuntimeError, match="adapter math failed"):
+            layer(torch.randn(1, 1, IN))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_no_adapter_rows_leave_the_base_output_alone() -> None:
     layer, routing, _ = make_layer()
     routing.clear()
