@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
-SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens runs its LoRA matmuls on one thread (see _forward)
+SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
 VIEWS_KEPT = 64  # per layer and kind: slot (and span) views kept for reuse; spans x ranks could be thousands
 # Sibling layers that every supported architecture calls on one and the same input tensor. A wrong
 # guess costs speed only: the shrink is shared only when the very same tensor comes in.
@@ -195,12 +195,14 @@ class MultiLoraLinear(nn.Module):
         route = self.routing
         if route.slots is None or self.filled.isdisjoint(route.active):
             return y
-        # A decode pass's LoRA matmuls are tiny ([16, 576] x [576, 48]): splitting each over the CPU's
-        # threads costs more than it saves. One thread for them, all for the base layer around them:
-        # 12 interleaved rounds, one adapter at batch 16 1.08x and batch 8 1.09x the tokens/s, 16
-        # distinct and base rows 1.01x (2 cores). The engine thread is the only one doing torch arithmetic.
+        # One adapter in a decode pass: its LoRA matmuls are tiny ([16, 576] x [576, 48]) and splitting
+        # each over the CPU's threads costs more than it saves. One thread for them, all for the base
+        # layer around them. Interleaved rounds on 2 cores, batch 16: 1.02-1.08x the tokens/s over three
+        # runs, batch 8 1.09x. Several adapters (the grouped bmm) measured 0.90-1.01x: they keep every
+        # thread. The engine thread is the only one doing torch arithmetic.
         threads = torch.get_num_threads()
-        if threads > 1 and y.device.type == "cpu" and route.slots.shape[0] <= SERIAL_TOKENS:
+        decode = route.single is not None and route.slots.shape[0] <= SERIAL_TOKENS
+        if decode and threads > 1 and y.device.type == "cpu":
             torch.set_num_threads(1)
             try:
                 return self._add_lora(x, y)

@@ -89,8 +89,9 @@ def test_a_flat_pass_of_ragged_rows_gives_each_token_its_rows_adapter(
 
 
 def test_a_decode_pass_runs_its_lora_on_one_thread_and_gives_every_thread_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny decode matmuls run on one thread; the base layers (and prompt chunks) keep them all, even
-    when the adapter math fails: a thread count left at 1 would halve the whole engine on 2 cores."""
+    """One adapter's tiny decode matmuls run on one thread; the base layers, prompt chunks and passes of
+    several adapters keep them all, even when the adapter math fails: a thread count left at 1 would
+    halve the whole engine on 2 cores."""
     layer, routing, weights = make_layer()
     ranks = {s: w[0].shape[0] for s, w in weights.items()}
     threads_seen: list[int] = []
@@ -107,12 +108,14 @@ def test_a_decode_pass_runs_its_lora_on_one_thread_and_gives_every_thread_back(m
     torch.set_num_threads(2)
     try:
         monkeypatch.setattr(layer, "_add_lora", counting)
-        route(routing, [0, 1, None], ranks)
+        route(routing, [0, None, 0], ranks)
         x = torch.randn(3, 1, IN)
-        torch.testing.assert_close(layer(x), expected(layer, x, [0, 1, None], weights), rtol=1e-5, atol=1e-5)
-        route(routing, [0, 1], ranks, [1, 40])  # a prompt chunk: big enough to split
+        torch.testing.assert_close(layer(x), expected(layer, x, [0, None, 0], weights), rtol=1e-5, atol=1e-5)
+        route(routing, [0, 0], ranks, [1, 40])  # a prompt chunk: big enough to split
         layer(torch.randn(1, 41, IN))
-        assert threads_seen == [1, 2] and torch.get_num_threads() == 2
+        route(routing, [0, 1], ranks)  # two adapters: the grouped path keeps every thread
+        layer(torch.randn(2, 1, IN))
+        assert threads_seen == [1, 2, 2] and torch.get_num_threads() == 2
         monkeypatch.setattr(layer, "_add_lora", failing)
         route(routing, [0], ranks)
         with pytest.raises(RuntimeError, match="adapter math failed"):
