@@ -200,9 +200,9 @@ class MultiLoraLinear(nn.Module):
         # layer around them. Interleaved rounds on 2 cores, batch 16: 1.02-1.08x the tokens/s over three
         # runs, batch 8 1.09x. Several adapters (the grouped bmm) measured 0.90-1.01x: they keep every
         # thread. The engine thread is the only one doing torch arithmetic.
-        threads = torch.get_num_threads()
-        decode = route.single is not None and route.slots.shape[0] <= SERIAL_TOKENS
-        if decode and threads > 1 and y.device.type == "cpu":
+        decode = route.single is not None and route.slots.shape[0] <= SERIAL_TOKENS and y.device.type == "cpu"
+        threads = torch.get_num_threads() if decode else 1
+        if threads > 1:
             torch.set_num_threads(1)
             try:
                 return self._add_lora(x, y)
