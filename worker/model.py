@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
@@ -162,3 +163,44 @@ def _awq_float32_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:
         out = out + self.bias
     return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class PackedHead(nn.Module):
+    """A float32 output projection on the CPU with its weight packed once for oneDNN's inner product.
+
+    The head multiplies each row whose next token is due by the [vocab, hidden] matrix (49152 x 576
+    for the embedded model): through torch's default CPU matmul that took 20-27 ms of a ~96 ms batch-16
+    decode step; packed, 5-7 ms for 1-16 rows and 18 ms for 64 (38 ms before). The packed copy is a
+    second copy of the weight in memory: the input embedding keeps the original (tied or not).
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())  # not a Parameter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
+
+
+def pack_output_head(model: Any) -> bool:
+    """Replace a float32 CPU output projection without bias by a `PackedHead`, if oneDNN is there and the
+    packed one gives what the dense one gives on a probe; whether it did. Serving only: nothing trains it."""
+    head = model.get_output_embeddings()
+    if (not isinstance(head, nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32
+            or head.weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()):
+        return False
+    try:
+        packed = PackedHead(head.weight)
+        with torch.no_grad():
+            probe = torch.randn(1, 3, head.in_features, generator=torch.Generator().manual_seed(0))
+            same = torch.allclose(packed(probe), head(probe), rtol=1e-4, atol=1e-4)
+    except (RuntimeError, AttributeError) as exc:  # a torch build without these oneDNN ops
+        log.info("output projection stays dense: %s", exc)
+        return False
+    if not same:
+        log.warning("output projection stays dense: the packed one disagreed with it on a probe")
+        return False
+    model.set_output_embeddings(packed)
+    return True

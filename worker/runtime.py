@@ -19,7 +19,7 @@ from worker.adapter_cache import AdapterCache
 from worker.config import WorkerConfig
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora import LoraRouting, install_lora_layers, slots_in_budget
-from worker.model import adaptable_linears, load_base_model, resolve_device
+from worker.model import adaptable_linears, load_base_model, pack_output_head, resolve_device
 from worker.prompts import PromptEncoder, PromptLimits
 from worker.protocol import WorkerHealth
 
@@ -41,6 +41,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     model, tokenizer = load_base_model(config.model_path, device)
+    if pack_output_head(model):
+        log.info("output projection packed for oneDNN")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     routing = LoraRouting()
     linears = adaptable_linears(model)
