@@ -53,3 +53,11 @@ def test_a_head_that_does_not_fit_stays_dense() -> None:
     biased = tiny_llama(tied=False)
     biased.set_output_embeddings(nn.Linear(32, 300, bias=True))
     assert not pack_output_head(biased) and isinstance(biased.get_output_embeddings(), nn.Linear)
+
+
+def test_a_packed_head_that_disagrees_with_the_dense_one_on_the_probe_is_not_used(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_llama()
+    dense = model.get_output_embeddings()
+    monkeypatch.setattr(PackedHead, "forward", lambda self, x: torch.zeros(*x.shape[:-1], self.out_features))
+    assert not pack_output_head(model)
+    assert model.get_output_embeddings() is dense
