@@ -177,8 +177,7 @@ class PackedHead(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())  # not a Parameter
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())  # not a Parameter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed, None, "none", [], "")
