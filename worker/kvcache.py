@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from worker.cpu_attention import DecodeAttention, DecodeRows
+
 ATTENTION = "loraplex_rows"
 
 
@@ -49,7 +51,10 @@ class Segment:
 class KVPool:
     """Keys and values of all layers, [kv_heads, positions, head_dim] each, allocated once."""
 
-    def __init__(self, config: Any, positions: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, config: Any, positions: int, dtype: torch.dtype, device: torch.device,
+        decode_kernel: DecodeAttention | None = None,
+    ) -> None:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -59,6 +64,8 @@ class KVPool:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.positions = positions
         self.dtype = dtype
+        # Attends all decode rows of a layer in one call (worker.cpu_attention): float32 CPU pools only.
+        self.decode_kernel = decode_kernel if dtype == torch.float32 and device.type == "cpu" else None
 
     def copy(self, source: int, target: int, length: int) -> None:
         """Copy `length` positions of every layer from one region to another (a prompt shared by n choices)."""
@@ -74,6 +81,8 @@ class PassPlan:
     segments: list[Segment]
     slots: torch.Tensor  # [tokens] pool position each new token's key and value go to
     masks: dict[int, torch.Tensor]  # segment index -> [tokens, length] bool, for chunks after the first
+    decode: DecodeRows | None = None  # the one-token segments, when the pool's kernel attends them
+    others: list[int] | None = None  # indices of the segments left to torch's attention (None: all)
 
     @staticmethod
     def build(pool: KVPool, segments: list[Segment], device: torch.device) -> PassPlan:
@@ -85,7 +94,12 @@ class PassPlan:
             if s.tokens > 1 and s.past > 0:  # a later chunk: all of the past, causal within itself
                 query_at = torch.arange(s.past, s.length, device=device).unsqueeze(1)
                 masks[i] = torch.arange(s.length, device=device).unsqueeze(0) <= query_at
-        return PassPlan(pool, segments, slots, masks)
+        if pool.decode_kernel is None or not any(s.tokens == 1 for s in segments):
+            return PassPlan(pool, segments, slots, masks)
+        one = [s for s in segments if s.tokens == 1]
+        decode = DecodeRows.of([s.first for s in one], [s.region for s in one], [s.length for s in one])
+        others = [i for i, s in enumerate(segments) if s.tokens > 1]
+        return PassPlan(pool, segments, slots, masks, decode, others)
 
 
 def rows_attention(
@@ -107,7 +121,12 @@ def rows_attention(
     values.index_copy_(1, plan.slots, value[0].to(plan.pool.dtype))
     query = query.to(plan.pool.dtype)
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, head_dim]
-    for i, s in enumerate(plan.segments):
+    if plan.decode is not None:
+        assert plan.pool.decode_kernel is not None
+        scale = scaling if scaling is not None else query.shape[3] ** -0.5
+        plan.pool.decode_kernel.attend(query[0], keys, values, plan.decode, scale, out)
+    for i in range(len(plan.segments)) if plan.others is None else plan.others:
+        s = plan.segments[i]
         q = query[:, :, s.first : s.first + s.tokens]
         k = keys[:, s.region : s.region + s.length].unsqueeze(0)
         v = values[:, s.region : s.region + s.length].unsqueeze(0)

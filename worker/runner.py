@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from worker.adapter_cache import AdapterCache
+from worker.cpu_attention import decode_attention_kernel
 from worker.kvcache import KVPool, PassPlan, Segment, use_row_attention
 from worker.lora import LoraRouting
 from worker.sequence import Sequence
@@ -46,7 +47,8 @@ class ModelRunner:
         self.device = device
         use_row_attention(model)
         kv_dtype = model.get_input_embeddings().weight.dtype  # the dtype attention computes in
-        self.kv = KVPool(model.config, kv_positions, kv_dtype, device)
+        kernel = decode_attention_kernel() if device.type == "cpu" and kv_dtype == torch.float32 else None
+        self.kv = KVPool(model.config, kv_positions, kv_dtype, device, kernel)
 
     def run(self, plan: list[tuple[Sequence, int]]) -> PassResult:
         """Feed every (row, tokens) of the plan; the rows' caches advance by what they fed."""

@@ -1,0 +1,133 @@
+"""The native decode attention: what torch's attention gives, for any row, head layout and length."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from worker import cpu_attention
+from worker.cpu_attention import DecodeAttention, DecodeRows, decode_attention_kernel
+from worker.kvcache import KVPool, PassPlan, Segment, rows_attention
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the engine keeps torch's attention")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> DecodeAttention:
+    built = decode_attention_kernel()
+    assert built is not None, "a host with a C compiler builds the kernel"
+    return built
+
+
+def reference(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows,
+              scale: float) -> torch.Tensor:
+    """torch's attention, one row at a time: [rows, heads, dim]."""
+    out = []
+    for token, region, length in zip(rows.tokens.tolist(), rows.regions.tolist(), rows.lengths.tolist(), strict=True):
+        k, v = (cache[:, region : region + length].unsqueeze(0) for cache in (keys, values))
+        q = query[:, token : token + 1].unsqueeze(0)
+        out.append(F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)[0, :, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (9, 3), (8, 2), (6, 1)])
+@pytest.mark.parametrize("dim", [64, 128, 80, 40])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_gives_torchs_attention(kernel: DecodeAttention, heads: int, kv_heads: int, dim: int,
+                                           threads: int) -> None:
+    generator = torch.Generator().manual_seed(heads * dim)
+    lengths = [1, 2, 15, 16, 17, 300]
+    regions = [0, 5, 30, 50, 70, 400]  # rows' regions in one pool, some overlapping others' tails
+    keys, values = (torch.randn(kv_heads, 800, dim, generator=generator) for _ in range(2))
+    query = torch.randn(len(lengths) + 2, heads, dim, generator=generator).transpose(0, 1)  # token-major, as the model
+    rows = DecodeRows.of([7, 0, 3, 1, 6, 2], regions, lengths)  # tokens in any order; 4 and 5 are other rows'
+    out = torch.full((len(lengths) + 2, heads, dim), float("nan"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernel.attend(query, keys, values, rows, dim**-0.5, out)
+    finally:
+        torch.set_num_threads(previous)
+    expected = reference(query, keys, values, rows, dim**-0.5)
+    torch.testing.assert_close(out[rows.tokens], expected, rtol=1e-4, atol=1e-5)
+    assert out[[4, 5]].isnan().all(), "positions of tokens that are not decode rows are left alone"
+
+
+def test_a_head_major_query_and_large_scores(kernel: DecodeAttention) -> None:
+    """Scores in the thousands (softmax must subtract the maximum) and a query laid out head by head."""
+    generator = torch.Generator().manual_seed(1)
+    keys, values = (torch.randn(2, 600, 64, generator=generator) * 30 for _ in range(2))
+    query = torch.randn(4, 3, 64, generator=generator) * 30  # [heads, tokens, dim], contiguous
+    rows = DecodeRows.of([0, 1, 2], [0, 100, 1], [600, 500, 7])
+    out = torch.empty(3, 4, 64)
+    kernel.attend(query, keys, values, rows, 0.125, out)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, reference(query, keys, values, rows, 0.125), rtol=1e-4, atol=1e-3)
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel: DecodeAttention) -> None:
+    generator = torch.Generator().manual_seed(2)
+    keys, values = (torch.randn(3, 2000, 64, generator=generator) for _ in range(2))
+    query = torch.randn(16, 9, 64, generator=generator).transpose(0, 1)
+    batch = DecodeRows.of(list(range(16)), [i * 120 for i in range(16)], [100 + 7 * i for i in range(16)])
+    together = torch.empty(16, 9, 64)
+    kernel.attend(query, keys, values, batch, 0.125, together)
+    alone = torch.empty(16, 9, 64)
+    kernel.attend(query, keys, values, DecodeRows.of([5], [5 * 120], [135]), 0.125, alone)
+    assert torch.equal(alone[5], together[5])
+
+
+def test_rows_attention_with_the_kernel_equals_it_without(kernel: DecodeAttention) -> None:
+    """A pass of decode rows, a whole prompt and a later prompt chunk, as the engine plans one."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    generator = torch.Generator().manual_seed(3)
+    segments = [Segment(0, 1, 0, 40), Segment(1, 12, 100, 0), Segment(13, 1, 200, 0), Segment(14, 5, 300, 9)]
+    tokens = 19
+    query = torch.randn(1, 4, tokens, 32, generator=generator)
+    key, value = (torch.randn(1, 2, tokens, 32, generator=generator) for _ in range(2))
+    history = [torch.randn(2, 400, 32, generator=generator) for _ in range(2)]
+
+    class Layer(torch.nn.Module):
+        layer_idx = 0
+
+    outs = []
+    for with_kernel in (kernel, None):
+        pool = KVPool(config, 400, torch.float32, torch.device("cpu"), with_kernel)
+        for cache, past in zip((pool.keys[0], pool.values[0]), history, strict=True):
+            cache.copy_(past)
+        plan = PassPlan.build(pool, segments, torch.device("cpu"))
+        assert (plan.decode is not None) == (with_kernel is not None)
+        outs.append(rows_attention(Layer(), query, key, value, None, kv_plan=plan)[0])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_compiler_or_with_a_wrong_kernel_the_engine_keeps_torchs_attention(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decode_attention_kernel.cache_clear()
+    try:
+        monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+        assert decode_attention_kernel() is None
+        monkeypatch.undo()
+        decode_attention_kernel.cache_clear()
+        monkeypatch.setattr(cpu_attention, "probe_error", lambda kernel: 0.5)
+        assert decode_attention_kernel() is None
+    finally:
+        monkeypatch.undo()
+        decode_attention_kernel.cache_clear()
+    assert decode_attention_kernel() is not None
+
+
+def test_a_pool_that_is_not_float32_on_the_cpu_does_not_use_the_kernel(kernel: DecodeAttention) -> None:
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1)
+    pool = KVPool(config, 16, torch.bfloat16, torch.device("cpu"), kernel)
+    assert pool.decode_kernel is None
+    assert PassPlan.build(pool, [Segment(0, 1, 0, 3)], torch.device("cpu")).decode is None

@@ -1,0 +1,125 @@
+"""Attention of the decode rows on the CPU: one native call per layer for all of them.
+
+torch has no attention kernel for one query token on the CPU: `scaled_dot_product_attention`
+per row took ~40 µs a call before any work and ~200 µs a row at 1,100 positions (general
+matrix-multiply code sized for bigger problems), 480 calls a step at batch 16 on the embedded
+model. `worker/csrc/decode_attention.c` does every decode row of a layer in one call, reading each
+key and value once, its rows spread over torch's threads.
+
+The C file is compiled when a worker first needs it, for the host it runs on (`-march=native`),
+into a temporary directory, and loaded with ctypes. It is used only if it computes what torch's
+attention computes on a probe; without a C compiler, or if the probe disagrees, the engine keeps
+torch's attention (logged).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
+# Finite-math and signed-zero freedom let the compiler vectorize max and select; sums keep their
+# written order (no -ffast-math, no reassociation), so a row's result never depends on its batch.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
+          "-std=c11", "-shared", "-fPIC"]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The decode rows of one pass (one new token each), as the kernel reads them."""
+
+    tokens: torch.Tensor  # [rows] int64: index of the row's token in the pass
+    regions: torch.Tensor  # [rows] int64: start of the row's KV region in the pool
+    lengths: torch.Tensor  # [rows] int64: positions to attend over, the new one included
+
+    @staticmethod
+    def of(tokens: list[int], regions: list[int], lengths: list[int]) -> DecodeRows:
+        return DecodeRows(*(torch.tensor(values, dtype=torch.int64) for values in (tokens, regions, lengths)))
+
+
+class DecodeAttention:
+    """The compiled kernel: `attend` writes the rows' attention outputs into `out`."""
+
+    def __init__(self, library: Path) -> None:
+        self._library = ctypes.CDLL(str(library))
+        self._kernel = self._library.decode_attention
+        self._kernel.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64,
+                                 ctypes.c_float, _PTR, ctypes.c_int]
+        self._kernel.restype = ctypes.c_int
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [heads, tokens, head_dim] float32, the pass's queries (any strides, last dim dense)
+        keys: torch.Tensor,  # [kv_heads, positions, head_dim] float32, contiguous: one layer of the pool
+        values: torch.Tensor,
+        rows: DecodeRows,
+        scale: float,
+        out: torch.Tensor,  # [tokens, heads, head_dim] float32, contiguous
+    ) -> None:
+        if query.stride(-1) != 1:
+            query = query.contiguous()
+        heads, _, dim = query.shape
+        failed = self._kernel(
+            query.data_ptr(), query.stride(0), query.stride(1), keys.data_ptr(), values.data_ptr(), keys.shape[1],
+            rows.tokens.data_ptr(), rows.regions.data_ptr(), rows.lengths.data_ptr(), len(rows.tokens),
+            heads, keys.shape[0], dim, scale, out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("decode attention: no memory for the rows' scores")
+
+
+@functools.cache
+def decode_attention_kernel() -> DecodeAttention | None:
+    """The kernel for this process, compiled once; None (logged) where it cannot be built or is wrong."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.info("no C compiler: decode attention stays on torch's attention")
+        return None
+    with tempfile.TemporaryDirectory(prefix="loraplex-kernel-") as work:
+        library = Path(work) / "decode_attention.so"
+        # OpenMP spreads the rows over torch's threads (the same runtime: torch loads libgomp first).
+        for openmp in (["-fopenmp"], []):
+            built = subprocess.run([compiler, *_FLAGS, *openmp, "-o", str(library), str(SOURCE)],
+                                   capture_output=True, text=True, timeout=120)
+            if built.returncode == 0:
+                break
+        else:
+            log.warning("could not compile %s (%s): decode attention stays on torch's attention",
+                        SOURCE.name, built.stderr.strip()[-500:])
+            return None
+        kernel = DecodeAttention(library)  # loaded: the file may go
+    error = probe_error(kernel)
+    if error > 1e-4:
+        log.warning("decode attention kernel differs from torch's by %.2e on a probe: not used", error)
+        return None
+    log.info("decode attention: native kernel (%s)", "OpenMP threads" if openmp else "one thread")
+    return kernel
+
+
+def probe_error(kernel: DecodeAttention) -> float:
+    """Largest difference from torch's attention over rows of several lengths in a shared pool."""
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, positions = 6, 2, 64, 64
+    keys, values = (torch.randn(kv_heads, positions, dim, generator=generator) for _ in range(2))
+    query = torch.randn(3, heads, dim, generator=generator).transpose(0, 1)  # [heads, tokens, dim], token-major
+    rows = DecodeRows.of([0, 1, 2], [0, 1, 20], [1, 19, 44])
+    out = torch.empty(3, heads, dim)
+    kernel.attend(query, keys, values, rows, dim**-0.5, out)
+    error = 0.0
+    for row, (region, length) in enumerate(zip(rows.regions.tolist(), rows.lengths.tolist(), strict=True)):
+        k, v = (cache[:, region : region + length].unsqueeze(0) for cache in (keys, values))
+        expected = F.scaled_dot_product_attention(query[:, row : row + 1].unsqueeze(0), k, v, enable_gqa=True)
+        error = max(error, float((out[row] - expected[0, :, 0]).abs().max()))
+    return error if out.isfinite().all() else float("inf")
