@@ -89,23 +89,30 @@ def decode_attention_kernel() -> DecodeAttention | None:
         return None
     with tempfile.TemporaryDirectory(prefix="loraplex-kernel-") as work:
         library = Path(work) / "decode_attention.so"
-        # OpenMP spreads the rows over torch's threads (the same runtime: torch loads libgomp first).
-        for openmp in (["-fopenmp"], []):
-            built = subprocess.run([compiler, *_FLAGS, *openmp, "-o", str(library), str(SOURCE)],
-                                   capture_output=True, text=True, timeout=120)
-            if built.returncode == 0:
-                break
-        else:
-            log.warning("could not compile %s (%s): decode attention stays on torch's attention",
-                        SOURCE.name, built.stderr.strip()[-500:])
+        try:
+            openmp = _compile(compiler, library)
+            kernel = DecodeAttention(library)  # loaded: the file may go
+        except (OSError, subprocess.SubprocessError) as failure:  # a failed or hung compiler, an unloadable library
+            log.warning("decode attention kernel unavailable (%s): decode attention stays on torch's attention",
+                        str(failure)[-500:])
             return None
-        kernel = DecodeAttention(library)  # loaded: the file may go
-    error = probe_error(kernel)
-    if error > 1e-4:
-        log.warning("decode attention kernel differs from torch's by %.2e on a probe: not used", error)
+    difference = probe_error(kernel)
+    if difference > 1e-4:
+        log.warning("decode attention kernel differs from torch's by %.2e on a probe: not used", difference)
         return None
     log.info("decode attention: native kernel (%s)", "OpenMP threads" if openmp else "one thread")
     return kernel
+
+
+def _compile(compiler: str, library: Path) -> bool:
+    """Build the library; True if with OpenMP, which spreads the rows over torch's threads (the same
+    runtime: torch has loaded libgomp first)."""
+    for openmp in (True, False):
+        built = subprocess.run([compiler, *_FLAGS, *(["-fopenmp"] if openmp else []), "-o", str(library), str(SOURCE)],
+                               capture_output=True, text=True, timeout=120)
+        if built.returncode == 0:
+            return openmp
+    raise subprocess.SubprocessError(f"{compiler} could not compile {SOURCE.name}: {built.stderr.strip()}")
 
 
 def probe_error(kernel: DecodeAttention) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_rows_attention_with_the_kernel_equals_it_without(kernel: DecodeAttentio
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
 
 
-def test_without_a_compiler_or_with_a_wrong_kernel_the_engine_keeps_torchs_attention(
+def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torchs_attention(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     decode_attention_kernel.cache_clear()
@@ -117,6 +118,18 @@ def test_without_a_compiler_or_with_a_wrong_kernel_the_engine_keeps_torchs_atten
         monkeypatch.undo()
         decode_attention_kernel.cache_clear()
         monkeypatch.setattr(cpu_attention, "probe_error", lambda kernel: 0.5)
+        assert decode_attention_kernel() is None
+        monkeypatch.undo()
+        decode_attention_kernel.cache_clear()
+
+        def hung(*args: object, **kwargs: object) -> None:
+            raise subprocess.TimeoutExpired("cc", 120)
+
+        monkeypatch.setattr(cpu_attention.subprocess, "run", hung)
+        assert decode_attention_kernel() is None
+        monkeypatch.undo()
+        decode_attention_kernel.cache_clear()
+        monkeypatch.setattr(cpu_attention, "SOURCE", cpu_attention.SOURCE.with_name("missing.c"))
         assert decode_attention_kernel() is None
     finally:
         monkeypatch.undo()
