@@ -6,10 +6,9 @@ matrix-multiply code sized for bigger problems), 480 calls a step at batch 16 on
 model. `worker/csrc/decode_attention.c` does every decode row of a layer in one call, reading each
 key and value once, its rows spread over torch's threads.
 
-The C file is compiled when a worker first needs it, for the host it runs on (`-march=native`),
-into a temporary directory, and loaded with ctypes. It is used only if it computes what torch's
-attention computes on a probe; without a C compiler, or if the probe disagrees, the engine keeps
-torch's attention (logged).
+The C file is compiled when a worker first needs it (`worker.native`). It is used only if it
+computes what torch's attention computes on a probe; without a C compiler, or if the probe
+disagrees, the engine keeps torch's attention (logged).
 """
 
 from __future__ import annotations
@@ -17,22 +16,17 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from worker import native
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
-# Finite-math and signed-zero freedom let the compiler vectorize max and select; sums keep their
-# written order (no -ffast-math, no reassociation), so a row's result never depends on its batch.
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
-          "-std=c11", "-shared", "-fPIC"]
+SOURCE = native.CSRC / "decode_attention.c"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -52,9 +46,9 @@ class DecodeRows:
 class DecodeAttention:
     """The compiled kernel: `attend` writes the rows' attention outputs into `out`."""
 
-    def __init__(self, library: Path) -> None:
-        self._library = ctypes.CDLL(str(library))
-        self._kernel = self._library.decode_attention
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._library = library
+        self._kernel = library.decode_attention
         self._kernel.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64,
                                  ctypes.c_float, _PTR, ctypes.c_int]
         self._kernel.restype = ctypes.c_int
@@ -83,36 +77,22 @@ class DecodeAttention:
 @functools.cache
 def decode_attention_kernel() -> DecodeAttention | None:
     """The kernel for this process, compiled once; None (logged) where it cannot be built or is wrong."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    try:
+        library, openmp = native.build(SOURCE)
+        kernel = DecodeAttention(library)
+    except native.NoCompiler:
         log.info("no C compiler: decode attention stays on torch's attention")
         return None
-    with tempfile.TemporaryDirectory(prefix="loraplex-kernel-") as work:
-        library = Path(work) / "decode_attention.so"
-        try:
-            openmp = _compile(compiler, library)
-            kernel = DecodeAttention(library)  # loaded: the file may go
-        except (OSError, subprocess.SubprocessError) as failure:  # a failed or hung compiler, an unloadable library
-            log.warning("decode attention kernel unavailable (%s): decode attention stays on torch's attention",
-                        str(failure)[-500:])
-            return None
+    except (OSError, subprocess.SubprocessError, AttributeError) as failure:  # failed or hung compiler, bad library
+        log.warning("decode attention kernel unavailable (%s): decode attention stays on torch's attention",
+                    str(failure)[-500:])
+        return None
     difference = probe_error(kernel)
     if difference > 1e-4:
         log.warning("decode attention kernel differs from torch's by %.2e on a probe: not used", difference)
         return None
     log.info("decode attention: native kernel (%s)", "OpenMP threads" if openmp else "one thread")
     return kernel
-
-
-def _compile(compiler: str, library: Path) -> bool:
-    """Build the library; True if with OpenMP, which spreads the rows over torch's threads (the same
-    runtime: torch has loaded libgomp first)."""
-    for openmp in (True, False):
-        built = subprocess.run([compiler, *_FLAGS, *(["-fopenmp"] if openmp else []), "-o", str(library), str(SOURCE)],
-                               capture_output=True, text=True, timeout=120)
-        if built.returncode == 0:
-            return openmp
-    raise subprocess.SubprocessError(f"{compiler} could not compile {SOURCE.name}: {built.stderr.strip()}")
 
 
 def probe_error(kernel: DecodeAttention) -> float:

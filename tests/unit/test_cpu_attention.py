@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker import cpu_attention
+from worker import cpu_attention, native
 from worker.cpu_attention import DecodeAttention, DecodeRows, decode_attention_kernel
 from worker.kvcache import KVPool, PassPlan, Segment, rows_attention
 
@@ -113,7 +113,7 @@ def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torc
 ) -> None:
     decode_attention_kernel.cache_clear()
     try:
-        monkeypatch.setattr(cpu_attention.shutil, "which", lambda name: None)
+        monkeypatch.setattr(native.shutil, "which", lambda name: None)
         assert decode_attention_kernel() is None
         monkeypatch.undo()
         decode_attention_kernel.cache_clear()
@@ -125,7 +125,7 @@ def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torc
         def hung(*args: object, **kwargs: object) -> None:
             raise subprocess.TimeoutExpired("cc", 120)
 
-        monkeypatch.setattr(cpu_attention.subprocess, "run", hung)
+        monkeypatch.setattr(native.subprocess, "run", hung)
         assert decode_attention_kernel() is None
         monkeypatch.undo()
         decode_attention_kernel.cache_clear()
