@@ -21,6 +21,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from worker.cpu_lora import LoraDelta
+
 BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
 VIEWS_KEPT = 64  # per layer and kind: slot (and span) views kept for reuse; spans x ranks could be thousands
@@ -45,11 +47,17 @@ class LoraRouting:
     groups: SlotGroups | None = None  # several adapters: few-token slots grouped for two bmm
     big: tuple[tuple[int, torch.Tensor], ...] = ()  # several adapters: (slot, its token indices) for slots with many
 
+    # The native kernel (CPU, float32 slots; `worker.cpu_lora`), set by the runner where it works: it adds
+    # the LoRA of every few-token slot's tokens, and `single`, `groups` and `big` then cover only the rest.
+    kernel: LoraDelta | None = None
+    kernel_slots: torch.Tensor | None = None  # [tokens] int64: the kernel's slot of each token; `zero_slot` for none
+    zero_slot: int = -1
+
     pass_id: int = 0  # changes with every routing: shared shrinks never outlive their pass
 
     def clear(self) -> None:
         self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
-        self.groups, self.big = None, ()
+        self.groups, self.big, self.kernel_slots = None, (), None
         self.pass_id += 1
 
     def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device,
@@ -65,17 +73,24 @@ class LoraRouting:
         self.slots = torch.tensor(per_token, device=device)  # [tokens]
         self.active = active
         self.rank = max(rank_of(slot) for slot in active)
-        self.single = next(iter(active)) if len(active) == 1 else None
-        self.single_rows, self.groups, self.big = None, None, ()
-        if self.single is not None:
-            if zero_slot in slots:
-                self.single_rows = (self.slots != zero_slot).nonzero().view(-1)  # [tokens with the adapter]
-            return
+        self.zero_slot = zero_slot
+        self.single, self.single_rows, self.groups, self.big, self.kernel_slots = None, None, None, (), None
         by_slot: dict[int, list[int]] = {}
         for token, slot in enumerate(per_token):
             if slot != zero_slot:
                 by_slot.setdefault(slot, []).append(token)
         few = {slot: tokens for slot, tokens in by_slot.items() if len(tokens) <= BIG_SLOT_TOKENS}
+        if self.kernel is not None and few:
+            self.kernel_slots = torch.tensor([s if s in few else zero_slot for s in per_token], dtype=torch.int64)
+            by_slot = {slot: tokens for slot, tokens in by_slot.items() if slot not in few}
+            few = {}
+            if not by_slot:
+                return
+        if len(by_slot) == 1:
+            self.single, tokens = next(iter(by_slot.items()))
+            if len(tokens) < len(per_token):
+                self.single_rows = torch.tensor(tokens, device=device)  # [tokens with the adapter]
+            return
         self.big = tuple((slot, torch.tensor(tokens, device=device)) for slot, tokens in by_slot.items()
                          if len(tokens) > BIG_SLOT_TOKENS)
         self.groups = SlotGroups.of(few, len(per_token), device) if few else None
@@ -142,14 +157,24 @@ class SharedInput:
 
     def shrink(self, x_in: torch.Tensor, pass_id: int, key: object,
                compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        found = self.kept(x_in, pass_id, key)
+        if found is None:
+            found = compute()
+            self.keep(key, found)
+        return found
+
+    def kept(self, x_in: torch.Tensor, pass_id: int, key: object) -> torch.Tensor | None:
+        """The shrink kept under `key` for this very input in this pass, if a member computed it."""
         if self.members == 1:
-            return compute()
+            return None
         if x_in is not self._input or pass_id != self._pass:
             self._input, self._pass, self._shrinks = x_in, pass_id, {}
-        found = self._shrinks.get(key)
-        if found is None:
-            found = self._shrinks[key] = compute()
-        return found
+        return self._shrinks.get(key)
+
+    def keep(self, key: object, shrink: torch.Tensor) -> None:
+        """Keep a shrink for the other members (after `kept` found none for the same input and pass)."""
+        if self.members > 1:
+            self._shrinks[key] = shrink
 
     def release(self) -> None:
         """The last member has run: nothing holds the input or the shrinks past the layer."""
@@ -200,7 +225,8 @@ class MultiLoraLinear(nn.Module):
         # layer around them. Interleaved rounds on 2 cores, batch 16: 1.02-1.08x the tokens/s over three
         # runs, batch 8 1.09x. Several adapters (the grouped bmm) measured 0.90-1.01x: they keep every
         # thread. The engine thread is the only one doing torch arithmetic.
-        decode = route.single is not None and route.slots.shape[0] <= SERIAL_TOKENS and y.device.type == "cpu"
+        decode = (route.single is not None and route.kernel_slots is None and route.slots.shape[0] <= SERIAL_TOKENS
+                  and y.device.type == "cpu")
         threads = torch.get_num_threads() if decode else 1
         if threads > 1:
             torch.set_num_threads(1)
@@ -225,6 +251,8 @@ class MultiLoraLinear(nn.Module):
             h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a_t, rank, members))
             return h[..., self.member, :] @ b
 
+        if route.kernel_slots is not None:
+            y = self._kernel_delta(x_in, x, y)
         if route.single is not None:
             slot, rows = route.single, route.single_rows
             if rows is None:
@@ -254,6 +282,22 @@ class MultiLoraLinear(nn.Module):
             delta = shrink_and_expand(("big", slot), partial(x.index_select, 0, rows), slot)
             y = y.index_add(0, rows, delta.to(y.dtype))
         return y.view(shape)
+
+    def _kernel_delta(self, x_in: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [tokens, out] with the native kernel's deltas added (`LoraRouting.kernel`), in place where it can."""
+        route, shared = self.routing, self.shared
+        assert route.kernel is not None and route.kernel_slots is not None
+        out = y if y.dtype == torch.float32 and y.stride(-1) == 1 else y.float().contiguous()
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        h = shared.kept(x_in, route.pass_id, "kernel")
+        shrink = h is None
+        if h is None:
+            h = torch.empty(x.shape[0], shared.members, route.rank)
+            shared.keep("kernel", h)
+        route.kernel.add(x, route.kernel_slots, route.zero_slot, shared.a, route.rank, h, shrink, self.member,
+                         self.lora_b, out)
+        return out if out is y else out.to(y.dtype)
 
     def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A of every member sharing the input, [in, rank * members]; this layer's B, [rank, out]) of a

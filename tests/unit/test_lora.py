@@ -1,7 +1,12 @@
-"""The engine's multi-adapter LoRA layer against PEFT's formula, row by row (torch, no model)."""
+"""The engine's multi-adapter LoRA layer against PEFT's formula, row by row (torch, no model).
+
+Every test runs twice: on torch's matmuls, and with the native kernel for decode tokens on the CPU
+(`worker.cpu_lora`) where a C compiler is there to build it.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,14 +14,33 @@ import torch
 from torch import nn
 
 from worker.config import WorkerConfig
+from worker.cpu_lora import LoraDelta, lora_delta_kernel
 from worker.lora import LoraRouting, MultiLoraLinear, install_lora_layers, slots_in_budget
 
 IN, OUT, SLOTS, MAX_RANK = 12, 10, 3, 8
+KERNEL: LoraDelta | None = None  # the path under test: set per test by `lora_path`
 
 
-def make_layer() -> tuple[MultiLoraLinear, LoraRouting, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+@pytest.fixture(autouse=True, params=["torch", "native kernel"])
+def lora_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.param == "native kernel":
+        kernel = lora_delta_kernel()
+        if kernel is None:
+            assert shutil.which("cc") is None and shutil.which("gcc") is None, "the native LoRA kernel was rejected"
+            pytest.skip("no C compiler: the native LoRA kernel cannot be built here")
+        monkeypatch.setitem(globals(), "KERNEL", kernel)
+
+
+def new_routing(native: bool = True) -> LoraRouting:
+    return LoraRouting(kernel=KERNEL if native else None)
+
+
+Weights = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_layer(native: bool = True) -> tuple[MultiLoraLinear, LoraRouting, Weights]:
     torch.manual_seed(0)
-    routing = LoraRouting()
+    routing = new_routing(native)
     layer = MultiLoraLinear(nn.Linear(IN, OUT), IN, OUT, SLOTS, MAX_RANK, routing, torch.device("cpu"), torch.float32)
     weights = {}
     # Ranks differ (narrower ones are zero-padded), so do scales and stored dtypes.
@@ -92,7 +116,7 @@ def test_a_decode_pass_runs_its_lora_on_one_thread_and_gives_every_thread_back(m
     """One adapter's tiny decode matmuls run on one thread; the base layers, prompt chunks and passes of
     several adapters keep them all, even when the adapter math fails: a thread count left at 1 would
     halve the whole engine on 2 cores."""
-    layer, routing, weights = make_layer()
+    layer, routing, weights = make_layer(native=False)  # the native kernel takes its threads itself
     ranks = {s: w[0].shape[0] for s, w in weights.items()}
     threads_seen: list[int] = []
     real = layer._add_lora
@@ -275,7 +299,7 @@ def block_pair() -> tuple[Block, Block, LoraRouting, LoraRouting]:
     """The same block twice, one with the shared q/k/v shrink and one with every layer on its own;
     the same adapters in both (k has none in slot 1: an adapter need not target every sibling)."""
     torch.manual_seed(0)
-    blocks, routings = (Block(), Block()), (LoraRouting(), LoraRouting())
+    blocks, routings = (Block(), Block()), (new_routing(), new_routing())
     blocks[1].load_state_dict(blocks[0].state_dict())
     modules = {"q_proj": [IN, OUT], "k_proj": [IN, 4], "v_proj": [IN, 4], "o_proj": [OUT, IN]}
     shared = install_lora_layers(blocks[0], modules, SLOTS, MAX_RANK, routings[0], torch.device("cpu"), torch.float32)

@@ -1,0 +1,143 @@
+"""The native LoRA kernel for decode tokens on the CPU (worker/csrc/lora_delta.c) against torch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from worker import cpu_lora, native
+from worker.cpu_lora import LoraDelta, lora_delta_kernel, reference
+from worker.lora import BIG_SLOT_TOKENS, LoraRouting, MultiLoraLinear
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler to build the kernel")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> LoraDelta:
+    built = lora_delta_kernel()
+    assert built is not None
+    return built
+
+
+def stacks(slots: int, max_rank: int, members: int, in_features: int, out: int,
+           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(slots + 1, max_rank, members, in_features, generator=generator)
+    b = torch.randn(slots + 1, max_rank, out, generator=generator)
+    a[slots].zero_()
+    b[slots].zero_()
+    return a, b
+
+
+@pytest.mark.parametrize(("in_features", "out", "rank", "members"), [
+    (576, 192, 16, 3),  # the embedded model's k_proj among q/k/v, rank a multiple of the blocks
+    (1536, 576, 8, 1),  # down_proj on its own
+    (37, 130, 5, 2),  # widths and a rank that fill no block or chunk exactly
+    (3, 1, 1, 1),  # smaller than one lane
+])
+def test_every_routed_token_gets_its_own_slots_delta(kernel: LoraDelta, in_features: int, out: int, rank: int,
+                                                     members: int) -> None:
+    torch.manual_seed(0)
+    slot_count = 4
+    a, b = stacks(slot_count, 16, members, in_features, out)
+    x = torch.randn(7, in_features) * in_features**-0.5  # shrinks of unit size, as trained adapters give
+    slots = torch.tensor([3, slot_count, 0, 3, 1, 2, slot_count])
+    h = torch.empty(len(slots), members, rank)
+    for member in range(members):
+        y = torch.randn(len(slots), out)
+        want = reference(x, slots, slot_count, a, rank, member, b, y)
+        kernel.add(x, slots, slot_count, a, rank, h, member == 0, member, b, y)
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        assert torch.equal(y[1], want[1]) and torch.equal(y[6], want[6])  # skipped tokens: not touched at all
+
+
+def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: LoraDelta) -> None:
+    """What a row generates must not depend on which other rows share its step."""
+    a, b = stacks(16, 16, 3, 576, 576)
+    token = torch.randn(1, 576)
+    y0 = torch.randn(1, 576)
+    alone = y0.clone()
+    kernel.add(token, torch.tensor([5]), 16, a, 16, torch.empty(1, 3, 16), True, 1, b, alone)
+    for threads in (1, 2):
+        batch = torch.cat([torch.randn(6, 576), token, torch.randn(8, 576)])
+        y = torch.cat([torch.randn(6, 576), y0, torch.randn(8, 576)])
+        slots = torch.tensor([0, 1, 2, 5, 16, 9, 5, 5, 3, 16, 4, 11, 12, 13, 14])
+        kernel.add(batch, slots, 16, a, 16, torch.empty(15, 3, 16), True, 1, b, y, threads=threads)
+        assert torch.equal(y[6], alone[0])
+
+
+def test_strided_rows_of_input_and_output_are_read_and_written_where_they_are(kernel: LoraDelta) -> None:
+    a, b = stacks(2, 4, 1, 8, 6)
+    wide_x, wide_y = torch.randn(3, 20), torch.randn(3, 9)
+    x, y = wide_x[:, 2:10], wide_y[:, 1:7]  # rows 20 and 9 floats apart
+    before = wide_y.clone()
+    slots = torch.tensor([1, 0, 2])
+    want = reference(x, slots, 2, a, 4, 0, b, y)
+    kernel.add(x, slots, 2, a, 4, torch.empty(3, 1, 4), True, 0, b, y)
+    torch.testing.assert_close(y, want)
+    assert torch.equal(wide_y[:, 0], before[:, 0]) and torch.equal(wide_y[:, 7:], before[:, 7:])
+
+
+def test_decode_tokens_go_to_the_kernel_and_prompt_chunks_to_torchs_matmuls(kernel: LoraDelta) -> None:
+    routing = LoraRouting(kernel=kernel)
+    chunk = BIG_SLOT_TOKENS + 4
+    routing.route([0, 1, 2, 1], 3, lambda slot: 8, CPU, [1, chunk, 1, 1])  # slot 1: a chunk and a decode row
+    assert routing.kernel_slots is not None and routing.kernel_slots.tolist() == [0] + [3] * chunk + [2, 3]
+    assert routing.single == 1 and routing.single_rows is not None and len(routing.single_rows) == chunk + 1
+    routing.route([0, 1, 3], 3, lambda slot: 8, CPU)  # decode rows only: nothing left for torch
+    assert routing.kernel_slots is not None and routing.kernel_slots.tolist() == [0, 1, 3]
+    assert routing.single is None and routing.groups is None and not routing.big
+    routing.route([3, 3], 3, lambda slot: 8, CPU)  # base rows only
+    assert routing.slots is None and routing.kernel_slots is None
+    LoraRouting(kernel=None).route([0, 1], 3, lambda slot: 8, CPU)
+
+
+def test_a_base_layer_that_returns_another_dtype_gets_its_delta_in_that_dtype(kernel: LoraDelta) -> None:
+    class HalfBase(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(16, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).to(torch.bfloat16)
+
+    outputs = []
+    for with_kernel in (kernel, None):
+        torch.manual_seed(0)
+        routing = LoraRouting(kernel=with_kernel)
+        layer = MultiLoraLinear(HalfBase(), 16, 8, 2, 4, routing, CPU, torch.float32)
+        layer.load_slot(0, torch.randn(4, 16), torch.randn(8, 4), 2.0)
+        routing.route([0, 2, 0], 2, lambda slot: 4, CPU)
+        outputs.append(layer(torch.randn(3, 1, 16)))
+    assert outputs[0].dtype == torch.bfloat16
+    torch.testing.assert_close(outputs[0], outputs[1])
+
+
+def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torchs_matmuls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def hung(*args: object, **kwargs: object) -> None:
+        raise subprocess.TimeoutExpired("cc", 120)
+
+    breakages = [
+        lambda: monkeypatch.setattr(native.shutil, "which", lambda name: None),
+        lambda: monkeypatch.setattr(cpu_lora, "probe_error", lambda kernel: 0.5),
+        lambda: monkeypatch.setattr(native.subprocess, "run", hung),
+        lambda: monkeypatch.setattr(cpu_lora, "SOURCE", cpu_lora.SOURCE.with_name("missing.c")),
+    ]
+    try:
+        for breakage in breakages:
+            lora_delta_kernel.cache_clear()
+            breakage()
+            assert lora_delta_kernel() is None
+            monkeypatch.undo()
+    finally:
+        monkeypatch.undo()
+        lora_delta_kernel.cache_clear()
+    assert lora_delta_kernel() is not None

@@ -1,0 +1,111 @@
+"""LoRA of the decode rows on the CPU: one native call per adapted layer for all of them.
+
+With several adapters in a decode pass torch gathered the tokens by slot, ran two batched matmuls
+on views of the slot stacks and scattered the result back; with one adapter, two matmuls and an
+add. Each of those ~6 operator calls costs tens of microseconds on the CPU before any arithmetic
+(the matrices are [16, 576] x [576, 48]), and a step of the embedded model has 210 adapted layers.
+`worker/csrc/lora_delta.c` adds every decode token's delta in place in one call a layer, reading
+each token's own slot of the stacks; prompt chunks (a slot with many tokens) stay on torch's
+matmuls, which are the faster there.
+
+Compiled when a worker first needs it (`worker.native`), used only if it computes what torch
+computes on a probe; otherwise the engine keeps torch's path (logged).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import subprocess
+
+import torch
+
+from worker import native
+
+log = logging.getLogger(__name__)
+
+SOURCE = native.CSRC / "lora_delta.c"
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+class LoraDelta:
+    """The compiled kernel: `add` adds the LoRA deltas of a pass's routed tokens to one layer's output."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._kernel = library.lora_delta
+        self._kernel.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int, _I64,
+                                 _PTR, _I64, _PTR, _I64, ctypes.c_int]
+        self._kernel.restype = None
+
+    def add(
+        self,
+        x: torch.Tensor,  # [tokens, in] float32, last dim dense: the layer's input
+        slots: torch.Tensor,  # [tokens] int64: each token's slot, `skip` for none
+        skip: int,
+        a: torch.Tensor,  # [slots + 1, max_rank, members, in] float32, contiguous: the members' A stacks
+        rank: int,
+        h: torch.Tensor,  # [tokens, members, rank] float32, contiguous: the shrinks
+        shrink: bool,  # compute h (for every member) first; else h holds them already
+        member: int,
+        b: torch.Tensor,  # [slots + 1, max_rank, out] float32, contiguous: this layer's B stack, transposed
+        y: torch.Tensor,  # [tokens, out] float32, last dim dense: the base output, added to in place
+        threads: int | None = None,
+    ) -> None:
+        _, max_rank, members, in_features = a.shape
+        self._kernel(
+            x.data_ptr(), x.stride(0), x.shape[0], slots.data_ptr(), skip, a.data_ptr(), max_rank, members,
+            in_features, rank, h.data_ptr(), shrink, member, b.data_ptr(), b.shape[2], y.data_ptr(), y.stride(0),
+            torch.get_num_threads() if threads is None else threads,
+        )  # fmt: skip
+
+
+@functools.cache
+def lora_delta_kernel() -> LoraDelta | None:
+    """The kernel for this process, compiled once; None (logged) where it cannot be built or is wrong."""
+    try:
+        library, openmp = native.build(SOURCE)
+        kernel = LoraDelta(library)
+    except native.NoCompiler:
+        log.info("no C compiler: decode rows' LoRA stays on torch's matmuls")
+        return None
+    except (OSError, subprocess.SubprocessError, AttributeError) as failure:  # failed or hung compiler, bad library
+        log.warning("LoRA kernel unavailable (%s): decode rows' LoRA stays on torch's matmuls", str(failure)[-500:])
+        return None
+    difference = probe_error(kernel)
+    if difference > 1e-4:
+        log.warning("LoRA kernel differs from torch's matmuls by %.2e on a probe: not used", difference)
+        return None
+    log.info("decode rows' LoRA: native kernel (%s)", "OpenMP threads" if openmp else "one thread")
+    return kernel
+
+
+def reference(x: torch.Tensor, slots: torch.Tensor, skip: int, a: torch.Tensor, rank: int, member: int,
+              b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What `LoraDelta.add` computes, with torch: y + B[slot] . (A[slot] . x) per routed token."""
+    out = y.clone()
+    for t, slot in enumerate(slots.tolist()):
+        if slot != skip:
+            out[t] += (a[slot, :rank, member] @ x[t]) @ b[slot, :rank]
+    return out
+
+
+def probe_error(kernel: LoraDelta) -> float:
+    """Largest difference from torch over the members of a shared input, ranks and widths that are not
+    multiples of the kernel's blocks, tokens on one slot, several and none."""
+    generator = torch.Generator().manual_seed(0)
+    slot_count, max_rank, members, in_features, out_features, rank = 4, 8, 3, 40, 70, 7
+    a = torch.randn(slot_count + 1, max_rank, members, in_features, generator=generator)
+    b = torch.randn(slot_count + 1, max_rank, out_features, generator=generator)
+    x = torch.randn(6, in_features, generator=generator)
+    slots = torch.tensor([2, slot_count, 0, 2, 3, 1])
+    h = torch.empty(len(slots), members, rank)
+    error = 0.0
+    for member in range(members):
+        y = torch.randn(len(slots), out_features, generator=generator)
+        expected = reference(x, slots, slot_count, a, rank, member, b, y)
+        kernel.add(x, slots, slot_count, a, rank, h, member == 0, member, b, y)
+        error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
+        if not y.isfinite().all():
+            return float("inf")
+    return error
