@@ -26,6 +26,7 @@ test: venv
 bench: venv
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.engine_bench
+	$(PY) -m bench.lora_bench
 
 lint: venv
 	$(VENV)/bin/ruff check app worker adapters tests scripts $(wildcard bench)
