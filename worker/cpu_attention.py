@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from worker import native
-
-log = logging.getLogger(__name__)
 
 SOURCE = native.CSRC / "decode_attention.c"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -77,22 +73,7 @@ class DecodeAttention:
 @functools.cache
 def decode_attention_kernel() -> DecodeAttention | None:
     """The kernel for this process, compiled once; None (logged) where it cannot be built or is wrong."""
-    try:
-        library, openmp = native.build(SOURCE)
-        kernel = DecodeAttention(library)
-    except native.NoCompiler:
-        log.info("no C compiler: decode attention stays on torch's attention")
-        return None
-    except (OSError, subprocess.SubprocessError, AttributeError) as failure:  # failed or hung compiler, bad library
-        log.warning("decode attention kernel unavailable (%s): decode attention stays on torch's attention",
-                    str(failure)[-500:])
-        return None
-    difference = probe_error(kernel)
-    if difference > 1e-4:
-        log.warning("decode attention kernel differs from torch's by %.2e on a probe: not used", difference)
-        return None
-    log.info("decode attention: native kernel (%s)", "OpenMP threads" if openmp else "one thread")
-    return kernel
+    return native.load(SOURCE, DecodeAttention, probe_error, "decode attention", "torch's attention")
 
 
 def probe_error(kernel: DecodeAttention) -> float:

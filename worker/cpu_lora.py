@@ -16,14 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
-import subprocess
 
 import torch
 
 from worker import native
-
-log = logging.getLogger(__name__)
 
 SOURCE = native.CSRC / "lora_delta.c"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
@@ -63,21 +59,7 @@ class LoraDelta:
 @functools.cache
 def lora_delta_kernel() -> LoraDelta | None:
     """The kernel for this process, compiled once; None (logged) where it cannot be built or is wrong."""
-    try:
-        library, openmp = native.build(SOURCE)
-        kernel = LoraDelta(library)
-    except native.NoCompiler:
-        log.info("no C compiler: decode rows' LoRA stays on torch's matmuls")
-        return None
-    except (OSError, subprocess.SubprocessError, AttributeError) as failure:  # failed or hung compiler, bad library
-        log.warning("LoRA kernel unavailable (%s): decode rows' LoRA stays on torch's matmuls", str(failure)[-500:])
-        return None
-    difference = probe_error(kernel)
-    if difference > 1e-4:
-        log.warning("LoRA kernel differs from torch's matmuls by %.2e on a probe: not used", difference)
-        return None
-    log.info("decode rows' LoRA: native kernel (%s)", "OpenMP threads" if openmp else "one thread")
-    return kernel
+    return native.load(SOURCE, LoraDelta, probe_error, "decode rows' LoRA", "torch's matmuls")
 
 
 def reference(x: torch.Tensor, slots: torch.Tensor, skip: int, a: torch.Tensor, rank: int, member: int,

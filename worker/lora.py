@@ -8,6 +8,9 @@ for two batched matmuls on views of the slot stacks, and each slot with many (a 
 chunk) two matmuls of its own. Layers that read the same input (q/k/v, gate/up: a `SharedInput`)
 keep their A stacks interleaved in one tensor, so the first of them to run gathers the tokens
 and shrinks them for all (one matmul where there were three), and the others take their share.
+On the CPU the decode tokens' share of all this is one native call per layer instead
+(`worker.cpu_lora`, `LoraRouting.kernel`); the torch paths keep the prompt chunks, and everything
+where the kernel is not built (no C compiler, bfloat16 slots, a GPU).
 Adapter weights are copied into the slot tensors from their own files: the base module is never
 read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """

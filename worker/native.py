@@ -8,10 +8,17 @@ own path (logged) where there is no C compiler, the build fails or hangs, or the
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+K = TypeVar("K")
+PROBE_TOLERANCE = 1e-4  # largest difference from torch on a kernel's probe
 
 CSRC = Path(__file__).parent / "csrc"
 # Finite-math and signed-zero freedom let the compiler vectorize max and select; sums keep their
@@ -44,3 +51,24 @@ def build(source: Path) -> tuple[ctypes.CDLL, bool]:
             if built.returncode == 0:
                 return ctypes.CDLL(str(library)), openmp  # loaded: the file may go
     raise subprocess.SubprocessError(f"{compiler} could not compile {source.name}: {built.stderr.strip()}")
+
+
+def load(source: Path, wrap: Callable[[ctypes.CDLL], K], probe: Callable[[K], float], what: str,
+         fallback: str) -> K | None:
+    """`wrap` of the built `source` if it gives what torch gives on `probe`; else None, logged, and the
+    caller keeps `fallback` (torch's way of computing `what`)."""
+    try:
+        library, openmp = build(source)
+        kernel = wrap(library)
+    except NoCompiler:
+        log.info("no C compiler: %s stays on %s", what, fallback)
+        return None
+    except (OSError, subprocess.SubprocessError, AttributeError) as failure:  # failed or hung compiler, bad library
+        log.warning("%s kernel unavailable (%s): %s stays on %s", what, str(failure)[-500:], what, fallback)
+        return None
+    difference = probe(kernel)
+    if difference > PROBE_TOLERANCE:
+        log.warning("%s kernel differs from %s by %.2e on a probe: not used", what, fallback, difference)
+        return None
+    log.info("%s: native kernel (%s)", what, "OpenMP threads" if openmp else "one thread")
+    return kernel

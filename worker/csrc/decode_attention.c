@@ -15,22 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#define LANES 16
-
-static float dot(const float *a, const float *b, int64_t n)
-{
-    const int64_t whole = n - n % LANES;
-    float part[LANES] = {0};
-    for (int64_t d = 0; d < whole; d += LANES)
-        for (int i = 0; i < LANES; i++)
-            part[i] += a[d + i] * b[d + i];
-    float sum = 0.0f;
-    for (int i = 0; i < LANES; i++)
-        sum += part[i];
-    for (int64_t d = whole; d < n; d++)
-        sum += a[d] * b[d];
-    return sum;
-}
+#include "lanes.h"
 
 /* exp(x) for x <= 0 (Cephes' expf polynomial after reducing by a multiple of ln 2), elementwise
  * so that it vectorizes; below -87 it returns exp(-87), which is 0 next to the maximum's exp(0). */

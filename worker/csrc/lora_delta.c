@@ -15,7 +15,8 @@
  */
 #include <stdint.h>
 
-#define LANES 16
+#include "lanes.h"
+
 #define BLOCK 4 /* ranks shrunk together: independent sums keep the multiply-add units busy */
 #define CHUNK 64 /* output columns a thread expands at once, their sums held in registers */
 
@@ -36,21 +37,6 @@ static void dots(const float *restrict a, int64_t a_stride, const float *restric
             sum += a[j * a_stride + d] * x[d];
         out[j] = sum;
     }
-}
-
-static float dot(const float *restrict a, const float *restrict x, int64_t n)
-{
-    const int64_t whole = n - n % LANES;
-    float part[LANES] = {0};
-    for (int64_t d = 0; d < whole; d += LANES)
-        for (int i = 0; i < LANES; i++)
-            part[i] += a[d + i] * x[d + i];
-    float sum = 0.0f;
-    for (int i = 0; i < LANES; i++)
-        sum += part[i];
-    for (int64_t d = whole; d < n; d++)
-        sum += a[d] * x[d];
-    return sum;
 }
 
 /* y[0..n) += sum over r of h[r] * b[r * b_stride + (0..n)], the sum over r in order. */
