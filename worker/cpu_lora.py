@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -25,35 +27,80 @@ SOURCE = native.CSRC / "lora_delta.c"
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
+@dataclass(frozen=True)
+class TokenTiles:
+    """A pass's routed tokens for the kernel, in tiles of up to `LoraDelta.tile` tokens on one slot
+    (each weight a tile reads serves all its tokens), made once a pass (`LoraDelta.tiles`).
+
+    `table` holds [order | start | slot]: the tokens' indices tile after tile, where each tile starts
+    in `order` (and where the last ends), and each tile's slot; the three addresses are kept.
+    """
+
+    table: torch.Tensor  # int64 [tokens routed + 2 * count + 1]
+    count: int  # tiles
+    order: int  # addresses in `table`
+    start: int
+    slot: int
+
+
 class LoraDelta:
     """The compiled kernel: `add` adds the LoRA deltas of a pass's routed tokens to one layer's output."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._kernel = library.lora_delta
-        self._kernel.argtypes = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int, _I64,
-                                 _PTR, _I64, _PTR, _I64, ctypes.c_int]
+        self._kernel.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int,
+                                 _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int]
         self._kernel.restype = None
+        self.tile = int(library.lora_tile())
+
+    def tiles(self, slots: Sequence[int], skip: int) -> TokenTiles:
+        """Tiles of the tokens whose slot (`slots[token]`) is not `skip`, grouped by slot in token order."""
+        by_slot: dict[int, list[int]] = {}
+        for token, slot in enumerate(slots):
+            if slot != skip:
+                by_slot.setdefault(slot, []).append(token)
+        order: list[int] = []
+        starts: list[int] = []
+        tile_slots: list[int] = []
+        for slot, tokens in by_slot.items():
+            for first in range(0, len(tokens), self.tile):
+                starts.append(len(order))
+                tile_slots.append(slot)
+                order.extend(tokens[first : first + self.tile])
+        starts.append(len(order))
+        table = torch.tensor(order + starts + tile_slots, dtype=torch.int64)
+        base = table.data_ptr()
+        return TokenTiles(table, len(tile_slots), base, base + 8 * len(order), base + 8 * (len(order) + len(starts)))
+
+    @staticmethod
+    def stacks(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, int, int, int]:
+        """What `call` needs of a layer's stacks: (A's address, max_rank, members, in, B's address, out).
+        a: [slots + 1, max_rank, members, in], b: [slots + 1, max_rank, out], both float32, contiguous."""
+        _, max_rank, members, in_features = a.shape
+        return a.data_ptr(), max_rank, members, in_features, b.data_ptr(), b.shape[2]
+
+    def call(self, x: int, x_stride: int, tiles: TokenTiles, stacks: tuple[int, int, int, int, int, int], rank: int,
+             h: int, shrink: bool, member: int, y: int, y_stride: int, threads: int) -> None:
+        """`add` on addresses, for the engine's layers (which keep their `stacks`)."""
+        a, max_rank, members, in_features, b, out = stacks
+        self._kernel(x, x_stride, tiles.order, tiles.count, tiles.start, tiles.slot, a, max_rank, members,
+                     in_features, rank, h, shrink, member, b, out, y, y_stride, threads)
 
     def add(
         self,
         x: torch.Tensor,  # [tokens, in] float32, last dim dense: the layer's input
-        slots: torch.Tensor,  # [tokens] int64: each token's slot, `skip` for none
-        skip: int,
+        tiles: TokenTiles,  # the tokens to add a delta to, and their slots
         a: torch.Tensor,  # [slots + 1, max_rank, members, in] float32, contiguous: the members' A stacks
         rank: int,
-        h: torch.Tensor,  # [tokens, members, rank] float32, contiguous: the shrinks
+        h: torch.Tensor,  # [tokens, members, rank] float32, contiguous (or a larger buffer): the shrinks
         shrink: bool,  # compute h (for every member) first; else h holds them already
         member: int,
         b: torch.Tensor,  # [slots + 1, max_rank, out] float32, contiguous: this layer's B stack, transposed
         y: torch.Tensor,  # [tokens, out] float32, last dim dense: the base output, added to in place
         threads: int | None = None,
     ) -> None:
-        _, max_rank, members, in_features = a.shape
-        self._kernel(
-            x.data_ptr(), x.stride(0), x.shape[0], slots.data_ptr(), skip, a.data_ptr(), max_rank, members,
-            in_features, rank, h.data_ptr(), shrink, member, b.data_ptr(), b.shape[2], y.data_ptr(), y.stride(0),
-            torch.get_num_threads() if threads is None else threads,
-        )  # fmt: skip
+        self.call(x.data_ptr(), x.stride(0), tiles, self.stacks(a, b), rank, h.data_ptr(), shrink, member,
+                  y.data_ptr(), y.stride(0), torch.get_num_threads() if threads is None else threads)
 
 
 @functools.cache
@@ -74,19 +121,19 @@ def reference(x: torch.Tensor, slots: torch.Tensor, skip: int, a: torch.Tensor, 
 
 def probe_error(kernel: LoraDelta) -> float:
     """Largest difference from torch over the members of a shared input, ranks and widths that are not
-    multiples of the kernel's blocks, tokens on one slot, several and none."""
+    multiples of the kernel's blocks, tokens on one slot (more than a tile's), several and none."""
     generator = torch.Generator().manual_seed(0)
     slot_count, max_rank, members, in_features, out_features, rank = 4, 8, 3, 40, 70, 7
     a = torch.randn(slot_count + 1, max_rank, members, in_features, generator=generator)
     b = torch.randn(slot_count + 1, max_rank, out_features, generator=generator)
-    x = torch.randn(6, in_features, generator=generator)
-    slots = torch.tensor([2, slot_count, 0, 2, 3, 1])
+    x = torch.randn(10, in_features, generator=generator)
+    slots = torch.tensor([2, slot_count, 0, 2, 3, 1, 2, 2, 2, 2])  # slot 2: more tokens than one tile
     h = torch.empty(len(slots), members, rank)
     error = 0.0
     for member in range(members):
         y = torch.randn(len(slots), out_features, generator=generator)
         expected = reference(x, slots, slot_count, a, rank, member, b, y)
-        kernel.add(x, slots, slot_count, a, rank, h, member == 0, member, b, y)
+        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, b, y)
         error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
         if not y.isfinite().all():
             return float("inf")

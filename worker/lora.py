@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from worker.cpu_lora import LoraDelta
+from worker.cpu_lora import LoraDelta, TokenTiles
 
 BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -54,13 +54,15 @@ class LoraRouting:
     # the LoRA of every few-token slot's tokens, and `single`, `groups` and `big` then cover only the rest.
     kernel: LoraDelta | None = None
     kernel_slots: torch.Tensor | None = None  # [tokens] int64: the kernel's slot of each token; `zero_slot` for none
+    kernel_tiles: TokenTiles | None = None  # the same tokens as the kernel takes them
+    kernel_only: bool = False  # the kernel covers every token with an adapter: torch's paths have nothing to do
     zero_slot: int = -1
 
     pass_id: int = 0  # changes with every routing: shared shrinks never outlive their pass
 
     def clear(self) -> None:
         self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
-        self.groups, self.big, self.kernel_slots = None, (), None
+        self.groups, self.big, self.kernel_slots, self.kernel_tiles, self.kernel_only = None, (), None, None, False
         self.pass_id += 1
 
     def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device,
@@ -77,17 +79,21 @@ class LoraRouting:
         self.active = active
         self.rank = max(rank_of(slot) for slot in active)
         self.zero_slot = zero_slot
-        self.single, self.single_rows, self.groups, self.big, self.kernel_slots = None, None, None, (), None
+        self.single, self.single_rows, self.groups, self.big = None, None, None, ()
+        self.kernel_slots, self.kernel_tiles, self.kernel_only = None, None, False
         by_slot: dict[int, list[int]] = {}
         for token, slot in enumerate(per_token):
             if slot != zero_slot:
                 by_slot.setdefault(slot, []).append(token)
         few = {slot: tokens for slot, tokens in by_slot.items() if len(tokens) <= BIG_SLOT_TOKENS}
         if self.kernel is not None and few:
-            self.kernel_slots = torch.tensor([s if s in few else zero_slot for s in per_token], dtype=torch.int64)
+            kernel_slots = [s if s in few else zero_slot for s in per_token]
+            self.kernel_slots = torch.tensor(kernel_slots, dtype=torch.int64)
+            self.kernel_tiles = self.kernel.tiles(kernel_slots, zero_slot)
             by_slot = {slot: tokens for slot, tokens in by_slot.items() if slot not in few}
             few = {}
             if not by_slot:
+                self.kernel_only = True
                 return
         if len(by_slot) == 1:
             self.single, tokens = next(iter(by_slot.items()))
@@ -157,6 +163,7 @@ class SharedInput:
         self._input: torch.Tensor | None = None
         self._pass = -1
         self._shrinks: dict[object, torch.Tensor] = {}
+        self._kernel_h = torch.empty(0, dtype=torch.float32)  # the native kernel's shrinks (CPU only), reused
 
     def shrink(self, x_in: torch.Tensor, pass_id: int, key: object,
                compute: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -178,6 +185,17 @@ class SharedInput:
         """Keep a shrink for the other members (after `kept` found none for the same input and pass)."""
         if self.members > 1:
             self._shrinks[key] = shrink
+
+    def kernel_shrinks(self, x_in: torch.Tensor, pass_id: int, per_member: int) -> tuple[torch.Tensor, bool]:
+        """Where the native kernel keeps the shrinks of this input ([tokens, members, rank] at the
+        start of a buffer that lives as long as the layer), and whether they still have to be computed
+        (the first member called with it in the pass computes them for all)."""
+        if self.kept(x_in, pass_id, "kernel") is not None:
+            return self._kernel_h, False
+        if self._kernel_h.numel() < per_member * self.members:
+            self._kernel_h = torch.empty(per_member * self.members, dtype=torch.float32)
+        self.keep("kernel", self._kernel_h)
+        return self._kernel_h, True
 
     def release(self) -> None:
         """The last member has run: nothing holds the input or the shrinks past the layer."""
@@ -210,10 +228,11 @@ class MultiLoraLinear(nn.Module):
         # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
         self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._stacks: tuple[int, int, int, int, int, int] | None = None  # `LoraDelta.stacks` of this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            return self._forward(x)
+            return self._kernel_forward(x) if self.routing.kernel_only else self._forward(x)
         finally:
             if self.shared.members > 1 and self.member == self.shared.members - 1:
                 self.shared.release()  # members run in order (q, k, v): this one is the last
@@ -288,19 +307,31 @@ class MultiLoraLinear(nn.Module):
 
     def _kernel_delta(self, x_in: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [tokens, out] with the native kernel's deltas added (`LoraRouting.kernel`), in place where it can."""
-        route, shared = self.routing, self.shared
-        assert route.kernel is not None and route.kernel_slots is not None
+        route = self.routing
+        assert route.kernel is not None and route.kernel_tiles is not None
         out = y if y.dtype == torch.float32 and y.stride(-1) == 1 else y.float().contiguous()
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        h = shared.kept(x_in, route.pass_id, "kernel")
-        shrink = h is None
-        if h is None:
-            h = torch.empty(x.shape[0], shared.members, route.rank)
-            shared.keep("kernel", h)
-        route.kernel.add(x, route.kernel_slots, route.zero_slot, shared.a, route.rank, h, shrink, self.member,
-                         self.lora_b, out)
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            x = x.to(torch.float32).contiguous()
+        h, shrink = self.shared.kernel_shrinks(x_in, route.pass_id, x.shape[0] * route.rank)
+        route.kernel.add(x, route.kernel_tiles, self.shared.a, route.rank, h, shrink, self.member, self.lora_b, out)
         return out if out is y else out.to(y.dtype)
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`_forward` of a pass whose adapter tokens are all the kernel's (decode steps), in as few
+        steps as it takes: the general way spent ~20 microseconds of Python a layer, 210 layers a pass."""
+        y = self.base(x)
+        route = self.routing
+        if self.filled.isdisjoint(route.active):
+            return y
+        if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous()):
+            return self._kernel_delta(x, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])).view(y.shape)
+        assert route.kernel is not None and route.kernel_tiles is not None
+        if self._stacks is None:  # the stacks are written in place, never replaced: their addresses hold
+            self._stacks = route.kernel.stacks(self.shared.a, self.lora_b)
+        h, shrink = self.shared.kernel_shrinks(x, route.pass_id, x.numel() // x.shape[-1] * route.rank)
+        route.kernel.call(x.data_ptr(), x.shape[-1], route.kernel_tiles, self._stacks, route.rank, h.data_ptr(),
+                          shrink, self.member, y.data_ptr(), y.shape[-1], torch.get_num_threads())
+        return y
 
     def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A of every member sharing the input, [in, rank * members]; this layer's B, [rank, out]) of a

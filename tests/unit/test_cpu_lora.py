@@ -52,24 +52,45 @@ def test_every_routed_token_gets_its_own_slots_delta(kernel: LoraDelta, in_featu
     for member in range(members):
         y = torch.randn(len(slots), out)
         want = reference(x, slots, slot_count, a, rank, member, b, y)
-        kernel.add(x, slots, slot_count, a, rank, h, member == 0, member, b, y)
+        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, b, y)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
         assert torch.equal(y[1], want[1]) and torch.equal(y[6], want[6])  # skipped tokens: not touched at all
 
 
 def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: LoraDelta) -> None:
-    """What a row generates must not depend on which other rows share its step."""
+    """What a row generates must not depend on which other rows share its step: not on how many share
+    its adapter (its tile), nor where in the tile it lands, nor on the threads."""
     a, b = stacks(16, 16, 3, 576, 576)
     token = torch.randn(1, 576)
     y0 = torch.randn(1, 576)
     alone = y0.clone()
-    kernel.add(token, torch.tensor([5]), 16, a, 16, torch.empty(1, 3, 16), True, 1, b, alone)
-    for threads in (1, 2):
-        batch = torch.cat([torch.randn(6, 576), token, torch.randn(8, 576)])
-        y = torch.cat([torch.randn(6, 576), y0, torch.randn(8, 576)])
-        slots = torch.tensor([0, 1, 2, 5, 16, 9, 5, 5, 3, 16, 4, 11, 12, 13, 14])
-        kernel.add(batch, slots, 16, a, 16, torch.empty(15, 3, 16), True, 1, b, y, threads=threads)
-        assert torch.equal(y[6], alone[0])
+    kernel.add(token, kernel.tiles([5], 16), a, 16, torch.empty(1, 3, 16), True, 1, b, alone)
+    generator = torch.Generator().manual_seed(1)
+    for others_on_slot in (0, 1, kernel.tile - 1, kernel.tile, 2 * kernel.tile + 1):
+        for position in range(min(others_on_slot, kernel.tile) + 1):
+            slots = [5] * others_on_slot + [0, 1, 16, 9, 11, 3]
+            slots.insert(position, 5)  # the token's place among its slot's tokens
+            batch, y = torch.randn(len(slots), 576, generator=generator), torch.randn(len(slots), 576)
+            batch[position], y[position] = token[0], y0[0]
+            for threads in (1, 2):
+                out = y.clone()
+                kernel.add(batch, kernel.tiles(slots, 16), a, 16, torch.empty(len(slots), 3, 16), True, 1, b, out,
+                           threads=threads)
+                assert torch.equal(out[position], alone[0]), (others_on_slot, position, threads)
+
+
+def test_tiles_group_a_slots_tokens_in_order_and_leave_out_the_skipped(kernel: LoraDelta) -> None:
+    tile = kernel.tile
+    slots = [2, 7, 2, 9] + [2] * tile + [7]
+    tiles = kernel.tiles(slots, 9)
+    table = tiles.table.tolist()
+    routed = len(slots) - 1
+    order, starts, tile_slots = table[:routed], table[routed:routed + tiles.count + 1], table[routed + tiles.count + 1:]
+    groups = [(tile_slots[g], order[starts[g]:starts[g + 1]]) for g in range(tiles.count)]
+    twos = [0, 2, *range(4, 4 + tile)]
+    want = [(2, twos[i:i + tile]) for i in range(0, len(twos), tile)] + [(7, [1, 4 + tile])]
+    assert groups == want
+    assert kernel.tiles([9, 9], 9).count == 0
 
 
 def test_strided_rows_of_input_and_output_are_read_and_written_where_they_are(kernel: LoraDelta) -> None:
@@ -79,7 +100,7 @@ def test_strided_rows_of_input_and_output_are_read_and_written_where_they_are(ke
     before = wide_y.clone()
     slots = torch.tensor([1, 0, 2])
     want = reference(x, slots, 2, a, 4, 0, b, y)
-    kernel.add(x, slots, 2, a, 4, torch.empty(3, 1, 4), True, 0, b, y)
+    kernel.add(x, kernel.tiles(slots.tolist(), 2), a, 4, torch.empty(3, 1, 4), True, 0, b, y)
     torch.testing.assert_close(y, want)
     assert torch.equal(wide_y[:, 0], before[:, 0]) and torch.equal(wide_y[:, 7:], before[:, 7:])
 

@@ -5,11 +5,16 @@
  * same in ~6 operator calls a layer (a shrink, a reshape, an expand, an add and their gathers),
  * ~40 us each on the CPU before any arithmetic, 210 layers a step on the embedded model.
  *
+ * The caller hands the tokens in tiles: up to TILE tokens on one slot (`lora_tile`), so that each
+ * weight the tile reads from memory serves all of its tokens (with one adapter on every row the
+ * shrink otherwise loaded as many weights as it multiplied).
+ *
  * The layers that read one input (q/k/v, gate/up) keep their A stacks interleaved; the first of
  * them shrinks the input for all (`shrink` set), the others only expand their share of `h`.
  *
- * Every sum runs in a fixed order in fixed-width lanes (no -ffast-math, no reassociation), so a
- * token's delta depends only on its own input and slot, never on the tokens beside it.
+ * Every sum runs in a fixed order in fixed-width lanes (no -ffast-math, no reassociation), and a
+ * token's sums are the same arithmetic whichever tile it is in, so its delta depends only on its
+ * own input and slot, never on the tokens beside it.
  *
  * Compiled when a worker starts, for the host it runs on (worker/cpu_lora.py).
  */
@@ -19,84 +24,152 @@
 
 #define BLOCK 4 /* ranks shrunk together: independent sums keep the multiply-add units busy */
 #define CHUNK 64 /* output columns a thread expands at once, their sums held in registers */
+#ifdef __AVX512F__
+#define TILE 4 /* tokens of one slot computed together: 4 ranks x 4 tokens of 16 lanes fill 16 of 32 registers */
+#else
+#define TILE 2 /* with 16 vector registers, as many sums as fit without spilling */
+#endif
 
-/* out[j] = a_j . x for the BLOCK rows a_j = a + j * a_stride; each sum in the same lane order as one dot. */
-static void dots(const float *restrict a, int64_t a_stride, const float *restrict x, int64_t n, float *out)
+int lora_tile(void) { return TILE; }
+
+/* out[t][j] = a_j . xs[t] for the BLOCK rows a_j = a + j * a_stride and the T tokens xs[t]; each sum
+ * in the same lane order as one dot. T is a constant where it is inlined. */
+static inline __attribute__((always_inline)) void tile_dots(const float *restrict a, int64_t a_stride,
+                                                            const float *const *xs, const int T, int64_t n,
+                                                            float *const *outs)
 {
     const int64_t whole = n - n % LANES;
-    float part[BLOCK][LANES] = {{0}};
+    float part[BLOCK][TILE][LANES] = {{{0}}};
     for (int64_t d = 0; d < whole; d += LANES)
         for (int j = 0; j < BLOCK; j++)
+            for (int t = 0; t < T; t++)
+                for (int i = 0; i < LANES; i++)
+                    part[j][t][i] += a[j * a_stride + d + i] * xs[t][d + i];
+    for (int j = 0; j < BLOCK; j++)
+        for (int t = 0; t < T; t++) {
+            float sum = 0.0f;
             for (int i = 0; i < LANES; i++)
-                part[j][i] += a[j * a_stride + d + i] * x[d + i];
-    for (int j = 0; j < BLOCK; j++) {
-        float sum = 0.0f;
-        for (int i = 0; i < LANES; i++)
-            sum += part[j][i];
-        for (int64_t d = whole; d < n; d++)
-            sum += a[j * a_stride + d] * x[d];
-        out[j] = sum;
-    }
+                sum += part[j][t][i];
+            for (int64_t d = whole; d < n; d++)
+                sum += a[j * a_stride + d] * xs[t][d];
+            outs[t][j] = sum;
+        }
 }
 
-/* y[0..n) += sum over r of h[r] * b[r * b_stride + (0..n)], the sum over r in order. */
-static inline void expand(const float *restrict h, const float *restrict b, int64_t b_stride, int64_t rank,
-                          const int64_t n, float *restrict y)
+static void shrink_tile(const float *as, int64_t a_stride, const float *const *xs, const int T, int64_t n,
+                        int64_t rank, float *const *hs)
 {
-    float acc[CHUNK];
-    for (int64_t c = 0; c < n; c++)
-        acc[c] = 0.0f;
-    for (int64_t r = 0; r < rank; r++) {
-        const float hr = h[r];
-        const float *br = b + r * b_stride;
-        for (int64_t c = 0; c < n; c++)
-            acc[c] += hr * br[c];
+    int64_t r = 0;
+    for (; r + BLOCK <= rank; r += BLOCK) {
+        float *outs[TILE];
+        for (int t = 0; t < T; t++)
+            outs[t] = hs[t] + r;
+        switch (T) { /* one specialized copy per tile size */
+        case 1: tile_dots(as + r * a_stride, a_stride, xs, 1, n, outs); break;
+#if TILE >= 2
+        case 2: tile_dots(as + r * a_stride, a_stride, xs, 2, n, outs); break;
+#endif
+#if TILE >= 3
+        case 3: tile_dots(as + r * a_stride, a_stride, xs, 3, n, outs); break;
+#endif
+#if TILE >= 4
+        case 4: tile_dots(as + r * a_stride, a_stride, xs, 4, n, outs); break;
+#endif
+        }
     }
-    for (int64_t c = 0; c < n; c++)
-        y[c] += acc[c];
+    for (; r < rank; r++)
+        for (int t = 0; t < T; t++)
+            hs[t][r] = dot(as + r * a_stride, xs[t], n);
 }
 
-/* x: [tokens, in], rows x_stride apart; slot[t]: the token's slot, or `skip` (nothing added)
+/* ys[t][0..n) += sum over r of hs[t][r] * b[r * b_stride + (0..n)], the sum over r in order. */
+static inline __attribute__((always_inline)) void expand_tile(const float *const *hs, const float *restrict b,
+                                                              int64_t b_stride, int64_t rank, const int T,
+                                                              const int64_t n, float *const *ys)
+{
+    float acc[TILE][CHUNK];
+    for (int t = 0; t < T; t++)
+        for (int64_t c = 0; c < n; c++)
+            acc[t][c] = 0.0f;
+    for (int64_t r = 0; r < rank; r++) {
+        const float *br = b + r * b_stride;
+        for (int t = 0; t < T; t++) {
+            const float hr = hs[t][r];
+            for (int64_t c = 0; c < n; c++)
+                acc[t][c] += hr * br[c];
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int64_t c = 0; c < n; c++)
+            ys[t][c] += acc[t][c];
+}
+
+static void expand_chunk(const float *const *hs, const float *b, int64_t b_stride, int64_t rank, const int T,
+                         int64_t n, float *const *ys)
+{
+    if (n == CHUNK) {
+        switch (T) {
+        case 1: expand_tile(hs, b, b_stride, rank, 1, CHUNK, ys); break;
+#if TILE >= 2
+        case 2: expand_tile(hs, b, b_stride, rank, 2, CHUNK, ys); break;
+#endif
+#if TILE >= 3
+        case 3: expand_tile(hs, b, b_stride, rank, 3, CHUNK, ys); break;
+#endif
+#if TILE >= 4
+        case 4: expand_tile(hs, b, b_stride, rank, 4, CHUNK, ys); break;
+#endif
+        }
+    } else {
+        expand_tile(hs, b, b_stride, rank, T, n, ys);
+    }
+}
+
+/* x: [tokens, in], rows x_stride apart
+ * order: the routed tokens' indices, tile after tile; start[g]..start[g + 1]: tile g's share of
+ *   `order`, at most TILE tokens, all on slot tile_slot[g]
  * a: [slots + 1, max_rank, members, in], contiguous: the A stacks of the layers sharing x
  * h: [tokens, members, rank], contiguous: written for every member when `shrink`, else read
  * b: [slots + 1, max_rank, out], contiguous: this layer's (the `member`-th) B stack, transposed
- * y: [tokens, out], rows y_stride apart: y[t] += h[t, member] . b[slot[t], :rank] */
-void lora_delta(const float *x, int64_t x_stride, int64_t tokens, const int64_t *slot, int64_t skip,
-                const float *a, int64_t max_rank, int64_t members, int64_t in, int64_t rank,
-                float *h, int shrink, int64_t member, const float *b, int64_t out, float *y, int64_t y_stride,
-                int threads)
+ * y: [tokens, out], rows y_stride apart: y[t] += h[t, member] . b[slot of t, :rank]; tokens not in
+ *   `order` are not touched */
+void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t tiles, const int64_t *start,
+                const int64_t *tile_slot, const float *a, int64_t max_rank, int64_t members, int64_t in,
+                int64_t rank, float *h, int shrink, int64_t member, const float *b, int64_t out, float *y,
+                int64_t y_stride, int threads)
 {
     const int64_t chunks = (out + CHUNK - 1) / CHUNK;
 #pragma omp parallel num_threads(threads)
     {
         if (shrink) {
 #pragma omp for schedule(static)
-            for (int64_t item = 0; item < tokens * members; item++) {
-                const int64_t t = item / members, m = item % members, s = slot[t];
-                if (s == skip)
-                    continue;
-                const float *xt = x + t * x_stride;
-                const float *as = a + (s * max_rank * members + m) * in; /* rank r at as + r * members * in */
-                float *ht = h + (t * members + m) * rank;
-                int64_t r = 0;
-                for (; r + BLOCK <= rank; r += BLOCK)
-                    dots(as + r * members * in, members * in, xt, in, ht + r);
-                for (; r < rank; r++)
-                    ht[r] = dot(as + r * members * in, xt, in);
+            for (int64_t item = 0; item < tiles * members; item++) {
+                const int64_t g = item / members, m = item % members, s = tile_slot[g];
+                const int T = (int)(start[g + 1] - start[g]);
+                const float *xs[TILE];
+                float *hs[TILE];
+                for (int t = 0; t < T; t++) {
+                    const int64_t token = order[start[g] + t];
+                    xs[t] = x + token * x_stride;
+                    hs[t] = h + (token * members + m) * rank;
+                }
+                /* rank r of member m at as + r * members * in */
+                shrink_tile(a + (s * max_rank * members + m) * in, members * in, xs, T, in, rank, hs);
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t item = 0; item < tokens * chunks; item++) {
-            const int64_t t = item / chunks, c0 = (item % chunks) * CHUNK, s = slot[t];
-            if (s == skip)
-                continue;
-            const float *ht = h + (t * members + member) * rank;
-            const float *bs = b + s * max_rank * out + c0;
-            float *yt = y + t * y_stride + c0;
-            if (out - c0 >= CHUNK)
-                expand(ht, bs, out, rank, CHUNK, yt);
-            else
-                expand(ht, bs, out, rank, out - c0, yt);
+        for (int64_t item = 0; item < tiles * chunks; item++) {
+            const int64_t g = item / chunks, c0 = (item % chunks) * CHUNK, s = tile_slot[g];
+            const int T = (int)(start[g + 1] - start[g]);
+            const float *hs[TILE];
+            float *ys[TILE];
+            for (int t = 0; t < T; t++) {
+                const int64_t token = order[start[g] + t];
+                hs[t] = h + (token * members + member) * rank;
+                ys[t] = y + token * y_stride + c0;
+            }
+            const int64_t n = out - c0 >= CHUNK ? CHUNK : out - c0;
+            expand_chunk(hs, b + s * max_rank * out + c0, out, rank, T, n, ys);
         }
     }
 }
