@@ -32,6 +32,13 @@
 
 int lora_tile(void) { return TILE; }
 
+/* LANES floats as one value the compiler keeps in registers (a plain float array of sums it kept on
+ * the stack, each add a load and a store); lane i's arithmetic is the scalar loop's, in its order. */
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float)), may_alias));
+
+static inline lanes_t load(const float *p) { return *(const lanes_at *)p; }
+
 /* out[t][j] = a_j . xs[t] for the BLOCK rows a_j = a + j * a_stride and the T tokens xs[t]; each sum
  * in the same lane order as one dot. T is a constant where it is inlined. */
 static inline __attribute__((always_inline)) void tile_dots(const float *restrict a, int64_t a_stride,
@@ -39,12 +46,20 @@ static inline __attribute__((always_inline)) void tile_dots(const float *restric
                                                             float *const *outs)
 {
     const int64_t whole = n - n % LANES;
-    float part[BLOCK][TILE][LANES] = {{{0}}};
-    for (int64_t d = 0; d < whole; d += LANES)
-        for (int j = 0; j < BLOCK; j++)
+    lanes_t part[BLOCK][TILE];
+    for (int j = 0; j < BLOCK; j++)
+        for (int t = 0; t < T; t++)
+            part[j][t] = (lanes_t){0};
+    for (int64_t d = 0; d < whole; d += LANES) {
+        lanes_t xv[TILE];
+        for (int t = 0; t < T; t++)
+            xv[t] = load(xs[t] + d);
+        for (int j = 0; j < BLOCK; j++) {
+            const lanes_t av = load(a + j * a_stride + d);
             for (int t = 0; t < T; t++)
-                for (int i = 0; i < LANES; i++)
-                    part[j][t][i] += a[j * a_stride + d + i] * xs[t][d + i];
+                part[j][t] += av * xv[t];
+        }
+    }
     for (int j = 0; j < BLOCK; j++)
         for (int t = 0; t < T; t++) {
             float sum = 0.0f;
@@ -104,20 +119,45 @@ static inline __attribute__((always_inline)) void expand_tile(const float *const
             ys[t][c] += acc[t][c];
 }
 
+/* expand_tile of a whole CHUNK, its sums in registers. */
+static inline __attribute__((always_inline)) void expand_full(const float *const *hs, const float *restrict b,
+                                                              int64_t b_stride, int64_t rank, const int T,
+                                                              float *const *ys)
+{
+    lanes_t acc[TILE][CHUNK / LANES];
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < CHUNK / LANES; k++)
+            acc[t][k] = (lanes_t){0};
+    for (int64_t r = 0; r < rank; r++) {
+        const float *br = b + r * b_stride;
+        lanes_t bv[CHUNK / LANES];
+        for (int k = 0; k < CHUNK / LANES; k++)
+            bv[k] = load(br + k * LANES);
+        for (int t = 0; t < T; t++) {
+            const float hr = hs[t][r];
+            for (int k = 0; k < CHUNK / LANES; k++)
+                acc[t][k] += hr * bv[k];
+        }
+    }
+    for (int t = 0; t < T; t++)
+        for (int k = 0; k < CHUNK / LANES; k++)
+            *(lanes_at *)(ys[t] + k * LANES) = load(ys[t] + k * LANES) + acc[t][k];
+}
+
 static void expand_chunk(const float *const *hs, const float *b, int64_t b_stride, int64_t rank, const int T,
                          int64_t n, float *const *ys)
 {
     if (n == CHUNK) {
         switch (T) {
-        case 1: expand_tile(hs, b, b_stride, rank, 1, CHUNK, ys); break;
+        case 1: expand_full(hs, b, b_stride, rank, 1, ys); break;
 #if TILE >= 2
-        case 2: expand_tile(hs, b, b_stride, rank, 2, CHUNK, ys); break;
+        case 2: expand_full(hs, b, b_stride, rank, 2, ys); break;
 #endif
 #if TILE >= 3
-        case 3: expand_tile(hs, b, b_stride, rank, 3, CHUNK, ys); break;
+        case 3: expand_full(hs, b, b_stride, rank, 3, ys); break;
 #endif
 #if TILE >= 4
-        case 4: expand_tile(hs, b, b_stride, rank, 4, CHUNK, ys); break;
+        case 4: expand_full(hs, b, b_stride, rank, 4, ys); break;
 #endif
         }
     } else {
