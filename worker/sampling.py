@@ -69,28 +69,61 @@ def choose_tokens(
     return chosen
 
 
+NUCLEUS_CANDIDATES = 256  # top_p < 1: the nucleus is looked for among this many most likely tokens first
+
+
 def _sample_rows(
     logits: torch.Tensor, rows: list[int], params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> dict[int, int | RowFailure]:
-    """Temperature and nucleus sampling for `rows`, by inverse CDF over the probabilities sorted
-    in descending order: the smallest prefix whose mass reaches top_p (at least one token) is kept."""
+    """Temperature and nucleus sampling for `rows`, by inverse CDF: with top_p < 1 over the probabilities
+    sorted in descending order, the smallest prefix whose mass reaches top_p (at least one token) kept;
+    with top_p 1 over the whole distribution as it is.
+
+    Sorting a 49,152-token vocabulary took ~28 ms for 16 rows on 2 CPU cores, more than half a decode
+    step: rows with top_p 1 need no order at all, and the others take the top `NUCLEUS_CANDIDATES`
+    (`topk`, ~1 ms) wherever their nucleus ends inside them, as a peaked distribution's does; only
+    the rest sort the whole vocabulary.
+    """
     device = logits.device
     index = torch.tensor(rows, device=device)
     temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)  # [k, 1]
     top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)  # [k, 1]
     probs = torch.softmax(logits.index_select(0, index) / temperature, dim=-1)  # [k, vocab]
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    cumulative = sorted_probs.cumsum(dim=-1)
-    sorted_probs = sorted_probs.masked_fill(cumulative - sorted_probs > top_p, 0.0)
-    cdf = sorted_probs.cumsum(dim=-1)  # [k, vocab]
-    total = cdf[:, -1:]  # [k, 1]
     uniform = torch.tensor([_uniform(g) for g in generators], device=device).unsqueeze(1)  # [k, 1]
-    position = torch.searchsorted(cdf, uniform * total).clamp(max=cdf.shape[1] - 1)  # [k, 1]
-    tokens = order.gather(1, position).view(-1).tolist()
-    usable = (torch.isfinite(total) & (total > 0)).view(-1).tolist()
+    tokens = torch.zeros(len(rows), dtype=torch.long, device=device)
+    usable = torch.zeros(len(rows), dtype=torch.bool, device=device)
+
+    def draw(part: torch.Tensor, candidates: torch.Tensor, order: torch.Tensor | None, nucleus: bool) -> None:
+        """Rows `part` (indices into `rows`) from `candidates` [len(part), n], which are their whole
+        distribution in vocabulary order (order None) or its first n in descending order."""
+        if nucleus:
+            cumulative = candidates.cumsum(dim=-1)
+            candidates = candidates.masked_fill(cumulative - candidates > top_p[part], 0.0)
+        cdf = candidates.cumsum(dim=-1)  # [part, n]
+        total = cdf[:, -1:]  # [part, 1]
+        position = torch.searchsorted(cdf, uniform[part] * total).clamp(max=cdf.shape[1] - 1)  # [part, 1]
+        tokens[part] = (position if order is None else order.gather(1, position)).view(-1)
+        usable[part] = (torch.isfinite(total) & (total > 0)).view(-1)
+
+    whole = top_p.view(-1) >= 1.0
+    if bool(whole.any()):
+        part = whole.nonzero().view(-1)
+        draw(part, probs[part], None, nucleus=False)
+    if not bool(whole.all()):
+        part = (~whole).nonzero().view(-1)
+        head, order = probs[part].topk(min(NUCLEUS_CANDIDATES, probs.shape[1]), dim=-1)  # descending
+        # The nucleus ends inside the head where the head's mass exceeds top_p: past it every token's
+        # preceding mass does, so the mask would zero them all anyway.
+        inside = head.cumsum(dim=-1)[:, -1] > top_p[part].view(-1)
+        if bool(inside.any()):
+            draw(part[inside], head[inside], order[inside], nucleus=True)
+        if not bool(inside.all()):
+            rest = part[~inside]
+            sorted_probs, full_order = probs[rest].sort(dim=-1, descending=True)
+            draw(rest, sorted_probs, full_order, nucleus=True)
     return {
         row: token if ok else RowFailure("sampling failed: the probabilities are not finite", 500)
-        for row, token, ok in zip(rows, tokens, usable, strict=True)
+        for row, token, ok in zip(rows, tokens.tolist(), usable.tolist(), strict=True)
     }
 
 

@@ -48,6 +48,36 @@ def test_draws_follow_the_distribution_and_top_p_cuts_the_tail() -> None:
     assert set(top_only) == {0}  # the smallest prefix is never empty
 
 
+def sorted_nucleus_draw(logits: torch.Tensor, p: SamplingParams) -> int:
+    """The textbook nucleus draw: sort the whole vocabulary, keep the smallest prefix reaching top_p,
+    invert the CDF at the row's own uniform number."""
+    generator = make_generator(p)
+    uniform = float(torch.rand(1, generator=generator).item())
+    probs, order = torch.softmax(logits / p.temperature, dim=-1).sort(descending=True)
+    cumulative = probs.cumsum(0)
+    kept = probs.masked_fill(cumulative - probs > p.top_p, 0.0)
+    cdf = kept.cumsum(0)
+    return int(order[int(torch.searchsorted(cdf, uniform * cdf[-1:]))])
+
+
+def test_a_nucleus_inside_the_likeliest_tokens_or_wider_draws_what_sorting_everything_draws() -> None:
+    """The likeliest NUCLEUS_CANDIDATES answer a peaked row; a flat row's nucleus (thousands of
+    tokens) needs the whole vocabulary; both, and a top_p 1 row beside them, draw as they would alone."""
+    generator = torch.Generator().manual_seed(3)
+    vocab = 8000
+    peaked = torch.randn(vocab, generator=generator) * 4
+    flat = torch.randn(vocab, generator=generator) * 0.05
+    rows = [(peaked, params(temperature=0.8, top_p=0.9, seed=i)) for i in range(20)]
+    rows += [(flat, params(temperature=1.0, top_p=0.9, seed=100 + i)) for i in range(20)]
+    rows += [(flat, params(temperature=1.0, seed=7))]
+    logits = torch.stack([row for row, _ in rows])
+    chosen = choose(logits, [p for _, p in rows])
+    for i, (row, p) in enumerate(rows[:-1]):
+        assert chosen[i] == sorted_nucleus_draw(row, p), i
+    assert max(chosen[20:40]) > 0 and len(set(chosen[20:40])) > 15  # the flat rows range over the vocabulary
+    assert chosen[-1] == choose(flat.unsqueeze(0), [rows[-1][1]])[0]
+
+
 def test_a_row_that_cannot_be_sampled_fails_alone() -> None:
     logits = torch.tensor([[0.0, 1.0], [float("nan"), 1.0], [2.0, 0.0], [1.0, 0.0]])
     rows = [params(temperature=1.0, seed=1), params(), params(temperature=float("nan")), params(temperature=5e-324)]
