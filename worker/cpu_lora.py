@@ -24,7 +24,9 @@ import torch
 from worker import native
 
 SOURCE = native.CSRC / "lora_delta.c"
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # of the slot stacks; activations and sums are float32
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+Stacks = tuple[int, int, int, int, int, int, bool]  # `LoraDelta.stacks`
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class LoraDelta:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._kernel = library.lora_delta
         self._kernel.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int,
-                                 _I64, _PTR, _I64, _PTR, _I64, ctypes.c_int]
+                                 _I64, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int]
         self._kernel.restype = None
         self.tile = int(library.lora_tile())
 
@@ -73,29 +75,32 @@ class LoraDelta:
         return TokenTiles(table, len(tile_slots), base, base + 8 * len(order), base + 8 * (len(order) + len(starts)))
 
     @staticmethod
-    def stacks(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int, int, int, int]:
-        """What `call` needs of a layer's stacks: (A's address, max_rank, members, in, B's address, out).
-        a: [slots + 1, max_rank, members, in], b: [slots + 1, max_rank, out], both float32, contiguous."""
+    def stacks(a: torch.Tensor, b: torch.Tensor) -> Stacks:
+        """What `call` needs of a layer's stacks: (A's address, max_rank, members, in, B's address, out,
+        whether they are bfloat16). a: [slots + 1, max_rank, members, in], b: [slots + 1, max_rank, out],
+        both float32 or both bfloat16 (`WEIGHT_DTYPES`), contiguous."""
+        if a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or not (a.is_contiguous() and b.is_contiguous()):
+            raise ValueError(f"the kernel takes contiguous float32 or bfloat16 stacks, not {a.dtype} and {b.dtype}")
         _, max_rank, members, in_features = a.shape
-        return a.data_ptr(), max_rank, members, in_features, b.data_ptr(), b.shape[2]
+        return a.data_ptr(), max_rank, members, in_features, b.data_ptr(), b.shape[2], a.dtype == torch.bfloat16
 
-    def call(self, x: int, x_stride: int, tiles: TokenTiles, stacks: tuple[int, int, int, int, int, int], rank: int,
-             h: int, shrink: bool, member: int, y: int, y_stride: int, threads: int) -> None:
+    def call(self, x: int, x_stride: int, tiles: TokenTiles, stacks: Stacks, rank: int, h: int, shrink: bool,
+             member: int, y: int, y_stride: int, threads: int) -> None:
         """`add` on addresses, for the engine's layers (which keep their `stacks`)."""
-        a, max_rank, members, in_features, b, out = stacks
+        a, max_rank, members, in_features, b, out, bf16 = stacks
         self._kernel(x, x_stride, tiles.order, tiles.count, tiles.start, tiles.slot, a, max_rank, members,
-                     in_features, rank, h, shrink, member, b, out, y, y_stride, threads)
+                     in_features, rank, h, shrink, member, b, out, bf16, y, y_stride, threads)
 
     def add(
         self,
         x: torch.Tensor,  # [tokens, in] float32, last dim dense: the layer's input
         tiles: TokenTiles,  # the tokens to add a delta to, and their slots
-        a: torch.Tensor,  # [slots + 1, max_rank, members, in] float32, contiguous: the members' A stacks
+        a: torch.Tensor,  # [slots + 1, max_rank, members, in] float32 or bfloat16, contiguous: the members' A stacks
         rank: int,
         h: torch.Tensor,  # [tokens, members, rank] float32, contiguous (or a larger buffer): the shrinks
         shrink: bool,  # compute h (for every member) first; else h holds them already
         member: int,
-        b: torch.Tensor,  # [slots + 1, max_rank, out] float32, contiguous: this layer's B stack, transposed
+        b: torch.Tensor,  # [slots + 1, max_rank, out], a's dtype, contiguous: this layer's B stack, transposed
         y: torch.Tensor,  # [tokens, out] float32, last dim dense: the base output, added to in place
         threads: int | None = None,
     ) -> None:
@@ -115,26 +120,28 @@ def reference(x: torch.Tensor, slots: torch.Tensor, skip: int, a: torch.Tensor, 
     out = y.clone()
     for t, slot in enumerate(slots.tolist()):
         if slot != skip:
-            out[t] += (a[slot, :rank, member] @ x[t]) @ b[slot, :rank]
+            out[t] += (a[slot, :rank, member].float() @ x[t]) @ b[slot, :rank].float()
     return out
 
 
 def probe_error(kernel: LoraDelta) -> float:
     """Largest difference from torch over the members of a shared input, ranks and widths that are not
-    multiples of the kernel's blocks, tokens on one slot (more than a tile's), several and none."""
+    multiples of the kernel's blocks, tokens on one slot (more than a tile's), several and none, for
+    float32 and bfloat16 stacks."""
     generator = torch.Generator().manual_seed(0)
     slot_count, max_rank, members, in_features, out_features, rank = 4, 8, 3, 40, 70, 7
-    a = torch.randn(slot_count + 1, max_rank, members, in_features, generator=generator)
-    b = torch.randn(slot_count + 1, max_rank, out_features, generator=generator)
     x = torch.randn(10, in_features, generator=generator)
     slots = torch.tensor([2, slot_count, 0, 2, 3, 1, 2, 2, 2, 2])  # slot 2: more tokens than one tile
     h = torch.empty(len(slots), members, rank)
     error = 0.0
-    for member in range(members):
-        y = torch.randn(len(slots), out_features, generator=generator)
-        expected = reference(x, slots, slot_count, a, rank, member, b, y)
-        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, b, y)
-        error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
-        if not y.isfinite().all():
-            return float("inf")
+    for dtype in WEIGHT_DTYPES:
+        a = torch.randn(slot_count + 1, max_rank, members, in_features, generator=generator).to(dtype)
+        b = torch.randn(slot_count + 1, max_rank, out_features, generator=generator).to(dtype)
+        for member in range(members):
+            y = torch.randn(len(slots), out_features, generator=generator)
+            expected = reference(x, slots, slot_count, a, rank, member, b, y)
+            kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, b, y)
+            error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
+            if not y.isfinite().all():
+                return float("inf")
     return error

@@ -25,16 +25,17 @@ def kernel() -> LoraDelta:
     return built
 
 
-def stacks(slots: int, max_rank: int, members: int, in_features: int, out: int,
-           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def stacks(slots: int, max_rank: int, members: int, in_features: int, out: int, seed: int = 0,
+           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     a = torch.randn(slots + 1, max_rank, members, in_features, generator=generator)
     b = torch.randn(slots + 1, max_rank, out, generator=generator)
     a[slots].zero_()
     b[slots].zero_()
-    return a, b
+    return a.to(dtype), b.to(dtype)
 
 
+@pytest.mark.parametrize("dtype", cpu_lora.WEIGHT_DTYPES)
 @pytest.mark.parametrize(("in_features", "out", "rank", "members"), [
     (576, 192, 16, 3),  # the embedded model's k_proj among q/k/v, rank a multiple of the blocks
     (1536, 576, 8, 1),  # down_proj on its own
@@ -42,10 +43,10 @@ def stacks(slots: int, max_rank: int, members: int, in_features: int, out: int,
     (3, 1, 1, 1),  # smaller than one lane
 ])
 def test_every_routed_token_gets_its_own_slots_delta(kernel: LoraDelta, in_features: int, out: int, rank: int,
-                                                     members: int) -> None:
+                                                     members: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     slot_count = 4
-    a, b = stacks(slot_count, 16, members, in_features, out)
+    a, b = stacks(slot_count, 16, members, in_features, out, dtype=dtype)
     x = torch.randn(7, in_features) * in_features**-0.5  # shrinks of unit size, as trained adapters give
     slots = torch.tensor([3, slot_count, 0, 3, 1, 2, slot_count])
     h = torch.empty(len(slots), members, rank)
@@ -57,10 +58,11 @@ def test_every_routed_token_gets_its_own_slots_delta(kernel: LoraDelta, in_featu
         assert torch.equal(y[1], want[1]) and torch.equal(y[6], want[6])  # skipped tokens: not touched at all
 
 
-def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: LoraDelta) -> None:
+@pytest.mark.parametrize("dtype", cpu_lora.WEIGHT_DTYPES)
+def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: LoraDelta, dtype: torch.dtype) -> None:
     """What a row generates must not depend on which other rows share its step: not on how many share
     its adapter (its tile), nor where in the tile it lands, nor on the threads."""
-    a, b = stacks(16, 16, 3, 576, 576)
+    a, b = stacks(16, 16, 3, 576, 576, dtype=dtype)
     token = torch.randn(1, 576)
     y0 = torch.randn(1, 576)
     alone = y0.clone()
@@ -77,6 +79,31 @@ def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: Lor
                 kernel.add(batch, kernel.tiles(slots, 16), a, 16, torch.empty(len(slots), 3, 16), True, 1, b, out,
                            threads=threads)
                 assert torch.equal(out[position], alone[0]), (others_on_slot, position, threads)
+
+
+@pytest.mark.parametrize(("in_features", "out", "rank"), [(576, 1536, 16), (37, 130, 5)])
+def test_bfloat16_stacks_give_to_the_bit_what_float32_stacks_of_the_same_values_give(
+    kernel: LoraDelta, in_features: int, out: int, rank: int
+) -> None:
+    """bfloat16 slots only halve the bytes read: the weights are widened exactly and every sum is the
+    float32 kernel's, so nothing but the rounding of the weights themselves separates the two."""
+    a, b = stacks(4, 16, 2, in_features, out, dtype=torch.bfloat16)
+    slots = [1, 4, 1, 3, 0, 1, 1, 1, 2]
+    x = torch.randn(len(slots), in_features)
+    results = []
+    for a_, b_ in ((a, b), (a.float(), b.float())):
+        y = torch.ones(len(slots), out)
+        kernel.add(x, kernel.tiles(slots, 4), a_, rank, torch.empty(len(slots), 2, rank), True, 1, b_, y)
+        results.append(y)
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0][0], torch.ones(out))
+
+
+def test_the_kernel_refuses_stacks_it_cannot_read(kernel: LoraDelta) -> None:
+    a, b = stacks(2, 4, 1, 8, 6)
+    for bad_a, bad_b in ((a.half(), b.half()), (a, b.bfloat16()), (a, b[:, :2])):
+        with pytest.raises(ValueError, match="contiguous float32 or bfloat16"):
+            kernel.stacks(bad_a, bad_b)
 
 
 def test_tiles_group_a_slots_tokens_in_order_and_leave_out_the_skipped(kernel: LoraDelta) -> None:

@@ -11,7 +11,7 @@
 
 #define LANES 16
 
-static float dot(const float *restrict a, const float *restrict b, int64_t n)
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
 {
     const int64_t whole = n - n % LANES;
     float part[LANES] = {0};

@@ -12,6 +12,10 @@
  * The layers that read one input (q/k/v, gate/up) keep their A stacks interleaved; the first of
  * them shrinks the input for all (`shrink` set), the others only expand their share of `h`.
  *
+ * The slot stacks hold float32 or bfloat16 weights (`bf16`); a bfloat16 weight is the upper half of a
+ * float32 and is widened exactly in registers, so both run the same float32 arithmetic, and bfloat16
+ * stacks read half the bytes: with many adapters in a pass the weights are what the time goes to.
+ *
  * Every sum runs in a fixed order in fixed-width lanes (no -ffast-math, no reassociation), and a
  * token's sums are the same arithmetic whichever tile it is in, so its delta depends only on its
  * own input and slot, never on the tokens beside it.
@@ -39,11 +43,53 @@ typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligne
 
 static inline lanes_t load(const float *p) { return *(const lanes_at *)p; }
 
-/* out[t][j] = a_j . xs[t] for the BLOCK rows a_j = a + j * a_stride and the T tokens xs[t]; each sum
- * in the same lane order as one dot. T is a constant where it is inlined. */
-static inline __attribute__((always_inline)) void tile_dots(const float *restrict a, int64_t a_stride,
+/* Weights: float32, or bfloat16 widened to float32 (a shift: exact). Offsets count weights. */
+typedef uint16_t halves_at __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(sizeof(uint16_t)), may_alias));
+typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+static inline __attribute__((always_inline)) const void *at(const void *w, int64_t i, const int bf16)
+{
+    return (const char *)w + i * (bf16 ? 2 : 4);
+}
+
+static inline __attribute__((always_inline)) lanes_t load_w(const void *w, int64_t i, const int bf16)
+{
+    if (!bf16)
+        return load((const float *)w + i);
+    const words_t wide = __builtin_convertvector(*(const halves_at *)at(w, i, 1), words_t) << 16;
+    return (lanes_t)wide;
+}
+
+static inline __attribute__((always_inline)) float weight(const void *w, int64_t i, const int bf16)
+{
+    if (!bf16)
+        return ((const float *)w)[i];
+    const uint32_t wide = (uint32_t)((const uint16_t *)w)[i] << 16;
+    float value;
+    __builtin_memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
+/* lanes.h's dot with weights `w`: the same lane order. */
+static inline __attribute__((always_inline)) float dot_w(const void *w, const float *x, int64_t n, const int bf16)
+{
+    const int64_t whole = n - n % LANES;
+    lanes_t part = {0};
+    for (int64_t d = 0; d < whole; d += LANES)
+        part += load_w(w, d, bf16) * load(x + d);
+    float sum = 0.0f;
+    for (int i = 0; i < LANES; i++)
+        sum += part[i];
+    for (int64_t d = whole; d < n; d++)
+        sum += weight(w, d, bf16) * x[d];
+    return sum;
+}
+
+/* out[t][j] = a_j . xs[t] for the BLOCK rows a_j = a + j * a_stride (weights) and the T tokens xs[t];
+ * each sum in the same lane order as one dot. T and bf16 are constants where it is inlined. */
+static inline __attribute__((always_inline)) void tile_dots(const void *restrict a, int64_t a_stride,
                                                             const float *const *xs, const int T, int64_t n,
-                                                            float *const *outs)
+                                                            float *const *outs, const int bf16)
 {
     const int64_t whole = n - n % LANES;
     lanes_t part[BLOCK][TILE];
@@ -55,7 +101,7 @@ static inline __attribute__((always_inline)) void tile_dots(const float *restric
         for (int t = 0; t < T; t++)
             xv[t] = load(xs[t] + d);
         for (int j = 0; j < BLOCK; j++) {
-            const lanes_t av = load(a + j * a_stride + d);
+            const lanes_t av = load_w(a, j * a_stride + d, bf16);
             for (int t = 0; t < T; t++)
                 part[j][t] += av * xv[t];
         }
@@ -66,52 +112,54 @@ static inline __attribute__((always_inline)) void tile_dots(const float *restric
             for (int i = 0; i < LANES; i++)
                 sum += part[j][t][i];
             for (int64_t d = whole; d < n; d++)
-                sum += a[j * a_stride + d] * xs[t][d];
+                sum += weight(a, j * a_stride + d, bf16) * xs[t][d];
             outs[t][j] = sum;
         }
 }
 
-static void shrink_tile(const float *as, int64_t a_stride, const float *const *xs, const int T, int64_t n,
-                        int64_t rank, float *const *hs)
+static inline __attribute__((always_inline)) void shrink_tile(const void *as, int64_t a_stride,
+                                                              const float *const *xs, const int T, int64_t n,
+                                                              int64_t rank, float *const *hs, const int bf16)
 {
     int64_t r = 0;
     for (; r + BLOCK <= rank; r += BLOCK) {
+        const void *block = at(as, r * a_stride, bf16);
         float *outs[TILE];
         for (int t = 0; t < T; t++)
             outs[t] = hs[t] + r;
         switch (T) { /* one specialized copy per tile size */
-        case 1: tile_dots(as + r * a_stride, a_stride, xs, 1, n, outs); break;
+        case 1: tile_dots(block, a_stride, xs, 1, n, outs, bf16); break;
 #if TILE >= 2
-        case 2: tile_dots(as + r * a_stride, a_stride, xs, 2, n, outs); break;
+        case 2: tile_dots(block, a_stride, xs, 2, n, outs, bf16); break;
 #endif
 #if TILE >= 3
-        case 3: tile_dots(as + r * a_stride, a_stride, xs, 3, n, outs); break;
+        case 3: tile_dots(block, a_stride, xs, 3, n, outs, bf16); break;
 #endif
 #if TILE >= 4
-        case 4: tile_dots(as + r * a_stride, a_stride, xs, 4, n, outs); break;
+        case 4: tile_dots(block, a_stride, xs, 4, n, outs, bf16); break;
 #endif
         }
     }
     for (; r < rank; r++)
         for (int t = 0; t < T; t++)
-            hs[t][r] = dot(as + r * a_stride, xs[t], n);
+            hs[t][r] = dot_w(at(as, r * a_stride, bf16), xs[t], n, bf16);
 }
 
 /* ys[t][0..n) += sum over r of hs[t][r] * b[r * b_stride + (0..n)], the sum over r in order. */
-static inline __attribute__((always_inline)) void expand_tile(const float *const *hs, const float *restrict b,
+static inline __attribute__((always_inline)) void expand_tile(const float *const *hs, const void *restrict b,
                                                               int64_t b_stride, int64_t rank, const int T,
-                                                              const int64_t n, float *const *ys)
+                                                              const int64_t n, float *const *ys, const int bf16)
 {
     float acc[TILE][CHUNK];
     for (int t = 0; t < T; t++)
         for (int64_t c = 0; c < n; c++)
             acc[t][c] = 0.0f;
     for (int64_t r = 0; r < rank; r++) {
-        const float *br = b + r * b_stride;
+        const void *br = at(b, r * b_stride, bf16);
         for (int t = 0; t < T; t++) {
             const float hr = hs[t][r];
             for (int64_t c = 0; c < n; c++)
-                acc[t][c] += hr * br[c];
+                acc[t][c] += hr * weight(br, c, bf16);
         }
     }
     for (int t = 0; t < T; t++)
@@ -120,19 +168,19 @@ static inline __attribute__((always_inline)) void expand_tile(const float *const
 }
 
 /* expand_tile of a whole CHUNK, its sums in registers. */
-static inline __attribute__((always_inline)) void expand_full(const float *const *hs, const float *restrict b,
+static inline __attribute__((always_inline)) void expand_full(const float *const *hs, const void *restrict b,
                                                               int64_t b_stride, int64_t rank, const int T,
-                                                              float *const *ys)
+                                                              float *const *ys, const int bf16)
 {
     lanes_t acc[TILE][CHUNK / LANES];
     for (int t = 0; t < T; t++)
         for (int k = 0; k < CHUNK / LANES; k++)
             acc[t][k] = (lanes_t){0};
     for (int64_t r = 0; r < rank; r++) {
-        const float *br = b + r * b_stride;
+        const void *br = at(b, r * b_stride, bf16);
         lanes_t bv[CHUNK / LANES];
         for (int k = 0; k < CHUNK / LANES; k++)
-            bv[k] = load(br + k * LANES);
+            bv[k] = load_w(br, k * LANES, bf16);
         for (int t = 0; t < T; t++) {
             const float hr = hs[t][r];
             for (int k = 0; k < CHUNK / LANES; k++)
@@ -144,25 +192,51 @@ static inline __attribute__((always_inline)) void expand_full(const float *const
             *(lanes_at *)(ys[t] + k * LANES) = load(ys[t] + k * LANES) + acc[t][k];
 }
 
-static void expand_chunk(const float *const *hs, const float *b, int64_t b_stride, int64_t rank, const int T,
-                         int64_t n, float *const *ys)
+static inline __attribute__((always_inline)) void expand_chunk(const float *const *hs, const void *b,
+                                                               int64_t b_stride, int64_t rank, const int T,
+                                                               int64_t n, float *const *ys, const int bf16)
 {
     if (n == CHUNK) {
         switch (T) {
-        case 1: expand_full(hs, b, b_stride, rank, 1, ys); break;
+        case 1: expand_full(hs, b, b_stride, rank, 1, ys, bf16); break;
 #if TILE >= 2
-        case 2: expand_full(hs, b, b_stride, rank, 2, ys); break;
+        case 2: expand_full(hs, b, b_stride, rank, 2, ys, bf16); break;
 #endif
 #if TILE >= 3
-        case 3: expand_full(hs, b, b_stride, rank, 3, ys); break;
+        case 3: expand_full(hs, b, b_stride, rank, 3, ys, bf16); break;
 #endif
 #if TILE >= 4
-        case 4: expand_full(hs, b, b_stride, rank, 4, ys); break;
+        case 4: expand_full(hs, b, b_stride, rank, 4, ys, bf16); break;
 #endif
         }
     } else {
-        expand_tile(hs, b, b_stride, rank, T, n, ys);
+        expand_tile(hs, b, b_stride, rank, T, n, ys, bf16);
     }
+}
+
+/* One copy of each for float32 stacks and one for bfloat16. */
+static void shrink_f32(const void *as, int64_t a_stride, const float *const *xs, int T, int64_t n, int64_t rank,
+                       float *const *hs)
+{
+    shrink_tile(as, a_stride, xs, T, n, rank, hs, 0);
+}
+
+static void shrink_bf16(const void *as, int64_t a_stride, const float *const *xs, int T, int64_t n, int64_t rank,
+                        float *const *hs)
+{
+    shrink_tile(as, a_stride, xs, T, n, rank, hs, 1);
+}
+
+static void expand_f32(const float *const *hs, const void *b, int64_t b_stride, int64_t rank, int T, int64_t n,
+                       float *const *ys)
+{
+    expand_chunk(hs, b, b_stride, rank, T, n, ys, 0);
+}
+
+static void expand_bf16(const float *const *hs, const void *b, int64_t b_stride, int64_t rank, int T, int64_t n,
+                        float *const *ys)
+{
+    expand_chunk(hs, b, b_stride, rank, T, n, ys, 1);
 }
 
 /* x: [tokens, in], rows x_stride apart
@@ -171,14 +245,19 @@ static void expand_chunk(const float *const *hs, const float *b, int64_t b_strid
  * a: [slots + 1, max_rank, members, in], contiguous: the A stacks of the layers sharing x
  * h: [tokens, members, rank], contiguous: written for every member when `shrink`, else read
  * b: [slots + 1, max_rank, out], contiguous: this layer's (the `member`-th) B stack, transposed
+ * bf16: a and b hold bfloat16 weights (else float32)
  * y: [tokens, out], rows y_stride apart: y[t] += h[t, member] . b[slot of t, :rank]; tokens not in
  *   `order` are not touched */
 void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t tiles, const int64_t *start,
-                const int64_t *tile_slot, const float *a, int64_t max_rank, int64_t members, int64_t in,
-                int64_t rank, float *h, int shrink, int64_t member, const float *b, int64_t out, float *y,
+                const int64_t *tile_slot, const void *a, int64_t max_rank, int64_t members, int64_t in,
+                int64_t rank, float *h, int shrink, int64_t member, const void *b, int64_t out, int bf16, float *y,
                 int64_t y_stride, int threads)
 {
     const int64_t chunks = (out + CHUNK - 1) / CHUNK;
+    void (*const shrink_of)(const void *, int64_t, const float *const *, int, int64_t, int64_t, float *const *) =
+        bf16 ? shrink_bf16 : shrink_f32;
+    void (*const expand_of)(const float *const *, const void *, int64_t, int64_t, int, int64_t, float *const *) =
+        bf16 ? expand_bf16 : expand_f32;
 #pragma omp parallel num_threads(threads)
     {
         if (shrink) {
@@ -194,7 +273,7 @@ void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t 
                     hs[t] = h + (token * members + m) * rank;
                 }
                 /* rank r of member m at as + r * members * in */
-                shrink_tile(a + (s * max_rank * members + m) * in, members * in, xs, T, in, rank, hs);
+                shrink_of(at(a, (s * max_rank * members + m) * in, bf16), members * in, xs, T, in, rank, hs);
             }
         }
 #pragma omp for schedule(static)
@@ -209,7 +288,7 @@ void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t 
                 ys[t] = y + token * y_stride + c0;
             }
             const int64_t n = out - c0 >= CHUNK ? CHUNK : out - c0;
-            expand_chunk(hs, b + s * max_rank * out + c0, out, rank, T, n, ys);
+            expand_of(hs, at(b, s * max_rank * out + c0, bf16), out, rank, T, n, ys);
         }
     }
 }
