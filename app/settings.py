@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.jobrunner import JobRunnerConfig
 from worker.auth import MIN_TOKEN_CHARS, check_token
-from worker.config import WorkerConfig
+from worker.config import LoraDtype, WorkerConfig
 
 _WORKER = WorkerConfig  # its class attributes are the field defaults
 
@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     adapter_slots: int = Field(default=_WORKER.adapter_slots, ge=1)
     adapter_slots_mb: int | None = Field(default=_WORKER.adapter_slots_mb, ge=1)  # overrides adapter_slots
     host_adapter_cache_mb: int = Field(default=_WORKER.host_adapter_cache_mb, ge=1)  # parsed adapters behind slots
+    lora_dtype: LoraDtype = _WORKER.lora_dtype  # the adapter slots' dtype (WorkerConfig)
     # Quantization jobs: `serve` starts one job runner process unless this is off.
     job_runner: bool = True
     job_poll_interval_s: float = Field(default=2.0, gt=0)
@@ -140,7 +141,7 @@ class Settings(BaseSettings):
             host_adapter_cache_mb=self.host_adapter_cache_mb, max_lora_rank=self.max_lora_rank,
             kv_cache_mb=self.kv_cache_mb, stall_timeout_s=self.worker_stall_timeout_s,
             max_prefill_tokens=self.max_prefill_tokens, max_prefill_tokens_idle=self.max_prefill_tokens_idle,
-            adapter_slots_mb=self.adapter_slots_mb,
+            adapter_slots_mb=self.adapter_slots_mb, lora_dtype=self.lora_dtype,
         )
 
     def job_runner_config(self) -> JobRunnerConfig:

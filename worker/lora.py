@@ -10,7 +10,8 @@ keep their A stacks interleaved in one tensor, so the first of them to run gathe
 and shrinks them for all (one matmul where there were three), and the others take their share.
 On the CPU the decode tokens' share of all this is one native call per layer instead
 (`worker.cpu_lora`, `LoraRouting.kernel`); the torch paths keep the prompt chunks, and everything
-where the kernel is not built (no C compiler, bfloat16 slots, a GPU).
+where the kernel is not built (no C compiler, a GPU). On the CPU the slots may hold bfloat16
+(`lora_dtype`): half the bytes to read a step, widened to float32 as they are used.
 Adapter weights are copied into the slot tensors from their own files: the base module is never
 read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """
@@ -24,7 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from worker.cpu_lora import LoraDelta, TokenTiles
+from worker.cpu_lora import LoraDelta, Stacks, TokenTiles
 
 BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -50,7 +51,7 @@ class LoraRouting:
     groups: SlotGroups | None = None  # several adapters: few-token slots grouped for two bmm
     big: tuple[tuple[int, torch.Tensor], ...] = ()  # several adapters: (slot, its token indices) for slots with many
 
-    # The native kernel (CPU, float32 slots; `worker.cpu_lora`), set by the runner where it works: it adds
+    # The native kernel (CPU, float32 or bfloat16 slots; `worker.cpu_lora`), set by the runner where it works: it adds
     # the LoRA of every few-token slot's tokens, and `single`, `groups` and `big` then cover only the rest.
     kernel: LoraDelta | None = None
     kernel_slots: torch.Tensor | None = None  # [tokens] int64: the kernel's slot of each token; `zero_slot` for none
@@ -228,7 +229,7 @@ class MultiLoraLinear(nn.Module):
         # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
         self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stacks: tuple[int, int, int, int, int, int] | None = None  # `LoraDelta.stacks` of this layer
+        self._stacks: Stacks | None = None  # `LoraDelta.stacks` of this layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -263,15 +264,18 @@ class MultiLoraLinear(nn.Module):
         x_in, shape = x, y.shape
         x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])  # [tokens, in], [tokens, out]
         rank = route.rank
-        if x.dtype != self.lora_a.dtype:
-            x = x.to(self.lora_a.dtype)
+        # In the slots' dtype on a GPU. On the CPU in float32, bfloat16 slots widened as they are read:
+        # its bfloat16 matmuls are slower, and would round the activations too.
+        work = torch.float32 if x.device.type == "cpu" else self.lora_a.dtype
+        if x.dtype != work:
+            x = x.to(work)
         members, shared = self.shared.members, self.shared
 
         def shrink_and_expand(key: object, tokens: Callable[[], torch.Tensor], slot: int) -> torch.Tensor:
             """[tokens, out] of one slot: this layer's share of the members' one shrink, expanded by its B."""
             a_t, b = self.slot_views(slot, rank)
-            h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a_t, rank, members))
-            return h[..., self.member, :] @ b
+            h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a_t.to(work), rank, members))
+            return h[..., self.member, :] @ b.to(work)
 
         if route.kernel_slots is not None:
             y = self._kernel_delta(x_in, x, y)
@@ -291,11 +295,11 @@ class MultiLoraLinear(nn.Module):
                 # Token `tokens` (a zero row) fills the positions of slots with fewer tokens, if any.
                 source = x if groups.dense else torch.cat([x, x.new_zeros(1, x.shape[1])])
                 xs = source.index_select(0, groups.take).view(-1, groups.per_slot, x.shape[1])  # [span, per_slot, in]
-                return by_member(torch.bmm(xs, span_a), rank, members)  # [span, per_slot, members, rank]
+                return by_member(torch.bmm(xs, span_a.to(work)), rank, members)  # [span, per_slot, members, rank]
 
             span_a, span_b = self.span_views(groups.span.start, groups.span.stop, rank)
             h = shared.shrink(x_in, route.pass_id, "groups", grouped)[..., self.member, :]  # [span, per_slot, rank]
-            delta = torch.bmm(h, span_b).view(-1, y.shape[1])  # [span * per_slot, out]
+            delta = torch.bmm(h, span_b.to(work)).view(-1, y.shape[1])  # [span * per_slot, out]
             if groups.dense:  # every position is a token: no zero row's result to drop
                 y = y.index_add(0, groups.take, delta.to(y.dtype))
             else:
@@ -375,6 +379,8 @@ class MultiLoraLinear(nn.Module):
         a_slot.copy_(a)  # converts to the slot's dtype
         if b.dtype == b_slot.dtype:
             torch.mul(b.T, scale, out=b_slot)  # one pass over B instead of a copy and then a scale
+        elif b_slot.dtype.itemsize < 4:  # scaled in float32, rounded once (bfloat16 slots of a float32 file)
+            b_slot.copy_(b.T.float() * scale)  # an overflow of the slot's dtype shows as Inf
         else:
             b_slot.copy_(b.T)
             b_slot.mul_(scale)  # in the slot's dtype: an overflow there shows as Inf

@@ -44,13 +44,14 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     if pack_output_head(model):
         log.info("output projection packed for oneDNN")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    slot_dtype = dtype if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
     routing = LoraRouting()
     linears = adaptable_linears(model)
     slots = config.adapter_slots
     if config.adapter_slots_mb is not None:
-        slots = slots_in_budget(linears, config.max_lora_rank, dtype, config.adapter_slots_mb * 2**20)
+        slots = slots_in_budget(linears, config.max_lora_rank, slot_dtype, config.adapter_slots_mb * 2**20)
         log.info("adapter slots: %d in %d MiB", slots, config.adapter_slots_mb)
-    layers = install_lora_layers(model, linears, slots, config.max_lora_rank, routing, device, dtype)
+    layers = install_lora_layers(model, linears, slots, config.max_lora_rank, routing, device, slot_dtype)
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
     kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, dtype)
     limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens,
@@ -58,7 +59,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
         layers, open_blob_store(config.blob_url), slots, config.host_adapter_cache_mb * 2**20,
-        config.max_lora_rank, dtype, pin_host=device.type == "cuda",
+        config.max_lora_rank, slot_dtype, pin_host=device.type == "cuda",
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -90,12 +91,12 @@ def store_fixture(blobs: LocalBlobStore, name: str) -> AdapterRef:
     return AdapterRef(key=f"{name}-{weights[:12]}", weights_sha256=weights, config_sha256=config)
 
 
-@pytest.fixture(scope="session")
-def worker(prepared_model, tmp_path_factory) -> Iterator[Worker]:  # type: ignore[no-untyped-def]
-    blob_dir = tmp_path_factory.mktemp("blobs")
-    config = WorkerConfig(model_path=prepared_model.path, model_name=prepared_model.name, blob_url=str(blob_dir),
-                          torch_threads=2, adapter_slots=4, max_batch_size=8)
-    runtime = WorkerRuntime(config)  # loads and runs on the engine thread, as the worker process does
+def start_worker(prepared_model, blob_dir: Path, **config: object) -> Worker:  # type: ignore[no-untyped-def]
+    """A running worker on the embedded model with the fixture adapters stored (stop its `runtime`)."""
+    runtime = WorkerRuntime(WorkerConfig(  # loads and runs on the engine thread, as the worker process does
+        model_path=prepared_model.path, model_name=prepared_model.name, blob_url=str(blob_dir),
+        **{"torch_threads": 2, "adapter_slots": 4, "max_batch_size": 8, **config},  # type: ignore[arg-type]
+    ))  # fmt: skip
     runtime.start()
     deadline = time.monotonic() + 300
     while runtime.loaded is None and runtime.error is None and time.monotonic() < deadline:
@@ -103,5 +104,11 @@ def worker(prepared_model, tmp_path_factory) -> Iterator[Worker]:  # type: ignor
     assert runtime.loaded is not None, runtime.error
     blobs = LocalBlobStore(blob_dir)
     refs = {name: store_fixture(blobs, name) for name in ("answer42", "meow")}
-    yield Worker(runtime.loaded, blobs, refs, runtime)
-    runtime.stop()
+    return Worker(runtime.loaded, blobs, refs, runtime)
+
+
+@pytest.fixture(scope="session")
+def worker(prepared_model, tmp_path_factory) -> Iterator[Worker]:  # type: ignore[no-untyped-def]
+    started = start_worker(prepared_model, tmp_path_factory.mktemp("blobs"))
+    yield started
+    started.runtime.stop()

@@ -1,24 +1,29 @@
 """The engine's multi-adapter LoRA layer against PEFT's formula, row by row (torch, no model).
 
-Every test runs twice: on torch's matmuls, and with the native kernel for decode tokens on the CPU
-(`worker.cpu_lora`) where a C compiler is there to build it.
+Every test runs on torch's matmuls and with the native kernel for decode tokens on the CPU
+(`worker.cpu_lora`) where a C compiler is there to build it, each with float32 and with bfloat16
+slots (`make_layer`; against the weights as the slots hold them).
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from app.settings import Settings
 from worker.config import WorkerConfig
 from worker.cpu_lora import LoraDelta, lora_delta_kernel
 from worker.lora import LoraRouting, MultiLoraLinear, install_lora_layers, slots_in_budget
 
 IN, OUT, SLOTS, MAX_RANK = 12, 10, 3, 8
 KERNEL: LoraDelta | None = None  # the path under test: set per test by `lora_path`
+SLOT_DTYPE = torch.float32  # `make_layer`'s slots: set per test by `slot_dtype`
 
 
 @pytest.fixture(autouse=True, params=["torch", "native kernel"])
@@ -31,6 +36,16 @@ def lora_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setitem(globals(), "KERNEL", kernel)
 
 
+@pytest.fixture(autouse=True, params=[torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def slot_dtype(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(globals(), "SLOT_DTYPE", request.param)
+
+
+def stored(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and scaled B as float32 after the trip through `make_layer`'s slots (B scaled, then rounded once)."""
+    return a.to(SLOT_DTYPE).float(), (b.float() * scale).to(SLOT_DTYPE).float()
+
+
 def new_routing(native: bool = True) -> LoraRouting:
     return LoraRouting(kernel=KERNEL if native else None)
 
@@ -41,14 +56,14 @@ Weights = dict[int, tuple[torch.Tensor, torch.Tensor]]
 def make_layer(native: bool = True) -> tuple[MultiLoraLinear, LoraRouting, Weights]:
     torch.manual_seed(0)
     routing = new_routing(native)
-    layer = MultiLoraLinear(nn.Linear(IN, OUT), IN, OUT, SLOTS, MAX_RANK, routing, torch.device("cpu"), torch.float32)
+    layer = MultiLoraLinear(nn.Linear(IN, OUT), IN, OUT, SLOTS, MAX_RANK, routing, torch.device("cpu"), SLOT_DTYPE)
     weights = {}
     # Ranks differ (narrower ones are zero-padded), so do scales and stored dtypes.
     cases = ((0, 4, 1.0, torch.float32), (1, 8, 0.5, torch.bfloat16), (2, 2, 4.0, torch.float16))
     for slot, rank, scale, dtype in cases:
         a, b = torch.randn(rank, IN).to(dtype), (torch.randn(OUT, rank) * 0.5).to(dtype)
         layer.load_slot(slot, a, b, scale)
-        weights[slot] = (a.float(), b.float() * scale)
+        weights[slot] = stored(a, b, scale)
     return layer, routing, weights
 
 
@@ -211,7 +226,7 @@ def test_a_narrower_adapter_reloaded_into_a_slot_leaves_nothing_of_the_wider_one
     layer, routing, weights = make_layer()  # slot 1 holds a rank-8 adapter
     a, b = torch.randn(2, IN), torch.randn(OUT, 2)
     layer.load_slot(1, a, b, 3.0)  # rank 2 into the same slot, read at rank 4 beside slot 0's adapter
-    weights[1] = (a, b * 3.0)
+    weights[1] = stored(a, b, 3.0)
     x = torch.randn(3, IN)
     route(routing, [1, 0, 1], {0: 4, 1: 2, 2: 2})
     torch.testing.assert_close(layer(x), expected(layer, x, [1, 0, 1], weights), rtol=1e-5, atol=1e-4)
@@ -232,7 +247,7 @@ def test_an_adapter_replaced_in_a_slot_at_the_same_rank_is_what_the_next_pass_co
     torch.testing.assert_close(layer(x), expected(layer, x, slots, weights), rtol=1e-5, atol=1e-4)
     a, b = torch.randn(8, IN), torch.randn(OUT, 8)
     layer.load_slot(1, a, b, 2.0)  # slot 1 again at rank 8, another adapter
-    weights[1] = (a, b * 2.0)
+    weights[1] = stored(a, b, 2.0)
     route(routing, slots, {0: 4, 1: 8, 2: 2})
     torch.testing.assert_close(layer(x), expected(layer, x, slots, weights), rtol=1e-5, atol=1e-4)
 
@@ -280,6 +295,20 @@ def test_slots_in_a_memory_budget_count_every_layer_and_the_zero_slot() -> None:
 def test_a_slot_budget_must_be_positive() -> None:
     with pytest.raises(ValueError, match="adapter_slots_mb must be at least 1"):
         WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", adapter_slots_mb=0)
+
+
+def test_the_slot_dtype_is_one_the_engine_serves_and_reaches_a_local_or_remote_worker(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lora_dtype must be one of auto, float32, bfloat16, not 'float16'"):
+        WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", lora_dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="lora_dtype"):
+        Settings(data_dir=tmp_path, lora_dtype="float16")  # type: ignore[arg-type]
+    local = Settings(data_dir=tmp_path, lora_dtype="bfloat16").worker_config(0, "m", "m", "cpu")
+    assert local.lora_dtype == "bfloat16" and WorkerConfig.from_json(local.to_json()) == local
+    parser = argparse.ArgumentParser()
+    WorkerConfig.add_arguments(parser)
+    flags = parser.parse_args(["--model-path", "m", "--model-name", "m", "--blob-url", "b", "--lora-dtype", "bfloat16"])
+    assert WorkerConfig.from_arguments(flags).lora_dtype == "bfloat16"
+    assert WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b").lora_dtype == "auto"
 
 
 class Block(nn.Module):
