@@ -2,8 +2,9 @@
 
 Every adapted layer of the embedded model (its real shapes, rank-16 adapters in 16 slots), with
 the base layers replaced by zeros, so that only the LoRA arithmetic and its per-layer overhead
-are timed. Each line is one decode pass of the embedded model's 210 layers; the two paths run
-interleaved, the best of `--rounds` medians each. The engine lines (`bench/engine_bench.py`)
+are timed. Each line is one decode pass of the embedded model's 210 layers: torch's matmuls, the
+native kernel on float32 slots and on bfloat16 slots (half the bytes to read), run interleaved,
+the best of `--rounds` medians each. The engine lines (`bench/engine_bench.py`)
 show what it comes to in a whole step, where the base layers dominate on some hosts.
 
     python -m bench.lora_bench
@@ -44,7 +45,7 @@ class Zero(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out)
 
 
-def build(linear_modules: dict[str, list[int]]) -> tuple[nn.Module, LoraRouting, dict[str, MultiLoraLinear]]:
+def build(linear_modules: dict[str, list[int]], dtype: torch.dtype) -> tuple[LoraRouting, dict[str, MultiLoraLinear]]:
     model = nn.Module()
     for name, (_, out) in linear_modules.items():
         parent = model
@@ -55,14 +56,14 @@ def build(linear_modules: dict[str, list[int]]) -> tuple[nn.Module, LoraRouting,
             parent = getattr(parent, part)
         parent.add_module(child, Zero(out))
     routing = LoraRouting()
-    layers = install_lora_layers(model, linear_modules, SLOTS, RANK, routing, torch.device("cpu"), torch.float32)
+    layers = install_lora_layers(model, linear_modules, SLOTS, RANK, routing, torch.device("cpu"), dtype)
     generator = torch.Generator().manual_seed(0)
     for layer in layers.values():
         in_features, out = layer.lora_a.shape[-1], layer.lora_b.shape[-1]
         for slot in range(SLOTS):
             layer.load_slot(slot, torch.randn(RANK, in_features, generator=generator) * in_features**-0.5,
                             torch.randn(out, RANK, generator=generator) * 0.01, 2.0)
-    return model, routing, dict(layers)
+    return routing, dict(layers)
 
 
 def step(layers: dict[str, MultiLoraLinear], inputs: dict[int, torch.Tensor]) -> None:
@@ -83,7 +84,11 @@ def main() -> None:
     kernel = lora_delta_kernel()
     if kernel is None:
         raise SystemExit("the native LoRA kernel is not available here (no C compiler?): nothing to compare")
-    _, routing, layers = build(prepare_embedded_model(args.models_dir).linear_modules)
+    linear_modules = prepare_embedded_model(args.models_dir).linear_modules
+    float32, bfloat16 = build(linear_modules, torch.float32), build(linear_modules, torch.bfloat16)
+    paths = {"torch's matmuls": (None, float32), "native kernel": (kernel, float32),
+             "native kernel, bfloat16 slots": (kernel, bfloat16)}
+    layers = float32[1]
     rows = []
     for what, slots in CASES.items():
         tokens = len(slots)
@@ -92,19 +97,20 @@ def main() -> None:
         inputs = {w: torch.randn(1, tokens, w) for w in widths} | {-1: torch.randn(1, tokens, min(widths))}
         best: dict[str, float] = {}
         for _ in range(args.rounds):
-            for label, path in (("kernel", kernel), ("torch", None)):
+            for label, (path, (routing, path_layers)) in paths.items():
                 routing.kernel = path
                 routing.route(slots, SLOTS, lambda slot: RANK, torch.device("cpu"))
-                step(layers, inputs)
+                step(path_layers, inputs)
                 times = []
                 for _ in range(args.steps):
                     started = time.perf_counter()
-                    step(layers, inputs)
+                    step(path_layers, inputs)
                     times.append(time.perf_counter() - started)
                 best[label] = min(best.get(label, float("inf")), statistics.median(times))
-        rows.append(Row("L", f"{what}: torch's matmuls", tokens, best["torch"] * 1000, "ms"))
-        speedup = best["torch"] / best["kernel"]
-        rows.append(Row("L", f"{what}: native kernel", tokens, best["kernel"] * 1000, "ms", f"{speedup:.2f}x"))
+        torch_time = best["torch's matmuls"]
+        for label, took in best.items():
+            ratio = f"{torch_time / took:.2f}x" if paths[label][0] is not None else ""
+            rows.append(Row("L", f"{what}: {label}", tokens, took * 1000, "ms", ratio))
     print(f"\nLoRA of one decode pass, {len(layers)} layers, rank {RANK}, {args.threads} threads; ratio torch / kernel")
     print_table(rows)
 
