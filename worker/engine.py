@@ -34,7 +34,7 @@ from worker import metrics
 from worker.adapter_cache import AdapterCache, AdapterLoadError
 from worker.detokenize import IncrementalDecoder
 from worker.grammar import Grammars
-from worker.lora import LoraRouting
+from worker.lora_routing import LoraRouting
 from worker.output import OutputProcessor, eos_ids
 from worker.protocol import GenerateRequest
 from worker.runner import ModelRunner

@@ -5,7 +5,8 @@ Each adapted linear layer keeps all resident adapters stacked in slot tensors an
 NF4, GPTQ/AWQ or plain): with one adapter in the pass, two plain matmuls on views of
 its slot; with several, the tokens of slots with few of them (decode rows) grouped by slot
 for two batched matmuls on views of the slot stacks, and each slot with many (a prompt
-chunk) two matmuls of its own. Layers that read the same input (q/k/v, gate/up: a `SharedInput`)
+chunk) two matmuls of its own (which tokens take which path: `worker.lora_routing`, once a
+pass). Layers that read the same input (q/k/v, gate/up: a `SharedInput`)
 keep their A stacks interleaved in one tensor, so the first of them to run gathers the tokens
 and shrinks them for all (one matmul where there were three), and the others take their share.
 On the CPU the decode tokens' share of all this is one native call per layer instead
@@ -19,124 +20,19 @@ read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) canno
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
 from torch import nn
 
-from worker.cpu_lora import LoraDelta, Stacks, TokenTiles
+from worker.cpu_lora import Stacks
+from worker.lora_routing import LoraRouting
 
-BIG_SLOT_TOKENS = 16  # a slot with more tokens than this in a pass (a prompt chunk) gets its own matmuls
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
 VIEWS_KEPT = 64  # per layer and kind: slot (and span) views kept for reuse; spans x ranks could be thousands
 # Sibling layers that every supported architecture calls on one and the same input tensor. A wrong
 # guess costs speed only: the shrink is shared only when the very same tensor comes in.
 SHARED_INPUTS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
-
-
-@dataclass
-class LoraRouting:
-    """Which slot each token of the next forward pass uses; set by the engine before it.
-
-    A pass is one flat run of tokens, row after row (the engine's layout), or any [rows, tokens]
-    batch read row-major; token indices below count in that order.
-    """
-
-    slots: torch.Tensor | None = None  # [tokens] slot of each token; None: no token has an adapter
-    active: frozenset[int] = field(default_factory=frozenset)  # slots used in this pass
-    rank: int = 0  # widest rank among the active adapters
-    single: int | None = None  # the one active slot, when there is exactly one
-    single_rows: torch.Tensor | None = None  # [tokens of `single`] token indices, when other tokens have none
-    groups: SlotGroups | None = None  # several adapters: few-token slots grouped for two bmm
-    big: tuple[tuple[int, torch.Tensor], ...] = ()  # several adapters: (slot, its token indices) for slots with many
-
-    # The native kernel (CPU, float32 or bfloat16 slots; `worker.cpu_lora`), set by the runner where it works: it adds
-    # the LoRA of every few-token slot's tokens, and `single`, `groups` and `big` then cover only the rest.
-    kernel: LoraDelta | None = None
-    kernel_slots: torch.Tensor | None = None  # [tokens] int64: the kernel's slot of each token; `zero_slot` for none
-    kernel_tiles: TokenTiles | None = None  # the same tokens as the kernel takes them
-    kernel_only: bool = False  # the kernel covers every token with an adapter: torch's paths have nothing to do
-    zero_slot: int = -1
-
-    pass_id: int = 0  # changes with every routing: shared shrinks never outlive their pass
-
-    def clear(self) -> None:
-        self.slots, self.active, self.rank, self.single, self.single_rows = None, frozenset(), 0, None, None
-        self.groups, self.big, self.kernel_slots, self.kernel_tiles, self.kernel_only = None, (), None, None, False
-        self.pass_id += 1
-
-    def route(self, slots: list[int], zero_slot: int, rank_of: Callable[[int], int], device: torch.device,
-              lengths: list[int] | None = None) -> None:
-        """Set the routing for a pass whose row i has `lengths[i]` tokens (default 1) on `slots[i]`
-        (`zero_slot`: the base model)."""
-        self.pass_id += 1
-        active = frozenset(slot for slot in slots if slot != zero_slot)
-        if not active:
-            self.clear()
-            return
-        per_token = slots if lengths is None else [s for s, n in zip(slots, lengths, strict=True) for _ in range(n)]
-        self.slots = torch.tensor(per_token, device=device)  # [tokens]
-        self.active = active
-        self.rank = max(rank_of(slot) for slot in active)
-        self.zero_slot = zero_slot
-        self.single, self.single_rows, self.groups, self.big = None, None, None, ()
-        self.kernel_slots, self.kernel_tiles, self.kernel_only = None, None, False
-        by_slot: dict[int, list[int]] = {}
-        for token, slot in enumerate(per_token):
-            if slot != zero_slot:
-                by_slot.setdefault(slot, []).append(token)
-        few = {slot: tokens for slot, tokens in by_slot.items() if len(tokens) <= BIG_SLOT_TOKENS}
-        if self.kernel is not None and few:
-            kernel_slots = [s if s in few else zero_slot for s in per_token]
-            self.kernel_slots = torch.tensor(kernel_slots, dtype=torch.int64)
-            self.kernel_tiles = self.kernel.tiles(kernel_slots, zero_slot)
-            by_slot = {slot: tokens for slot, tokens in by_slot.items() if slot not in few}
-            few = {}
-            if not by_slot:
-                self.kernel_only = True
-                return
-        if len(by_slot) == 1:
-            self.single, tokens = next(iter(by_slot.items()))
-            if len(tokens) < len(per_token):
-                self.single_rows = torch.tensor(tokens, device=device)  # [tokens with the adapter]
-            return
-        self.big = tuple((slot, torch.tensor(tokens, device=device)) for slot, tokens in by_slot.items()
-                         if len(tokens) > BIG_SLOT_TOKENS)
-        self.groups = SlotGroups.of(few, len(per_token), device) if few else None
-
-
-@dataclass(frozen=True)
-class SlotGroups:
-    """Tokens with an adapter laid out as [slots in span, tokens per slot]: position g*per_slot + j
-    is the j-th token on slot span.start + g, so each group multiplies a view of its own slot's
-    weights.
-
-    Nothing is copied out of the slot stacks; only the tokens' activations are gathered (and the
-    positions of slots in the span that no token uses hold a zero row whose result is dropped).
-    """
-
-    span: slice  # slots [start, stop)
-    per_slot: int  # tokens of the busiest slot
-    take: torch.Tensor  # [span * per_slot] token at each position; `tokens` (a zero row) where none
-    used: torch.Tensor  # [tokens grouped] positions holding a real token
-    rows: torch.Tensor  # [tokens grouped] their token indices, in the order of `used`
-    dense: bool  # every position holds a real token (every slot in the span has per_slot): no zero row
-
-    @staticmethod
-    def of(by_slot: dict[int, list[int]], tokens: int, device: torch.device) -> SlotGroups:
-        span = slice(min(by_slot), max(by_slot) + 1)
-        per_slot = max(len(rows) for rows in by_slot.values())
-        take = [tokens] * ((span.stop - span.start) * per_slot)
-        used, rows = [], []
-        for slot, slot_rows in by_slot.items():
-            for j, row in enumerate(slot_rows):
-                position = (slot - span.start) * per_slot + j
-                take[position] = row
-                used.append(position)
-                rows.append(row)
-        take_t, used_t, rows_t = (torch.tensor(values, device=device) for values in (take, used, rows))
-        return SlotGroups(span, per_slot, take_t, used_t, rows_t, dense=len(used) == len(take))
 
 
 def by_member(h: torch.Tensor, rank: int, members: int) -> torch.Tensor:
@@ -248,7 +144,7 @@ class MultiLoraLinear(nn.Module):
         # layer around them. Interleaved rounds on 2 cores, batch 16: 1.02-1.08x the tokens/s over three
         # runs, batch 8 1.09x. Several adapters (the grouped bmm) measured 0.90-1.01x: they keep every
         # thread. The engine thread is the only one doing torch arithmetic.
-        decode = (route.single is not None and route.kernel_slots is None and route.slots.shape[0] <= SERIAL_TOKENS
+        decode = (route.single is not None and route.kernel_tiles is None and route.slots.shape[0] <= SERIAL_TOKENS
                   and y.device.type == "cpu")
         threads = torch.get_num_threads() if decode else 1
         if threads > 1:
@@ -277,7 +173,7 @@ class MultiLoraLinear(nn.Module):
             h = shared.shrink(x_in, route.pass_id, key, lambda: by_member(tokens() @ a_t.to(work), rank, members))
             return h[..., self.member, :] @ b.to(work)
 
-        if route.kernel_slots is not None:
+        if route.kernel_tiles is not None:
             y = self._kernel_delta(x_in, x, y)
         if route.single is not None:
             slot, rows = route.single, route.single_rows

@@ -17,7 +17,7 @@ from worker.adapter_cache import AdapterCache
 from worker.cpu_attention import decode_attention_kernel
 from worker.cpu_lora import WEIGHT_DTYPES, lora_delta_kernel
 from worker.kvcache import KVPool, PassPlan, Segment, use_row_attention
-from worker.lora import LoraRouting
+from worker.lora_routing import LoraRouting
 from worker.sequence import Sequence
 
 

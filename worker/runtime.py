@@ -18,7 +18,8 @@ from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache
 from worker.config import WorkerConfig
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
-from worker.lora import LoraRouting, install_lora_layers, slots_in_budget
+from worker.lora import install_lora_layers, slots_in_budget
+from worker.lora_routing import LoraRouting
 from worker.model import adaptable_linears, load_base_model, pack_output_head, resolve_device
 from worker.prompts import PromptEncoder, PromptLimits
 from worker.protocol import WorkerHealth

@@ -42,7 +42,8 @@ def test_an_evicted_adapter_leaves_after_its_last_user_even_if_acquired_after_th
     from torch import nn
 
     from tests.factory import adapter_files
-    from worker.lora import LoraRouting, MultiLoraLinear
+    from worker.lora import MultiLoraLinear
+    from worker.lora_routing import LoraRouting
     from worker.protocol import AdapterRef
 
     layer = MultiLoraLinear(nn.Linear(16, 16), 16, 16, 2, 8, LoraRouting(), torch.device("cpu"), torch.float32)
@@ -71,7 +72,8 @@ def test_the_host_tier_is_bounded_by_bytes_not_by_count(tmp_path) -> None:  # ty
     from torch import nn
 
     from tests.factory import adapter_files
-    from worker.lora import LoraRouting, MultiLoraLinear
+    from worker.lora import MultiLoraLinear
+    from worker.lora_routing import LoraRouting
     from worker.protocol import AdapterRef
 
     layer = MultiLoraLinear(nn.Linear(256, 256), 256, 256, 2, 8, LoraRouting(), torch.device("cpu"), torch.float32)
@@ -98,7 +100,8 @@ def _one_adapter_cache(tmp_path, device: torch.device, pin_host: bool):  # type:
     from torch import nn
 
     from tests.factory import adapter_files
-    from worker.lora import LoraRouting, MultiLoraLinear
+    from worker.lora import MultiLoraLinear
+    from worker.lora_routing import LoraRouting
 
     name = "model.layers.0.self_attn.q_proj"
     layer = MultiLoraLinear(nn.Linear(16, 16).to(device), 16, 16, 2, 8, LoraRouting(), device, torch.float32)
@@ -148,7 +151,8 @@ def test_a_blob_changed_on_disk_is_refused_by_its_digest_not_served(tmp_path, wh
     from torch import nn
 
     from tests.factory import adapter_files
-    from worker.lora import LoraRouting, MultiLoraLinear
+    from worker.lora import MultiLoraLinear
+    from worker.lora_routing import LoraRouting
 
     name = "model.layers.0.self_attn.q_proj"
     layer = MultiLoraLinear(nn.Linear(16, 16), 16, 16, 2, 8, LoraRouting(), torch.device("cpu"), torch.float32)

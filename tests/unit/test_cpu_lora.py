@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from worker import cpu_lora, native
-from worker.cpu_lora import LoraDelta, lora_delta_kernel, reference
-from worker.lora import BIG_SLOT_TOKENS, LoraRouting, MultiLoraLinear
+from worker.cpu_lora import LoraDelta, TokenTiles, lora_delta_kernel, reference
+from worker.lora import MultiLoraLinear
+from worker.lora_routing import BIG_SLOT_TOKENS, LoraRouting
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler to build the kernel")
@@ -106,17 +107,30 @@ def test_the_kernel_refuses_stacks_it_cannot_read(kernel: LoraDelta) -> None:
             kernel.stacks(bad_a, bad_b)
 
 
+def tile_groups(tiles: TokenTiles) -> list[tuple[int, list[int]]]:
+    """(slot, tokens) of each tile, read back from the table the kernel reads."""
+    table = tiles.table.tolist()
+    routed = len(table) - 2 * tiles.count - 1
+    order, starts, tile_slots = table[:routed], table[routed:routed + tiles.count + 1], table[routed + tiles.count + 1:]
+    return [(tile_slots[g], order[starts[g]:starts[g + 1]]) for g in range(tiles.count)]
+
+
+def kernel_slots(routing: LoraRouting, tokens: int, none: int) -> list[int]:
+    """Each token's slot as the kernel takes it; `none` for the tokens it leaves to torch."""
+    assert routing.kernel_tiles is not None
+    slots = [none] * tokens
+    for slot, routed in tile_groups(routing.kernel_tiles):
+        for token in routed:
+            slots[token] = slot
+    return slots
+
+
 def test_tiles_group_a_slots_tokens_in_order_and_leave_out_the_skipped(kernel: LoraDelta) -> None:
     tile = kernel.tile
     slots = [2, 7, 2, 9] + [2] * tile + [7]
-    tiles = kernel.tiles(slots, 9)
-    table = tiles.table.tolist()
-    routed = len(slots) - 1
-    order, starts, tile_slots = table[:routed], table[routed:routed + tiles.count + 1], table[routed + tiles.count + 1:]
-    groups = [(tile_slots[g], order[starts[g]:starts[g + 1]]) for g in range(tiles.count)]
     twos = [0, 2, *range(4, 4 + tile)]
     want = [(2, twos[i:i + tile]) for i in range(0, len(twos), tile)] + [(7, [1, 4 + tile])]
-    assert groups == want
+    assert tile_groups(kernel.tiles(slots, 9)) == want
     assert kernel.tiles([9, 9], 9).count == 0
 
 
@@ -136,13 +150,13 @@ def test_decode_tokens_go_to_the_kernel_and_prompt_chunks_to_torchs_matmuls(kern
     routing = LoraRouting(kernel=kernel)
     chunk = BIG_SLOT_TOKENS + 4
     routing.route([0, 1, 2, 1], 3, lambda slot: 8, CPU, [1, chunk, 1, 1])  # slot 1: a chunk and a decode row
-    assert routing.kernel_slots is not None and routing.kernel_slots.tolist() == [0] + [3] * chunk + [2, 3]
+    assert kernel_slots(routing, chunk + 3, 3) == [0] + [3] * chunk + [2, 3]
     assert routing.single == 1 and routing.single_rows is not None and len(routing.single_rows) == chunk + 1
     routing.route([0, 1, 3], 3, lambda slot: 8, CPU)  # decode rows only: nothing left for torch
-    assert routing.kernel_slots is not None and routing.kernel_slots.tolist() == [0, 1, 3]
+    assert kernel_slots(routing, 3, 3) == [0, 1, 3]
     assert routing.single is None and routing.groups is None and not routing.big
     routing.route([3, 3], 3, lambda slot: 8, CPU)  # base rows only
-    assert routing.slots is None and routing.kernel_slots is None
+    assert routing.slots is None and routing.kernel_tiles is None
     LoraRouting(kernel=None).route([0, 1], 3, lambda slot: 8, CPU)
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from app.settings import Settings
 from worker.config import WorkerConfig
 from worker.cpu_lora import LoraDelta, lora_delta_kernel
-from worker.lora import LoraRouting, MultiLoraLinear, install_lora_layers, slots_in_budget
+from worker.lora import MultiLoraLinear, install_lora_layers, slots_in_budget
+from worker.lora_routing import LoraRouting
 
 IN, OUT, SLOTS, MAX_RANK = 12, 10, 3, 8
 KERNEL: LoraDelta | None = None  # the path under test: set per test by `lora_path`
