@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,6 @@ from worker import native
 SOURCE = native.CSRC / "lora_delta.c"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # of the slot stacks; activations and sums are float32
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-Stacks = tuple[int, int, int, int, int, int, bool]  # `LoraDelta.stacks`
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,8 @@ class TokenTiles:
     (each weight a tile reads serves all its tokens), made once a pass (`LoraDelta.tiles`).
 
     `table` holds [order | start | slot]: the tokens' indices tile after tile, where each tile starts
-    in `order` (and where the last ends), and each tile's slot; the three addresses are kept.
+    in `order` (and where the last ends), and each tile's slot; the three addresses are kept, and
+    `header` holds them with the count for `LoraDelta.run` (at `address`).
     """
 
     table: torch.Tensor  # int64 [tokens routed + 2 * count + 1]
@@ -43,16 +43,35 @@ class TokenTiles:
     order: int  # addresses in `table`
     start: int
     slot: int
+    header: ctypes.Array[ctypes.c_int64]  # [order, count, start, slot]
+    address: int  # of `header`
+
+
+@dataclass(frozen=True)
+class LayerArgs:
+    """What `LoraDelta.run` needs of one layer, kept by the layer: `values` [A's address, max_rank, members,
+    in, B's address, out, bfloat16 or not, member] at `address`. The stacks are written in place, never
+    replaced, so the addresses hold as long as the layer."""
+
+    values: ctypes.Array[ctypes.c_int64]
+    address: int
 
 
 class LoraDelta:
-    """The compiled kernel: `add` adds the LoRA deltas of a pass's routed tokens to one layer's output."""
+    """The compiled kernel: `add` adds the LoRA deltas of a pass's routed tokens to one layer's output;
+    `run` does the same for the engine's layers, their arguments prepared (`layer`, `tiles`)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._kernel = library.lora_delta
         self._kernel.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int,
                                  _I64, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int]
         self._kernel.restype = None
+        # run(layer.address, tiles.address, x, h, shrink, y, rank, threads): x [tokens, in] and y [tokens, out]
+        # float32, dense; h as in `add`. Eight plain integers: ctypes converts them in a fraction of the time
+        # it took for the twenty of `add`, 210 layers a step.
+        self.run: Callable[[int, int, int, int, bool, int, int, int], None] = library.lora_delta_layer
+        library.lora_delta_layer.argtypes = [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, _PTR, _I64, ctypes.c_int]
+        library.lora_delta_layer.restype = None
         self.tile = int(library.lora_tile())
 
     def tiles(self, slots: Sequence[int], skip: int) -> TokenTiles:
@@ -72,24 +91,20 @@ class LoraDelta:
         starts.append(len(order))
         table = torch.tensor(order + starts + tile_slots, dtype=torch.int64)
         base = table.data_ptr()
-        return TokenTiles(table, len(tile_slots), base, base + 8 * len(order), base + 8 * (len(order) + len(starts)))
+        order_at, start_at, slot_at = base, base + 8 * len(order), base + 8 * (len(order) + len(starts))
+        header = (ctypes.c_int64 * 4)(order_at, len(tile_slots), start_at, slot_at)
+        return TokenTiles(table, len(tile_slots), order_at, start_at, slot_at, header, ctypes.addressof(header))
 
     @staticmethod
-    def stacks(a: torch.Tensor, b: torch.Tensor) -> Stacks:
-        """What `call` needs of a layer's stacks: (A's address, max_rank, members, in, B's address, out,
-        whether they are bfloat16). a: [slots + 1, max_rank, members, in], b: [slots + 1, max_rank, out],
-        both float32 or both bfloat16 (`WEIGHT_DTYPES`), contiguous."""
+    def layer(a: torch.Tensor, b: torch.Tensor, member: int) -> LayerArgs:
+        """`run`'s arguments for the `member`-th layer of the stacks a: [slots + 1, max_rank, members, in]
+        and b: [slots + 1, max_rank, out], both float32 or both bfloat16 (`WEIGHT_DTYPES`), contiguous."""
         if a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or not (a.is_contiguous() and b.is_contiguous()):
             raise ValueError(f"the kernel takes contiguous float32 or bfloat16 stacks, not {a.dtype} and {b.dtype}")
         _, max_rank, members, in_features = a.shape
-        return a.data_ptr(), max_rank, members, in_features, b.data_ptr(), b.shape[2], a.dtype == torch.bfloat16
-
-    def call(self, x: int, x_stride: int, tiles: TokenTiles, stacks: Stacks, rank: int, h: int, shrink: bool,
-             member: int, y: int, y_stride: int, threads: int) -> None:
-        """`add` on addresses, for the engine's layers (which keep their `stacks`)."""
-        a, max_rank, members, in_features, b, out, bf16 = stacks
-        self._kernel(x, x_stride, tiles.order, tiles.count, tiles.start, tiles.slot, a, max_rank, members,
-                     in_features, rank, h, shrink, member, b, out, bf16, y, y_stride, threads)
+        values = (ctypes.c_int64 * 8)(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), b.shape[2],
+                                      a.dtype == torch.bfloat16, member)
+        return LayerArgs(values, ctypes.addressof(values))
 
     def add(
         self,
@@ -104,8 +119,10 @@ class LoraDelta:
         y: torch.Tensor,  # [tokens, out] float32, last dim dense: the base output, added to in place
         threads: int | None = None,
     ) -> None:
-        self.call(x.data_ptr(), x.stride(0), tiles, self.stacks(a, b), rank, h.data_ptr(), shrink, member,
-                  y.data_ptr(), y.stride(0), torch.get_num_threads() if threads is None else threads)
+        _, max_rank, members, in_features, _, out, bf16, _ = self.layer(a, b, member).values
+        self._kernel(x.data_ptr(), x.stride(0), tiles.order, tiles.count, tiles.start, tiles.slot, a.data_ptr(),
+                     max_rank, members, in_features, rank, h.data_ptr(), shrink, member, b.data_ptr(), out, bf16,
+                     y.data_ptr(), y.stride(0), torch.get_num_threads() if threads is None else threads)
 
 
 @functools.cache

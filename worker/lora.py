@@ -25,7 +25,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from worker.cpu_lora import Stacks
+from worker.cpu_lora import LayerArgs
 from worker.lora_routing import LoraRouting
 
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -125,7 +125,7 @@ class MultiLoraLinear(nn.Module):
         # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
         self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._stacks: Stacks | None = None  # `LoraDelta.stacks` of this layer
+        self._kernel_args: LayerArgs | None = None  # `LoraDelta.layer` of this layer, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -225,12 +225,13 @@ class MultiLoraLinear(nn.Module):
             return y
         if not (x.dtype == y.dtype == torch.float32 and x.is_contiguous() and y.is_contiguous()):
             return self._kernel_delta(x, x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])).view(y.shape)
-        assert route.kernel is not None and route.kernel_tiles is not None
-        if self._stacks is None:  # the stacks are written in place, never replaced: their addresses hold
-            self._stacks = route.kernel.stacks(self.shared.a, self.lora_b)
+        kernel, tiles = route.kernel, route.kernel_tiles
+        assert kernel is not None and tiles is not None
+        if self._kernel_args is None:
+            self._kernel_args = kernel.layer(self.shared.a, self.lora_b, self.member)
         h, shrink = self.shared.kernel_shrinks(x, route.pass_id, x.numel() // x.shape[-1] * route.rank)
-        route.kernel.call(x.data_ptr(), x.shape[-1], route.kernel_tiles, self._stacks, route.rank, h.data_ptr(),
-                          shrink, self.member, y.data_ptr(), y.shape[-1], torch.get_num_threads())
+        kernel.run(self._kernel_args.address, tiles.address, x.data_ptr(), h.data_ptr(), shrink, y.data_ptr(),
+                   route.rank, torch.get_num_threads())
         return y
 
     def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,11 +100,31 @@ def test_bfloat16_stacks_give_to_the_bit_what_float32_stacks_of_the_same_values_
     assert not torch.equal(results[0][0], torch.ones(out))
 
 
+@pytest.mark.parametrize("dtype", cpu_lora.WEIGHT_DTYPES)
+def test_the_engines_prepared_call_adds_what_add_does(kernel: LoraDelta, dtype: torch.dtype) -> None:
+    """`run` (a layer's arguments and a pass's tiles kept in tables) is the engine's way in: every member
+    of the stacks, shrinking or reusing the shrinks, must add to the bit what `add` adds."""
+    a, b_stacks = stacks(4, 8, 3, 40, 70, dtype=dtype)
+    slots = [2, 4, 0, 2, 2, 2, 2, 3]
+    tiles = kernel.tiles(slots, 4)
+    x = torch.randn(len(slots), 40)
+    h_add, h_run = torch.empty(len(slots), 3, 7), torch.empty(len(slots), 3, 7)
+    for member in range(3):
+        b = b_stacks * (member + 1)
+        y = torch.randn(len(slots), 70)
+        before, want = y.clone(), y.clone()
+        kernel.add(x, tiles, a, 7, h_add, member == 0, member, b, want)
+        layer = kernel.layer(a, b, member)
+        kernel.run(layer.address, tiles.address, x.data_ptr(), h_run.data_ptr(), member == 0, y.data_ptr(), 7, 2)
+        assert torch.equal(y, want), member
+        assert torch.equal(y[1], before[1]) and not torch.equal(y[0], before[0])  # slot 4: no adapter
+
+
 def test_the_kernel_refuses_stacks_it_cannot_read(kernel: LoraDelta) -> None:
     a, b = stacks(2, 4, 1, 8, 6)
     for bad_a, bad_b in ((a.half(), b.half()), (a, b.bfloat16()), (a, b[:, :2])):
         with pytest.raises(ValueError, match="contiguous float32 or bfloat16"):
-            kernel.stacks(bad_a, bad_b)
+            kernel.layer(bad_a, bad_b, 0)
 
 
 def tile_groups(tiles: TokenTiles) -> list[tuple[int, list[int]]]:
