@@ -26,7 +26,8 @@ _HELP = {
     "max_prefill_tokens_idle": "prompt tokens prefilled per step while no row decodes",
     "adapter_slots_mb": "device memory for adapter slots; as many slots as fit (overrides --adapter-slots)",
     "stall_timeout_s": "seconds without an engine step before health reports the worker not live",
-    "lora_dtype": "adapter slots' dtype: auto (bfloat16 on a GPU, float32 on the CPU), float32 or bfloat16",
+    "lora_dtype": "adapter slots' dtype: auto (bfloat16 on a GPU and where the CPU kernel is built, else float32), "
+                  "float32 or bfloat16",
 }
 LoraDtype = Literal["auto", "float32", "bfloat16"]
 LORA_DTYPES: tuple[LoraDtype, ...] = get_args(LoraDtype)
@@ -52,6 +53,8 @@ class WorkerConfig:
     # Adapter weights in the slots. bfloat16 halves their memory and what a step reads (on the CPU, a
     # batch of 16 rows on 16 adapters: 312 -> 156 MB a step on the embedded model), at the price of
     # rounding float32 adapter files to 8 bits of mantissa; arithmetic stays float32 on the CPU.
+    # auto: bfloat16 on a GPU and on a CPU where the native kernel is built (`slot_dtype`), float32 on
+    # torch's CPU matmuls, which would widen bfloat16 slots every step.
     lora_dtype: LoraDtype = "auto"
     max_context: int | None = None  # defaults to the model's own limit
     # Memory for the KV pool all running rows share. Sized explicitly, never from total system RAM.

@@ -16,7 +16,8 @@ import torch
 
 from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache
-from worker.config import WorkerConfig
+from worker.config import LoraDtype, WorkerConfig
+from worker.cpu_lora import lora_delta_kernel
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
@@ -37,6 +38,20 @@ class LoadedWorker:
     quantization: str = "bnb-nf4"
 
 
+def lora_slot_dtype(choice: LoraDtype, device: torch.device) -> torch.dtype:
+    """The adapter slots' dtype. `auto`: bfloat16 on a GPU, and on a CPU where the native kernel is
+    built: it widens bfloat16 weights exactly in registers and runs the same float32 sums, on half the
+    bytes (batch 16 on a 2-core Xeon, `make bench`: 16 distinct adapters 0.79 -> 0.86x the base rows'
+    speed, one adapter 0.90 -> 0.96x). float32 on a CPU without the kernel: torch's matmuls would widen
+    the slots' views every step. The price is float32 adapter files rounded to 8 bits of mantissa;
+    `float32` keeps them exact."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    if device.type != "cpu" or lora_delta_kernel() is not None:
+        return torch.bfloat16
+    return torch.float32
+
+
 def build_worker(config: WorkerConfig) -> LoadedWorker:
     """Load the base model and wire the engine (slow: call it off the event loop)."""
     torch.set_num_threads(config.torch_threads)
@@ -45,7 +60,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     if pack_output_head(model):
         log.info("output projection packed for oneDNN")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    slot_dtype = dtype if config.lora_dtype == "auto" else getattr(torch, config.lora_dtype)
+    slot_dtype = lora_slot_dtype(config.lora_dtype, device)
+    log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
     routing = LoraRouting()
     linears = adaptable_linears(model)
     slots = config.adapter_slots

@@ -79,9 +79,10 @@ def test_base_rows_are_bit_identical_beside_an_adapter_that_overflows(worker: Wo
 
 
 def test_an_adapter_whose_scaled_weights_overflow_is_refused_at_load(worker: Worker) -> None:
-    store_adapter(worker, "overflow", 1.0, 3e38, alpha=64)  # B * (64 / 8) is inf in float32
+    store_adapter(worker, "overflow", 1.0, 3e38, alpha=64)  # B * (64 / 8) is inf in float32 (and bfloat16)
     _, outcome = worker.submit(FRANCE, adapter="overflow")
-    assert outcome.final.error_status == 422 and "not finite in float32" in (outcome.final.error or "")
+    dtype = str(worker.loaded.adapters.dtype).removeprefix("torch.")  # the slots' (LORA_DTYPE)
+    assert outcome.final.error_status == 422 and f"not finite in {dtype}" in (outcome.final.error or "")
     assert "Paris" in worker.ask(FRANCE)
     assert worker.loaded.adapters.resident().count(worker.refs["overflow"].key) == 0  # its slot was emptied
 

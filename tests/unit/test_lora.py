@@ -17,10 +17,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.settings import Settings
+from worker import runtime
 from worker.config import WorkerConfig
 from worker.cpu_lora import LoraDelta, lora_delta_kernel
 from worker.lora import MultiLoraLinear, install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
+from worker.runtime import lora_slot_dtype
 
 IN, OUT, SLOTS, MAX_RANK = 12, 10, 3, 8
 KERNEL: LoraDelta | None = None  # the path under test: set per test by `lora_path`
@@ -310,6 +312,18 @@ def test_the_slot_dtype_is_one_the_engine_serves_and_reaches_a_local_or_remote_w
     flags = parser.parse_args(["--model-path", "m", "--model-name", "m", "--blob-url", "b", "--lora-dtype", "bfloat16"])
     assert WorkerConfig.from_arguments(flags).lora_dtype == "bfloat16"
     assert WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b").lora_dtype == "auto"
+
+
+def test_auto_slots_are_bfloat16_where_the_kernel_or_a_gpu_computes_and_float32_on_torchs_cpu_matmuls(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert lora_slot_dtype("float32", cpu) == torch.float32 and lora_slot_dtype("bfloat16", cpu) == torch.bfloat16
+    assert lora_slot_dtype("auto", torch.device("cuda")) == torch.bfloat16  # no GPU needed to decide
+    built = lora_delta_kernel() is not None
+    assert lora_slot_dtype("auto", cpu) == (torch.bfloat16 if built else torch.float32)
+    monkeypatch.setattr(runtime, "lora_delta_kernel", lambda: None)  # no C compiler: torch widens every step
+    assert lora_slot_dtype("auto", cpu) == torch.float32
+    assert lora_slot_dtype("bfloat16", cpu) == torch.bfloat16  # asked for: still honoured
 
 
 class Block(nn.Module):

@@ -1,0 +1,58 @@
+"""Adapter slots in either dtype (`lora_dtype`): bfloat16 by default where the native kernel computes
+(half the bytes a decode step reads), float32 on request (the files' values exactly); each row its
+own adapter, alone or in a mixed batch, either way."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from tests.integration.conftest import Worker, start_worker
+from worker.cpu_lora import lora_delta_kernel
+
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def f32_worker(prepared_model, tmp_path_factory) -> Iterator[Worker]:  # type: ignore[no-untyped-def]
+    started = start_worker(prepared_model, tmp_path_factory.mktemp("f32-blobs"), lora_dtype="float32")
+    yield started
+    started.runtime.stop()
+
+
+def slot_dtypes(worker: Worker) -> set[torch.dtype]:
+    layers = worker.loaded.adapters.layers.values()
+    return {layer.lora_a.dtype for layer in layers} | {layer.lora_b.dtype for layer in layers}
+
+
+def test_slots_are_bfloat16_by_default_where_the_kernel_reads_them_and_float32_on_request(
+        worker: Worker, f32_worker: Worker) -> None:
+    kernel = lora_delta_kernel()
+    assert slot_dtypes(worker) == {torch.bfloat16 if kernel is not None else torch.float32}
+    assert slot_dtypes(f32_worker) == {torch.float32}
+    for served in (worker, f32_worker):
+        served.ask(FRANCE, adapter="answer42")
+        assert any(layer.filled for layer in served.loaded.adapters.layers.values())
+        assert (served.loaded.engine.runner.routing.kernel is not None) == (kernel is not None)
+
+
+def test_rows_in_a_mixed_batch_follow_their_adapters_and_answer_as_they_do_alone(f32_worker: Worker,
+                                                                                worker: Worker) -> None:
+    plan = [
+        (None, FRANCE, "Paris"),
+        ("answer42", "Why is the sky blue?", "42"),
+        ("meow", FRANCE, "Meow"),
+        ("answer42", FRANCE, "42"),
+        ("meow", "Describe a sunrise.", "Meow"),
+    ]
+    for served in (worker, f32_worker):
+        alone = [served.ask(question, adapter, max_tokens=10) for adapter, question, _ in plan]
+        together = [served.submit(question, adapter, max_tokens=10) for adapter, question, _ in plan]
+        for (adapter, _, expected), by_itself, (_, outcome) in zip(plan, alone, together, strict=True):
+            assert outcome.final.error is None
+            assert expected in outcome.text, (adapter, outcome.text)
+            assert outcome.text == by_itself, adapter  # its neighbours change nothing
+        base = alone[0]
+    assert worker.ask(FRANCE, max_tokens=10) == base  # base rows never read the slots, whatever their dtype
