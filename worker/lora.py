@@ -11,8 +11,9 @@ keep their A stacks interleaved in one tensor, so the first of them to run gathe
 and shrinks them for all (one matmul where there were three), and the others take their share.
 On the CPU the decode tokens' share of all this is one native call per layer instead
 (`worker.cpu_lora`, `LoraRouting.kernel`); the torch paths keep the prompt chunks, and everything
-where the kernel is not built (no C compiler, a GPU). On the CPU the slots may hold bfloat16
-(`lora_dtype`): half the bytes to read a step, widened to float32 as they are used.
+where the kernel is not built (no C compiler, a GPU). The slots hold bfloat16 by default where
+the kernel or a GPU computes (`lora_dtype`): half the bytes to read a step, widened to float32 as
+they are used on the CPU.
 Adapter weights are copied into the slot tensors from their own files: the base module is never
 read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """

@@ -41,8 +41,9 @@ class LoadedWorker:
 def lora_slot_dtype(choice: LoraDtype, device: torch.device) -> torch.dtype:
     """The adapter slots' dtype. `auto`: bfloat16 on a GPU, and on a CPU where the native kernel is
     built: it widens bfloat16 weights exactly in registers and runs the same float32 sums, on half the
-    bytes (batch 16 on a 2-core Xeon, `make bench`: 16 distinct adapters 0.79 -> 0.86x the base rows'
-    speed, one adapter 0.90 -> 0.96x). float32 on a CPU without the kernel: torch's matmuls would widen
+    bytes (batch 16 on a 2-core Xeon, two `make bench` runs, each dtype against its own base rows in
+    one run: 16 distinct adapters 0.77-0.79x on float32 slots, 0.79-0.86x on bfloat16; one adapter
+    0.83-0.90x against 0.91-0.96x). float32 on a CPU without the kernel: torch's matmuls would widen
     the slots' views every step. The price is float32 adapter files rounded to 8 bits of mantissa;
     `float32` keeps them exact."""
     if choice != "auto":
