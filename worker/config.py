@@ -53,8 +53,8 @@ class WorkerConfig:
     # Adapter weights in the slots. bfloat16 halves their memory and what a step reads (on the CPU, a
     # batch of 16 rows on 16 adapters: 312 -> 156 MB a step on the embedded model), at the price of
     # rounding float32 adapter files to 8 bits of mantissa; arithmetic stays float32 on the CPU.
-    # auto: bfloat16 on a GPU and on a CPU where the native kernel is built (`slot_dtype`), float32 on
-    # torch's CPU matmuls, which would widen bfloat16 slots every step.
+    # auto: bfloat16 on a GPU and on a CPU where the native kernel is built, float32 on torch's CPU
+    # matmuls, which would widen bfloat16 slots every step (`worker.runtime.lora_slot_dtype`).
     lora_dtype: LoraDtype = "auto"
     max_context: int | None = None  # defaults to the model's own limit
     # Memory for the KV pool all running rows share. Sized explicitly, never from total system RAM.

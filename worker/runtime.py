@@ -48,7 +48,7 @@ def lora_slot_dtype(choice: LoraDtype, device: torch.device) -> torch.dtype:
     `float32` keeps them exact."""
     if choice != "auto":
         return getattr(torch, choice)
-    if device.type != "cpu" or lora_delta_kernel() is not None:
+    if device.type == "cuda" or (device.type == "cpu" and lora_delta_kernel() is not None):
         return torch.bfloat16
     return torch.float32
 
