@@ -6,7 +6,8 @@ add. Each of those ~6 operator calls costs tens of microseconds on the CPU befor
 (the matrices are [16, 576] x [576, 48]), and a step of the embedded model has 210 adapted layers.
 `worker/csrc/lora_delta.c` adds every decode token's delta in place in one call a layer, reading
 each token's own slot of the stacks; prompt chunks (a slot with many tokens) stay on torch's
-matmuls, which are the faster there.
+matmuls, which are the faster there. The same library fills adapter slots from the host tier (`LoraDelta.fill`:
+one call a layer, converting, transposing, scaling and checking as it copies).
 
 Compiled when a worker first needs it (`worker.native`), used only if it computes what torch
 computes on a probe; otherwise the engine keeps torch's path (logged).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -25,7 +27,8 @@ from worker import native
 
 SOURCE = native.CSRC / "lora_delta.c"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # of the slot stacks; activations and sums are float32
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+FILE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # of adapter weights `LoraDelta.fill` reads
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,23 @@ class LayerArgs:
     address: int
 
 
+@dataclass(frozen=True)
+class SlotTarget:
+    """Where `LoraDelta.fill` writes a layer's slots: addresses, strides and sizes of its stacks, which are
+    written in place, never replaced."""
+
+    a: int  # slot 0's A rows
+    a_slot_bytes: int
+    a_row: int  # weights between one rank's A row and the next
+    in_features: int
+    b: int  # slot 0's B, [max_rank, out] dense
+    b_slot_bytes: int
+    out: int
+    max_rank: int
+    slots: int  # the zero slot included
+    bf16: bool
+
+
 class LoraDelta:
     """The compiled kernel: `add` adds the LoRA deltas of a pass's routed tokens to one layer's output;
     `run` does the same for the engine's layers, their arguments prepared (`layer`, `tiles`)."""
@@ -73,6 +93,9 @@ class LoraDelta:
         library.lora_delta_layer.argtypes = [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, _PTR, _I64, ctypes.c_int]
         library.lora_delta_layer.restype = None
         self.tile = int(library.lora_tile())
+        self._fill = library.lora_fill
+        self._fill.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _INT, _I64, _PTR, ctypes.c_float, _INT]
+        self._fill.restype = _I64
 
     def tiles(self, slots: Sequence[int], skip: int) -> TokenTiles:
         """Tiles of the tokens whose slot (`slots[token]`) is not `skip`, grouped by slot in token order."""
@@ -94,6 +117,36 @@ class LoraDelta:
         order_at, start_at, slot_at = base, base + 8 * len(order), base + 8 * (len(order) + len(starts))
         header = (ctypes.c_int64 * 4)(order_at, len(tile_slots), start_at, slot_at)
         return TokenTiles(table, len(tile_slots), order_at, start_at, slot_at, header, ctypes.addressof(header))
+
+    @staticmethod
+    def slot_target(a: torch.Tensor, b: torch.Tensor) -> SlotTarget | None:
+        """`fill`'s destination for a layer's stacks a: [slots + 1, max_rank, in] (rows dense; a view of
+        interleaved stacks) and b: [slots + 1, max_rank, out] (dense); None where it cannot write them."""
+        if (a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or a.device.type != "cpu" or b.device.type != "cpu"
+                or a.stride(2) != 1 or not b.is_contiguous()):
+            return None
+        size = a.element_size()
+        return SlotTarget(a.data_ptr(), a.stride(0) * size, a.stride(1), a.shape[2], b.data_ptr(), b.stride(0) * size,
+                          b.shape[2], b.shape[1], b.shape[0], a.dtype == torch.bfloat16)
+
+    def fill(self, target: SlotTarget, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> int | None:
+        """Copy A [rank, in] into the slot and B [out, rank] into it transposed and times `scale`, in the
+        slots' dtype, as torch's copies would; return how many of the weights are not finite there. None
+        where the kernel does not read these tensors (another dtype or device, a layout or shape it does
+        not take): the caller copies with torch."""
+        a_dtype, b_dtype = FILE_DTYPES.get(a.dtype), FILE_DTYPES.get(b.dtype)
+        if a_dtype is None or b_dtype is None or not (a.is_cpu and b.is_cpu):
+            return None
+        if not (a.is_contiguous() and b.is_contiguous()):
+            return None
+        rank = a.shape[0]
+        if a.shape != (rank, target.in_features) or b.shape != (target.out, rank) or rank > target.max_rank:
+            return None
+        if not 0 <= slot < target.slots:
+            raise IndexError(f"slot {slot} is not one of the {target.slots} slots")
+        return int(self._fill(a.data_ptr(), a_dtype, rank, target.in_features, target.a + slot * target.a_slot_bytes,
+                              target.a_row, b.data_ptr(), b_dtype, target.out, target.b + slot * target.b_slot_bytes,
+                              scale, target.bf16))
 
     @staticmethod
     def layer(a: torch.Tensor, b: torch.Tensor, member: int) -> LayerArgs:
@@ -161,4 +214,35 @@ def probe_error(kernel: LoraDelta) -> float:
             error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
             if not y.isfinite().all():
                 return float("inf")
-    return error
+    return error if fill_matches_torch(kernel, generator) else float("inf")
+
+
+def fill_matches_torch(kernel: LoraDelta, generator: torch.Generator) -> bool:
+    """Whether `LoraDelta.fill` writes what torch's copies write, bit for bit, and counts what is not finite,
+    for every file and slot dtype: rounding to nearest even, float16 subnormals, Inf, NaN, a scale's overflow."""
+    rank, in_features, out_features, members = 3, 37, 29, 2
+    for file_dtype, slot_dtype, scale in itertools.product(FILE_DTYPES, WEIGHT_DTYPES, (0.3, 7.0)):
+        a = (torch.randn(rank, in_features, generator=generator) * 10.0 ** torch.randint(-9, 4, (rank, 1),
+             generator=generator)).to(file_dtype)
+        b = torch.randn(out_features, rank, generator=generator).to(file_dtype)
+        a[0, :3] = torch.tensor([6e-8, -1e-7, 0.0]).to(file_dtype)  # float16 subnormals
+        b[1, 1], b[2, 2] = float("inf"), float("nan")
+        b[3, 0] = torch.finfo(file_dtype).max  # x 7: over float32's reach (and so bfloat16's)
+        want_a, want_b = a.to(slot_dtype), (b.T.float() * scale).to(slot_dtype)
+        a_stack = torch.zeros(2, rank, members, in_features, dtype=slot_dtype)[:, :, 1]  # rows apart, as interleaved
+        b_stack = torch.zeros(2, rank, out_features, dtype=slot_dtype)
+        target = kernel.slot_target(a_stack, b_stack)
+        bad = None if target is None else kernel.fill(target, 1, a, b, scale)
+        if bad != int((~want_a.isfinite()).sum() + (~want_b.isfinite()).sum()) or a_stack[0].any() or b_stack[0].any():
+            return False
+        a_slot, b_slot = a_stack[1], b_stack[1]
+        if not (same_bits(a_slot, want_a) and same_bits(b_slot, want_b)):
+            return False
+    return True
+
+
+def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bit for bit, NaN apart (torch writes one of several NaNs, all refused alike)."""
+    nan = want.isnan()
+    as_int = torch.int16 if want.dtype == torch.bfloat16 else torch.int32
+    return torch.equal(got.isnan(), nan) and torch.equal(got.view(as_int)[~nan], want.view(as_int)[~nan])

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import torch
 from torch import nn
 
-from worker.cpu_lora import LayerArgs
+from worker.cpu_lora import LayerArgs, SlotTarget
 from worker.lora_routing import LoraRouting
 
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
+_FINITE, _NOT_FINITE = torch.zeros(2), torch.full((2,), torch.inf)  # `load_slot`'s answers from the kernel
 VIEWS_KEPT = 64  # per layer and kind: slot (and span) views kept for reuse; spans x ranks could be thousands
 # Sibling layers that every supported architecture calls on one and the same input tensor. A wrong
 # guess costs speed only: the shrink is shared only when the very same tensor comes in.
@@ -127,6 +129,7 @@ class MultiLoraLinear(nn.Module):
         self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._kernel_args: LayerArgs | None = None  # `LoraDelta.layer` of this layer, made on first use
+        self._fill_target: SlotTarget | Literal[False] | None = None  # `LoraDelta.slot_target`, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -260,19 +263,29 @@ class MultiLoraLinear(nn.Module):
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.
 
-        Returns the float32 sums of the slot's A and B: one NaN or Inf among the weights makes its
-        sum non-finite, so the caller checks every layer's sums at once (`torch.isfinite` per
-        tensor was three times the cost of the copies) and `slot_is_finite` only when a sum is not.
+        Returns two float32 values, finite if every weight in the slot is: where the native kernel
+        copied them (`LoraDelta.fill`, which checks each weight) zeros or Inf; otherwise the sums of the
+        slot's A and B, where one NaN or Inf among the weights makes its sum non-finite, so the caller
+        checks every layer's sums at once (`torch.isfinite` per tensor was three times the cost of the
+        copies) and `slot_is_finite` only when a sum is not (large finite weights can overflow it).
         """
-        device = self.lora_a.device
-        # Host file -> device first, arithmetic only on the device. From pinned host memory (CUDA) the
-        # copies are queued, not waited for; the caller's finiteness check is the one synchronization.
-        a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
+        kernel = self.routing.kernel
+        if kernel is not None and self._fill_target is None:
+            self._fill_target = kernel.slot_target(self.lora_a, self.lora_b) or False
         rank, written = a.shape[0], self.written_rank[slot]
         if written > rank:  # a narrower adapter than the one before: the rest must add nothing
             self.lora_a[slot, rank:written].zero_()
             self.lora_b[slot, rank:written].zero_()
         self.written_rank[slot] = rank
+        self.filled.add(slot)
+        if kernel is not None and self._fill_target:
+            not_finite = kernel.fill(self._fill_target, slot, a, b, scale)
+            if not_finite is not None:
+                return _NOT_FINITE if not_finite else _FINITE
+        device = self.lora_a.device
+        # Host file -> device first, arithmetic only on the device. From pinned host memory (CUDA) the
+        # copies are queued, not waited for; the caller's finiteness check is the one synchronization.
+        a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
         a_slot, b_slot = self.lora_a[slot, :rank], self.lora_b[slot, :rank]
         a_slot.copy_(a)  # converts to the slot's dtype
         if b.dtype == b_slot.dtype:
@@ -282,7 +295,6 @@ class MultiLoraLinear(nn.Module):
         else:
             b_slot.copy_(b.T)
             b_slot.mul_(scale)  # in the slot's dtype: an overflow there shows as Inf
-        self.filled.add(slot)
         return torch.stack([a_slot.sum(dtype=torch.float32), b_slot.sum(dtype=torch.float32)])
 
     def slot_is_finite(self, slot: int) -> bool:

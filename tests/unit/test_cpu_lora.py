@@ -223,3 +223,79 @@ def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torc
         monkeypatch.undo()
         lora_delta_kernel.cache_clear()
     assert lora_delta_kernel() is not None
+
+
+def slot_bits(t: torch.Tensor) -> torch.Tensor:
+    """A slot's weights as integers, so that equal means equal to the bit (NaNs as one)."""
+    t = torch.where(t.isnan(), torch.nan, t)  # torch writes one of several NaNs; any is refused alike
+    return t.view(torch.int16 if t.dtype == torch.bfloat16 else torch.int32)
+
+
+def two_layers(kernel: LoraDelta, slot_dtype: torch.dtype) -> list[MultiLoraLinear]:
+    """A q_proj-like layer sharing its input with another (A interleaved), with and without the kernel."""
+    from worker.lora import SharedInput
+
+    layers = []
+    for with_kernel in (kernel, None):
+        shared = SharedInput(2, 3, 8, 24, CPU, slot_dtype)
+        layers.append(MultiLoraLinear(nn.Linear(24, 40), 24, 40, 3, 8, LoraRouting(kernel=with_kernel), CPU,
+                                      slot_dtype, (shared, 1)))
+    return layers
+
+
+@pytest.mark.parametrize("slot_dtype", cpu_lora.WEIGHT_DTYPES)
+@pytest.mark.parametrize("file_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_slot_fills_write_what_torchs_copies_write_to_the_bit(kernel: LoraDelta, slot_dtype: torch.dtype,
+                                                              file_dtype: torch.dtype) -> None:
+    """An adapter's weights go into a slot through the kernel (one call a layer) where it reads the file's
+    dtype, else through torch; either way the slot holds the same bits: A as rounded once, B times the
+    scale in float32 and then rounded once, a narrower adapter after a wider one leaves nothing behind."""
+    native, torch_path = two_layers(kernel, slot_dtype)
+    generator = torch.Generator().manual_seed(3)
+    for slot, rank, scale in ((1, 8, 0.37), (1, 3, 2.0 / 3.0), (0, 5, 16.0), (2, 1, 1e-3)):
+        a = (torch.randn(rank, 24, generator=generator) * 3).to(file_dtype)
+        b = (torch.randn(40, rank, generator=generator) * 1e-2).to(file_dtype)
+        answers = [layer.load_slot(slot, a, b, scale) for layer in (native, torch_path)]
+        assert all(bool(answer.isfinite().all()) for answer in answers)
+        for stack in ("lora_a", "lora_b"):
+            assert torch.equal(slot_bits(getattr(native, stack)), slot_bits(getattr(torch_path, stack)))
+    assert not native.shared.a[:, :, 0].any()  # the other layer's interleaved rows: untouched
+    # the kernel took the file's dtypes it reads (its answer is exact: zeros, not the sums torch's path checks)
+    took = native.load_slot(0, a, b, scale).abs().sum() == 0
+    assert bool(took) == (file_dtype in cpu_lora.FILE_DTYPES)
+
+
+@pytest.mark.parametrize("slot_dtype", cpu_lora.WEIGHT_DTYPES)
+@pytest.mark.parametrize(("a_value", "b_value", "scale"), [
+    (float("nan"), 0.1, 1.0), (0.1, float("inf"), 1.0), (0.1, -float("inf"), 1.0),
+    (0.1, 3e38, 10.0),  # the scale overflows float32 (and bfloat16)
+    (3.4e38, 0.1, 1.0),  # rounds up past bfloat16's largest value; finite in float32
+])  # fmt: skip
+def test_slot_fills_report_weights_that_are_not_finite_in_the_slot(
+    kernel: LoraDelta, slot_dtype: torch.dtype, a_value: float, b_value: float, scale: float
+) -> None:
+    native, torch_path = two_layers(kernel, slot_dtype)
+    a, b = torch.full((4, 24), 0.5), torch.full((40, 4), 0.5)
+    a[2, 7], b[13, 1] = a_value, b_value
+    for layer in (native, torch_path):
+        answer = layer.load_slot(1, a, b, scale)
+        finite_in_slot = layer.slot_is_finite(1)
+        assert finite_in_slot == (slot_dtype == torch.float32 and a_value == 3.4e38)
+        if not finite_in_slot:
+            assert not answer.isfinite().all()
+
+
+def test_slot_fills_refuse_nothing_they_cannot_read_but_leave_it_to_torch(kernel: LoraDelta) -> None:
+    native, torch_path = two_layers(kernel, torch.float32)
+    a, b = torch.randn(4, 48)[:, ::2], torch.randn(4, 40).T  # strided file tensors: torch copies them
+    target = kernel.slot_target(native.lora_a, native.lora_b)
+    assert target is not None
+    assert kernel.fill(target, 1, a, b, 0.5) is None
+    assert kernel.fill(target, 1, torch.randn(9, 24), torch.randn(40, 9), 0.5) is None  # over max_rank
+    assert kernel.fill(target, 1, torch.randn(4, 23), torch.randn(40, 4), 0.5) is None  # the wrong width
+    with pytest.raises(IndexError):  # past the stacks: refused, not written
+        kernel.fill(target, 4, torch.randn(4, 24), torch.randn(40, 4), 0.5)
+    assert kernel.slot_target(native.lora_a.to(torch.float16), native.lora_b.to(torch.float16)) is None
+    for layer in (native, torch_path):
+        layer.load_slot(1, a, b, 0.5)
+    assert torch.equal(native.lora_a, torch_path.lora_a) and torch.equal(native.lora_b, torch_path.lora_b)

@@ -257,9 +257,10 @@ def test_an_adapter_replaced_in_a_slot_at_the_same_rank_is_what_the_next_pass_co
 
 def test_large_finite_weights_whose_sum_overflows_are_still_finite() -> None:
     layer, _, _ = make_layer()
-    sums = layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e37), 1.0)
-    assert not sums.isfinite().all()  # the quick check cannot tell...
-    assert layer.slot_is_finite(0)  # ...so the exact one decides, and the adapter is served
+    answer = layer.load_slot(0, torch.ones(2, IN), torch.full((OUT, 2), 3e37), 1.0)
+    # torch's copies answer with sums, and the quick check cannot tell; the kernel checks each weight
+    assert bool(answer.isfinite().all()) == (KERNEL is not None)
+    assert layer.slot_is_finite(0)  # the exact check decides, and the adapter is served
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

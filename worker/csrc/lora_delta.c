@@ -345,3 +345,104 @@ void lora_delta_layer(const int64_t *layer, const int64_t *tiles, const float *x
                (const int64_t *)(intptr_t)tiles[3], (const void *)(intptr_t)layer[0], layer[1], layer[2], in, rank, h,
                shrink, layer[7], (const void *)(intptr_t)layer[4], out, (int)layer[6], y, out, threads);
 }
+
+/* -- slot fills -------------------------------------------------------------------------------------
+ * An adapter's A [rank, in] and B [out, rank] from its file's bytes into one slot of a layer's stacks: A
+ * as it is, B transposed and scaled, each weight converted to the stacks' dtype and checked to be finite
+ * there. torch took ~6 operator calls a layer for the copies, the scale and the sums that checked them,
+ * ~20 ms an adapter on the embedded model's 210 layers (on the engine thread, which every running row
+ * waits for); this is one call a layer. Each value is the one torch computes: B times the scale in
+ * float32, rounded to the slot's dtype once, to nearest even.
+ * Weights in files: 0 float32, 1 bfloat16, 2 float16; slots: float32 or bfloat16 (`slot_bf16`). */
+
+static inline __attribute__((always_inline)) uint32_t bits_of(float value)
+{
+    uint32_t bits;
+    __builtin_memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+static inline __attribute__((always_inline)) float float_of(uint32_t bits)
+{
+    float value;
+    __builtin_memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* A float16 widened exactly (infinities and NaN stay so; subnormals are mantissa x 2^-24). */
+static inline __attribute__((always_inline)) float from_half(uint16_t half)
+{
+    const uint32_t sign = (uint32_t)(half & 0x8000) << 16, exponent = (half >> 10) & 0x1f, mantissa = half & 0x3ff;
+    if (exponent == 0x1f)
+        return float_of(sign | 0x7f800000 | mantissa << 13);
+    if (exponent == 0)
+        return float_of(sign | bits_of((float)mantissa * 0x1p-24f));
+    return float_of(sign | (exponent + 112) << 23 | mantissa << 13);
+}
+
+static inline __attribute__((always_inline)) float file_weight(const void *w, int64_t i, int dtype)
+{
+    uint16_t half;
+    float value;
+    switch (dtype) {
+    case 0: __builtin_memcpy(&value, (const char *)w + 4 * i, 4); return value; /* unaligned in a file */
+    case 1: __builtin_memcpy(&half, (const char *)w + 2 * i, 2); return float_of((uint32_t)half << 16);
+    default: __builtin_memcpy(&half, (const char *)w + 2 * i, 2); return from_half(half);
+    }
+}
+
+/* Store `value` at slot[i] in the slot's dtype; 1 if it is not finite there (bits: the build assumes
+ * finite math, so no floating-point test would be kept). */
+static inline __attribute__((always_inline)) int64_t put(void *slot, int64_t i, float value, int slot_bf16)
+{
+    const uint32_t bits = bits_of(value);
+    if (!slot_bf16) {
+        ((float *)slot)[i] = value;
+        return (bits & 0x7f800000) == 0x7f800000;
+    }
+    /* c10::BFloat16's rounding: to nearest even; NaN stays NaN (its rounding could carry into Inf) */
+    const uint16_t half = (bits & 0x7fffffff) > 0x7f800000 ? 0x7fc0 : (uint16_t)((bits + 0x7fff + (bits >> 16 & 1)) >> 16);
+    ((uint16_t *)slot)[i] = half;
+    return (half & 0x7f80) == 0x7f80;
+}
+
+/* n weights, `step` apart in the file, times `scale`, into dst[0..n) in the slot's dtype: how many are not
+ * finite there. The dtypes are constants where it is inlined (one loop each, vectorized). */
+static inline __attribute__((always_inline)) int64_t convert(const void *src, int src_dtype, int64_t step, void *dst,
+                                                             int64_t n, float scale, int slot_bf16)
+{
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n; i++)
+        bad += put(dst, i, file_weight(src, i * step, src_dtype) * scale, slot_bf16);
+    return bad;
+}
+
+static int64_t convert_any(const void *src, int src_dtype, int64_t step, void *dst, int64_t n, float scale,
+                           int slot_bf16)
+{
+    switch (src_dtype * 2 + !!slot_bf16) {
+    case 0: return convert(src, 0, step, dst, n, scale, 0);
+    case 1: return convert(src, 0, step, dst, n, scale, 1);
+    case 2: return convert(src, 1, step, dst, n, scale, 0);
+    case 3: return convert(src, 1, step, dst, n, scale, 1);
+    case 4: return convert(src, 2, step, dst, n, scale, 0);
+    default: return convert(src, 2, step, dst, n, scale, 1);
+    }
+}
+
+/* Returns how many weights are not finite in the slot's dtype (0: all are). a_slot: rows a_stride apart
+ * (the stacks interleave the A of layers sharing an input); b_slot: [rank, out], dense. */
+int64_t lora_fill(const void *a, int a_dtype, int64_t rank, int64_t in, void *a_slot, int64_t a_stride, const void *b,
+                  int b_dtype, int64_t out, void *b_slot, float scale, int slot_bf16)
+{
+    const int64_t size = slot_bf16 ? 2 : 4, a_size = a_dtype ? 2 : 4, b_size = b_dtype ? 2 : 4;
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rank; r++) {
+        bad += convert_any((const char *)a + r * in * a_size, a_dtype, 1, (char *)a_slot + r * a_stride * size, in,
+                           1.0f, slot_bf16);
+        /* row r of B transposed: column r of the file's [out, rank] */
+        bad += convert_any((const char *)b + r * b_size, b_dtype, rank, (char *)b_slot + r * out * size, out, scale,
+                           slot_bf16);
+    }
+    return bad;
+}
