@@ -49,7 +49,7 @@ int lora_tile(void) { return TILE; }
  * prefetching only added traffic: 13 ms -> 17 ms a step. */
 static inline __attribute__((always_inline)) int prefetches(const int bf16) { return bf16; }
 
-/* LANES floats as one value the compiler keeps in registers (a plain float array of sums it kept on
+/* LANES floats as one value the compiler keeps in one register (a plain float array of sums it kept on
  * the stack, each add a load and a store); lane i's arithmetic is the scalar loop's, in its order. */
 typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
 typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float)), may_alias));
