@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from bench.common import Row, print_table
-from worker.cpu_lora import lora_delta_kernel
+from worker.cpu_lora import LoraDelta, lora_delta_kernel
 from worker.lora import MultiLoraLinear, install_lora_layers
 from worker.lora_routing import LoraRouting
 from worker.model import prepare_embedded_model
@@ -46,7 +46,8 @@ class Zero(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out)
 
 
-def build(linear_modules: dict[str, list[int]], dtype: torch.dtype) -> tuple[LoraRouting, dict[str, MultiLoraLinear]]:
+def build(linear_modules: dict[str, list[int]], dtype: torch.dtype,
+          kernel: LoraDelta | None) -> tuple[LoraRouting, dict[str, MultiLoraLinear]]:
     model = nn.Module()
     for name, (_, out) in linear_modules.items():
         parent = model
@@ -56,11 +57,11 @@ def build(linear_modules: dict[str, list[int]], dtype: torch.dtype) -> tuple[Lor
                 parent.add_module(part, nn.Module())
             parent = getattr(parent, part)
         parent.add_module(child, Zero(out))
-    routing = LoraRouting()
+    routing = LoraRouting(kernel=kernel)  # before the layers: they lay their B stacks out for it
     layers = install_lora_layers(model, linear_modules, SLOTS, RANK, routing, torch.device("cpu"), dtype)
     generator = torch.Generator().manual_seed(0)
     for layer in layers.values():
-        in_features, out = layer.lora_a.shape[-1], layer.lora_b.shape[-1]
+        in_features, out = layer.lora_a.shape[-1], layer.out_features
         for slot in range(SLOTS):
             layer.load_slot(slot, torch.randn(RANK, in_features, generator=generator) * in_features**-0.5,
                             torch.randn(out, RANK, generator=generator) * 0.01, 2.0)
@@ -86,10 +87,10 @@ def main() -> None:
     if kernel is None:
         raise SystemExit("the native LoRA kernel is not available here (no C compiler?): nothing to compare")
     linear_modules = prepare_embedded_model(args.models_dir).linear_modules
-    float32, bfloat16 = build(linear_modules, torch.float32), build(linear_modules, torch.bfloat16)
-    paths = {"torch's matmuls": (None, float32), "native kernel": (kernel, float32),
-             "native kernel, bfloat16 slots": (kernel, bfloat16)}
-    layers = float32[1]
+    paths = {"torch's matmuls": build(linear_modules, torch.float32, None),
+             "native kernel": build(linear_modules, torch.float32, kernel),
+             "native kernel, bfloat16 slots": build(linear_modules, torch.bfloat16, kernel)}
+    layers = paths["torch's matmuls"][1]
     rows = []
     for what, slots in CASES.items():
         tokens = len(slots)
@@ -98,8 +99,7 @@ def main() -> None:
         inputs = {w: torch.randn(1, tokens, w) for w in widths} | {-1: torch.randn(1, tokens, min(widths))}
         best: dict[str, float] = {}
         for _ in range(args.rounds):
-            for label, (path, (routing, path_layers)) in paths.items():
-                routing.kernel = path
+            for label, (routing, path_layers) in paths.items():
                 routing.route(slots, SLOTS, lambda slot: RANK, torch.device("cpu"))
                 step(path_layers, inputs)
                 times = []
@@ -110,7 +110,7 @@ def main() -> None:
                 best[label] = min(best.get(label, float("inf")), statistics.median(times))
         torch_time = best["torch's matmuls"]
         for label, took in best.items():
-            ratio = f"{torch_time / took:.2f}x" if paths[label][0] is not None else ""
+            ratio = f"{torch_time / took:.2f}x" if paths[label][0].kernel is not None else ""
             rows.append(Row("L", f"{what}: {label}", tokens, took * 1000, "ms", ratio))
     print(f"\nLoRA of one decode pass, {len(layers)} layers, rank {RANK}, {args.threads} threads; ratio torch / kernel")
     print_table(rows)

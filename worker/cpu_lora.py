@@ -6,8 +6,10 @@ add. Each of those ~6 operator calls costs tens of microseconds on the CPU befor
 (the matrices are [16, 576] x [576, 48]), and a step of the embedded model has 210 adapted layers.
 `worker/csrc/lora_delta.c` adds every decode token's delta in place in one call a layer, reading
 each token's own slot of the stacks; prompt chunks (a slot with many tokens) stay on torch's
-matmuls, which are the faster there. The same library fills adapter slots from the host tier (`LoraDelta.fill`:
-one call a layer, converting, transposing, scaling and checking as it copies).
+matmuls, which are the faster there. The kernel reads B stacks in column blocks
+(`LoraDelta.blocked`), one contiguous run a slot; layers built for it keep theirs so. The same
+library fills adapter slots from the host tier (`LoraDelta.fill`: one call a layer, converting,
+transposing, scaling and checking as it copies).
 
 Compiled when a worker first needs it (`worker.native`), used only if it computes what torch
 computes on a probe; otherwise the engine keeps torch's path (logged).
@@ -69,7 +71,7 @@ class SlotTarget:
     a_slot_bytes: int
     a_row: int  # weights between one rank's A row and the next
     in_features: int
-    b: int  # slot 0's B, [max_rank, out] dense
+    b: int  # slot 0's B, [chunks, max_rank, chunk] dense (`LoraDelta.blocked`)
     b_slot_bytes: int
     out: int
     max_rank: int
@@ -93,8 +95,9 @@ class LoraDelta:
         library.lora_delta_layer.argtypes = [_PTR, _PTR, _PTR, _PTR, ctypes.c_int, _PTR, _I64, ctypes.c_int]
         library.lora_delta_layer.restype = None
         self.tile = int(library.lora_tile())
+        self.chunk = int(library.lora_chunk())  # output columns in one block of a B stack (`blocked`)
         self._fill = library.lora_fill
-        self._fill.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _INT, _I64, _PTR, ctypes.c_float, _INT]
+        self._fill.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _INT, _I64, _I64, _PTR, ctypes.c_float, _INT]
         self._fill.restype = _I64
 
     def tiles(self, slots: Sequence[int], skip: int) -> TokenTiles:
@@ -118,16 +121,32 @@ class LoraDelta:
         header = (ctypes.c_int64 * 4)(order_at, len(tile_slots), start_at, slot_at)
         return TokenTiles(table, len(tile_slots), order_at, start_at, slot_at, header, ctypes.addressof(header))
 
+    def blocks(self, out: int) -> int:
+        """Column blocks of a B stack `out` wide."""
+        return -(-out // self.chunk)
+
+    def blocked(self, b: torch.Tensor) -> torch.Tensor:
+        """B stacks [..., rank, out] (transposed) as the kernel reads them, [..., blocks, rank, chunk]: block c
+        holds columns [c * chunk, (c + 1) * chunk) of every rank, zeros past `out`. A copy."""
+        padded = torch.nn.functional.pad(b, (0, self.blocks(b.shape[-1]) * self.chunk - b.shape[-1]))
+        return padded.unflatten(-1, (-1, self.chunk)).transpose(-3, -2).contiguous()
+
     @staticmethod
-    def slot_target(a: torch.Tensor, b: torch.Tensor) -> SlotTarget | None:
+    def unblocked(b: torch.Tensor, out: int) -> torch.Tensor:
+        """`blocked`'s inverse: [..., blocks, rank, chunk] -> [..., rank, out] (a copy)."""
+        return b.transpose(-3, -2).flatten(-2)[..., :out]
+
+    def slot_target(self, a: torch.Tensor, b: torch.Tensor, out: int) -> SlotTarget | None:
         """`fill`'s destination for a layer's stacks a: [slots + 1, max_rank, in] (rows dense; a view of
-        interleaved stacks) and b: [slots + 1, max_rank, out] (dense); None where it cannot write them."""
+        interleaved stacks) and b: [slots + 1, blocks, max_rank, chunk] (`blocked`, dense) of `out` columns;
+        None where it cannot write them."""
         if (a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or a.device.type != "cpu" or b.device.type != "cpu"
-                or a.stride(2) != 1 or not b.is_contiguous()):
+                or a.stride(2) != 1 or not b.is_contiguous()
+                or b.shape[1:] != (self.blocks(out), a.shape[1], self.chunk)):
             return None
         size = a.element_size()
         return SlotTarget(a.data_ptr(), a.stride(0) * size, a.stride(1), a.shape[2], b.data_ptr(), b.stride(0) * size,
-                          b.shape[2], b.shape[1], b.shape[0], a.dtype == torch.bfloat16)
+                          out, a.shape[1], b.shape[0], a.dtype == torch.bfloat16)
 
     def fill(self, target: SlotTarget, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> int | None:
         """Copy A [rank, in] into the slot and B [out, rank] into it transposed and times `scale`, in the
@@ -145,17 +164,20 @@ class LoraDelta:
         if not 0 <= slot < target.slots:
             raise IndexError(f"slot {slot} is not one of the {target.slots} slots")
         return int(self._fill(a.data_ptr(), a_dtype, rank, target.in_features, target.a + slot * target.a_slot_bytes,
-                              target.a_row, b.data_ptr(), b_dtype, target.out, target.b + slot * target.b_slot_bytes,
-                              scale, target.bf16))
+                              target.a_row, b.data_ptr(), b_dtype, target.out, target.max_rank,
+                              target.b + slot * target.b_slot_bytes, scale, target.bf16))
 
-    @staticmethod
-    def layer(a: torch.Tensor, b: torch.Tensor, member: int) -> LayerArgs:
+    def layer(self, a: torch.Tensor, b: torch.Tensor, member: int, out: int) -> LayerArgs:
         """`run`'s arguments for the `member`-th layer of the stacks a: [slots + 1, max_rank, members, in]
-        and b: [slots + 1, max_rank, out], both float32 or both bfloat16 (`WEIGHT_DTYPES`), contiguous."""
+        and b: [slots + 1, blocks, max_rank, chunk] (`blocked`) of `out` columns, both float32 or both bfloat16
+        (`WEIGHT_DTYPES`), contiguous."""
         if a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or not (a.is_contiguous() and b.is_contiguous()):
             raise ValueError(f"the kernel takes contiguous float32 or bfloat16 stacks, not {a.dtype} and {b.dtype}")
         _, max_rank, members, in_features = a.shape
-        values = (ctypes.c_int64 * 8)(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), b.shape[2],
+        if b.shape != (a.shape[0], self.blocks(out), max_rank, self.chunk):
+            raise ValueError(f"B stacks {tuple(b.shape)} are not in the kernel's blocks of {self.chunk} columns "
+                             f"for {a.shape[0]} slots, rank {max_rank} and {out} columns")
+        values = (ctypes.c_int64 * 8)(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), out,
                                       a.dtype == torch.bfloat16, member)
         return LayerArgs(values, ctypes.addressof(values))
 
@@ -168,11 +190,11 @@ class LoraDelta:
         h: torch.Tensor,  # [tokens, members, rank] float32, contiguous (or a larger buffer): the shrinks
         shrink: bool,  # compute h (for every member) first; else h holds them already
         member: int,
-        b: torch.Tensor,  # [slots + 1, max_rank, out], a's dtype, contiguous: this layer's B stack, transposed
+        b: torch.Tensor,  # [slots + 1, blocks, max_rank, chunk], a's dtype, contiguous: this layer's B (`blocked`)
         y: torch.Tensor,  # [tokens, out] float32, last dim dense: the base output, added to in place
         threads: int | None = None,
     ) -> None:
-        _, max_rank, members, in_features, _, out, bf16, _ = self.layer(a, b, member).values
+        _, max_rank, members, in_features, _, out, bf16, _ = self.layer(a, b, member, y.shape[1]).values
         self._kernel(x.data_ptr(), x.stride(0), tiles.order, tiles.count, tiles.start, tiles.slot, a.data_ptr(),
                      max_rank, members, in_features, rank, h.data_ptr(), shrink, member, b.data_ptr(), out, bf16,
                      y.data_ptr(), y.stride(0), torch.get_num_threads() if threads is None else threads)
@@ -210,7 +232,8 @@ def probe_error(kernel: LoraDelta) -> float:
         for member in range(members):
             y = torch.randn(len(slots), out_features, generator=generator)
             expected = reference(x, slots, slot_count, a, rank, member, b, y)
-            kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, b, y)
+            kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member,
+                       kernel.blocked(b), y)
             error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
             if not y.isfinite().all():
                 return float("inf")
@@ -220,7 +243,7 @@ def probe_error(kernel: LoraDelta) -> float:
 def fill_matches_torch(kernel: LoraDelta, generator: torch.Generator) -> bool:
     """Whether `LoraDelta.fill` writes what torch's copies write, bit for bit, and counts what is not finite,
     for every file and slot dtype: rounding to nearest even, float16 subnormals, Inf, NaN, a scale's overflow."""
-    rank, in_features, out_features, members = 3, 37, 29, 2
+    rank, in_features, out_features, members = 3, 37, kernel.chunk + 29, 2  # a full column block and a part
     for file_dtype, slot_dtype, scale in itertools.product(FILE_DTYPES, WEIGHT_DTYPES, (0.3, 7.0)):
         a = (torch.randn(rank, in_features, generator=generator) * 10.0 ** torch.randint(-9, 4, (rank, 1),
              generator=generator)).to(file_dtype)
@@ -229,14 +252,16 @@ def fill_matches_torch(kernel: LoraDelta, generator: torch.Generator) -> bool:
         b[1, 1], b[2, 2] = float("inf"), float("nan")
         b[3, 0] = torch.finfo(file_dtype).max  # x 7: over float32's reach (and so bfloat16's)
         want_a, want_b = a.to(slot_dtype), (b.T.float() * scale).to(slot_dtype)
-        a_stack = torch.zeros(2, rank, members, in_features, dtype=slot_dtype)[:, :, 1]  # rows apart, as interleaved
-        b_stack = torch.zeros(2, rank, out_features, dtype=slot_dtype)
-        target = kernel.slot_target(a_stack, b_stack)
+        a_stack = torch.zeros(2, rank + 1, members, in_features, dtype=slot_dtype)[:, :, 1]  # rows apart (interleaved)
+        b_stack = torch.zeros(2, kernel.blocks(out_features), rank + 1, kernel.chunk, dtype=slot_dtype)
+        target = kernel.slot_target(a_stack, b_stack, out_features)
         bad = None if target is None else kernel.fill(target, 1, a, b, scale)
         if bad != int((~want_a.isfinite()).sum() + (~want_b.isfinite()).sum()) or a_stack[0].any() or b_stack[0].any():
             return False
-        a_slot, b_slot = a_stack[1], b_stack[1]
-        if not (same_bits(a_slot, want_a) and same_bits(b_slot, want_b)):
+        # the rank past the adapter's and the columns past `out` stay zero
+        want_a = torch.cat([want_a, want_a.new_zeros(1, in_features)])
+        want_b = kernel.blocked(torch.cat([want_b, want_b.new_zeros(1, out_features)]))
+        if not (same_bits(a_stack[1], want_a) and same_bits(b_stack[1], want_b)):
             return False
     return True
 

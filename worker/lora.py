@@ -121,13 +121,20 @@ class MultiLoraLinear(nn.Module):
         # The extra last slot stays zero: rows without an adapter point at it.
         self.shared, self.member = shared or (SharedInput(1, num_slots, max_rank, in_features, device, dtype), 0)
         self.lora_a = self.shared.a[:, :, self.member]  # [slots + 1, max_rank, in], a view
-        self.lora_b = torch.zeros(num_slots + 1, max_rank, out_features, device=device, dtype=dtype)  # B transposed
+        self.out_features = out_features
+        # B transposed, [slots + 1, max_rank, out]; where the native kernel computes, in its column blocks
+        # ([slots + 1, blocks, max_rank, chunk], `LoraDelta.blocked`): one contiguous run a slot for it,
+        # a copy for torch's matmuls (prompt chunks), which `b_rows` makes.
+        kernel = routing.kernel if device.type == "cpu" else None
+        self.b_chunk = kernel.chunk if kernel is not None else None
+        b_shape = (max_rank, out_features) if kernel is None else (kernel.blocks(out_features), max_rank, kernel.chunk)
+        self.lora_b = torch.zeros(num_slots + 1, *b_shape, device=device, dtype=dtype)
         self.filled: set[int] = set()  # slots holding weights for this layer
         self.written_rank = [0] * (num_slots + 1)  # per slot: rows [0, written_rank) may be nonzero
         # (slot, rank) -> (every member's A [in, rank * members], this layer's B [rank, out]): views of
         # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
-        self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._kernel_args: LayerArgs | None = None  # `LoraDelta.layer` of this layer, made on first use
         self._fill_target: SlotTarget | Literal[False] | None = None  # `LoraDelta.slot_target`, made on first use
 
@@ -232,7 +239,7 @@ class MultiLoraLinear(nn.Module):
         kernel, tiles = route.kernel, route.kernel_tiles
         assert kernel is not None and tiles is not None
         if self._kernel_args is None:
-            self._kernel_args = kernel.layer(self.shared.a, self.lora_b, self.member)
+            self._kernel_args = kernel.layer(self.shared.a, self.lora_b, self.member, self.out_features)
         h, shrink = self.shared.kernel_shrinks(x, route.pass_id, x.numel() // x.shape[-1] * route.rank)
         kernel.run(self._kernel_args.address, tiles.address, x.data_ptr(), h.data_ptr(), shrink, y.data_ptr(),
                    route.rank, torch.get_num_threads())
@@ -241,14 +248,16 @@ class MultiLoraLinear(nn.Module):
     def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A of every member sharing the input, [in, rank * members]; this layer's B, [rank, out]) of a
         slot's first `rank` ranks: views, built on first use (a pass of 210 layers otherwise spent
-        ~1,000 indexing calls a step re-making them)."""
+        ~1,000 indexing calls a step re-making them); B in column blocks is copied each time."""
         views = self._slot_views.get((slot, rank))
         if views is None:
             if len(self._slot_views) >= VIEWS_KEPT:
                 self._slot_views.clear()
             a = self.shared.a[slot, :rank].reshape(rank * self.shared.members, -1)  # [rank * members, in], a view
-            views = self._slot_views[(slot, rank)] = (a.T, self.lora_b[slot, :rank])
-        return views
+            b = self.lora_b[slot, :rank] if self.b_chunk is None else None  # blocks: no view of [rank, out]
+            views = self._slot_views[(slot, rank)] = (a.T, b)
+        a_t, b = views
+        return a_t, self.b_rows(slot, slot + 1, rank)[0] if b is None else b
 
     def span_views(self, start: int, stop: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`slot_views` of the slots [start, stop) at once: [span, in, rank * members] and [span, rank, out]."""
@@ -257,8 +266,21 @@ class MultiLoraLinear(nn.Module):
             if len(self._span_views) >= VIEWS_KEPT:
                 self._span_views.clear()
             a = self.shared.a[start:stop, :rank].reshape(stop - start, rank * self.shared.members, -1)  # a view
-            views = self._span_views[(start, stop, rank)] = (a.transpose(1, 2), self.lora_b[start:stop, :rank])
-        return views
+            b = self.lora_b[start:stop, :rank] if self.b_chunk is None else None  # blocks: no view of [rank, out]
+            views = self._span_views[(start, stop, rank)] = (a.transpose(1, 2), b)
+        a_t, b = views
+        return a_t, self.b_rows(start, stop, rank) if b is None else b
+
+    def b_rows(self, start: int, stop: int, rank: int) -> torch.Tensor:
+        """B of the slots [start, stop), their first `rank` ranks, as [span, rank, out]: a view, or a copy of
+        column blocks."""
+        if self.b_chunk is None:
+            return self.lora_b[start:stop, :rank]
+        return self.lora_b[start:stop, :, :rank].transpose(1, 2).flatten(2)[..., : self.out_features]
+
+    def _b_ranks(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        """Ranks [start, stop) of a slot's B, every column (and column block), as a view to write."""
+        return self.lora_b[slot, start:stop] if self.b_chunk is None else self.lora_b[slot, :, start:stop]
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.
@@ -271,11 +293,11 @@ class MultiLoraLinear(nn.Module):
         """
         kernel = self.routing.kernel
         if kernel is not None and self._fill_target is None:
-            self._fill_target = kernel.slot_target(self.lora_a, self.lora_b) or False
+            self._fill_target = kernel.slot_target(self.lora_a, self.lora_b, self.out_features) or False
         rank, written = a.shape[0], self.written_rank[slot]
         if written > rank:  # a narrower adapter than the one before: the rest must add nothing
             self.lora_a[slot, rank:written].zero_()
-            self.lora_b[slot, rank:written].zero_()
+            self._b_ranks(slot, rank, written).zero_()
         self.written_rank[slot] = rank
         self.filled.add(slot)
         if kernel is not None and self._fill_target:
@@ -286,7 +308,9 @@ class MultiLoraLinear(nn.Module):
         # Host file -> device first, arithmetic only on the device. From pinned host memory (CUDA) the
         # copies are queued, not waited for; the caller's finiteness check is the one synchronization.
         a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
-        a_slot, b_slot = self.lora_a[slot, :rank], self.lora_b[slot, :rank]
+        a_slot = self.lora_a[slot, :rank]
+        # B into the slot, or for column blocks into a [rank, out] copy first, then into the blocks
+        b_slot = self.lora_b[slot, :rank] if self.b_chunk is None else self.lora_b.new_empty(rank, self.out_features)
         a_slot.copy_(a)  # converts to the slot's dtype
         if b.dtype == b_slot.dtype:
             torch.mul(b.T, scale, out=b_slot)  # one pass over B instead of a copy and then a scale
@@ -295,10 +319,15 @@ class MultiLoraLinear(nn.Module):
         else:
             b_slot.copy_(b.T)
             b_slot.mul_(scale)  # in the slot's dtype: an overflow there shows as Inf
+        if self.b_chunk is not None:
+            blocks = self.lora_b.shape[1]
+            padded = nn.functional.pad(b_slot, (0, blocks * self.b_chunk - self.out_features))
+            self._b_ranks(slot, 0, rank).copy_(padded.view(rank, blocks, self.b_chunk).transpose(0, 1))
         return torch.stack([a_slot.sum(dtype=torch.float32), b_slot.sum(dtype=torch.float32)])
 
     def slot_is_finite(self, slot: int) -> bool:
-        """Whether every weight in the slot is finite (exact; sums of large finite weights can overflow)."""
+        """Whether every weight in the slot is finite (exact; sums of large finite weights can overflow;
+        column blocks' padding is zero)."""
         return bool(torch.isfinite(self.lora_a[slot]).all() and torch.isfinite(self.lora_b[slot]).all())
 
     def clear_slot(self, slot: int) -> None:

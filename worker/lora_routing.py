@@ -35,7 +35,8 @@ class LoraRouting:
     groups: SlotGroups | None = None  # several adapters: few-token slots grouped for two bmm
     big: tuple[tuple[int, torch.Tensor], ...] = ()  # several adapters: (slot, its token indices) for slots with many
 
-    # The native kernel (CPU, float32 or bfloat16 slots; `worker.cpu_lora`), set by the runner where it works: it adds
+    # The native kernel (CPU, float32 or bfloat16 slots; `worker.cpu_lora`), where it works, set before the layers are
+    # built (they lay their B stacks out for it): it adds
     # the LoRA of every few-token slot's tokens, and `single`, `groups` and `big` then cover only the rest.
     kernel: LoraDelta | None = None
     kernel_tiles: TokenTiles | None = None  # the tokens the kernel takes, with their slots

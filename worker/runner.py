@@ -15,7 +15,6 @@ import torch
 
 from worker.adapter_cache import AdapterCache
 from worker.cpu_attention import decode_attention_kernel
-from worker.cpu_lora import WEIGHT_DTYPES, lora_delta_kernel
 from worker.kvcache import KVPool, PassPlan, Segment, use_row_attention
 from worker.lora_routing import LoraRouting
 from worker.sequence import Sequence
@@ -50,8 +49,6 @@ class ModelRunner:
         kv_dtype = model.get_input_embeddings().weight.dtype  # the dtype attention computes in
         kernel = decode_attention_kernel() if device.type == "cpu" and kv_dtype == torch.float32 else None
         self.kv = KVPool(model.config, kv_positions, kv_dtype, device, kernel)
-        if device.type == "cpu" and adapters.dtype in WEIGHT_DTYPES:
-            routing.kernel = lora_delta_kernel()
 
     def run(self, plan: list[tuple[Sequence, int]]) -> PassResult:
         """Feed every (row, tokens) of the plan; the rows' caches advance by what they fed."""

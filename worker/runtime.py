@@ -17,7 +17,7 @@ import torch
 from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache
 from worker.config import LoraDtype, WorkerConfig
-from worker.cpu_lora import lora_delta_kernel
+from worker.cpu_lora import WEIGHT_DTYPES, lora_delta_kernel
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
@@ -63,7 +63,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     slot_dtype = lora_slot_dtype(config.lora_dtype, device)
     log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
-    routing = LoraRouting()
+    # The native kernel (CPU) takes the decode tokens' LoRA; the layers lay their B stacks out for it.
+    routing = LoraRouting(kernel=lora_delta_kernel() if device.type == "cpu" and slot_dtype in WEIGHT_DTYPES else None)
     linears = adaptable_linears(model)
     slots = config.adapter_slots
     if config.adapter_slots_mb is not None:

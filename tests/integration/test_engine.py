@@ -205,7 +205,7 @@ def test_a_long_prompt_is_admitted_in_small_chunks_while_a_stream_keeps_decoding
 def test_a_slot_budget_on_the_embedded_model_gives_the_documented_count(worker: Worker) -> None:
     """docs/operations.md: a rank-32 slot is about 37 MiB in float32 on the embedded model."""
     layers = worker.loaded.adapters.layers
-    linears = {name: [layer.lora_a.shape[2], layer.lora_b.shape[2]] for name, layer in layers.items()}
+    linears = {name: [layer.lora_a.shape[2], layer.out_features] for name, layer in layers.items()}
     assert len(linears) == 210
     assert slots_in_budget(linears, 32, torch.float32, 38 * 2**20 * 2) == 1  # one slot and the zero slot
     assert slots_in_budget(linears, 32, torch.float32, 512 * 2**20) == 12

@@ -39,7 +39,7 @@ def store_adapter(worker: Worker, name: str, a_value: float, b_value: float, alp
 
 def _linear_shapes(worker: Worker) -> dict[str, tuple[int, int]]:
     layers = worker.loaded.adapters.layers
-    return {name: (layer.lora_a.shape[2], layer.lora_b.shape[2]) for name, layer in layers.items()}
+    return {name: (layer.lora_a.shape[2], layer.out_features) for name, layer in layers.items()}
 
 
 def submit_together(worker: Worker, requests: list[GenerateRequest]) -> list[Outcome]:

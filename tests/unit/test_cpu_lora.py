@@ -54,7 +54,7 @@ def test_every_routed_token_gets_its_own_slots_delta(kernel: LoraDelta, in_featu
     for member in range(members):
         y = torch.randn(len(slots), out)
         want = reference(x, slots, slot_count, a, rank, member, b, y)
-        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, b, y)
+        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, kernel.blocked(b), y)
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
         assert torch.equal(y[1], want[1]) and torch.equal(y[6], want[6])  # skipped tokens: not touched at all
 
@@ -67,6 +67,7 @@ def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: Lor
     token = torch.randn(1, 576)
     y0 = torch.randn(1, 576)
     alone = y0.clone()
+    b = kernel.blocked(b)
     kernel.add(token, kernel.tiles([5], 16), a, 16, torch.empty(1, 3, 16), True, 1, b, alone)
     generator = torch.Generator().manual_seed(1)
     for others_on_slot in (0, 1, kernel.tile - 1, kernel.tile, 2 * kernel.tile + 1):
@@ -94,7 +95,8 @@ def test_bfloat16_stacks_give_to_the_bit_what_float32_stacks_of_the_same_values_
     results = []
     for a_, b_ in ((a, b), (a.float(), b.float())):
         y = torch.ones(len(slots), out)
-        kernel.add(x, kernel.tiles(slots, 4), a_, rank, torch.empty(len(slots), 2, rank), True, 1, b_, y)
+        h = torch.empty(len(slots), 2, rank)
+        kernel.add(x, kernel.tiles(slots, 4), a_, rank, h, True, 1, kernel.blocked(b_), y)
         results.append(y)
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0][0], torch.ones(out))
@@ -110,11 +112,11 @@ def test_the_engines_prepared_call_adds_what_add_does(kernel: LoraDelta, dtype: 
     x = torch.randn(len(slots), 40)
     h_add, h_run = torch.empty(len(slots), 3, 7), torch.empty(len(slots), 3, 7)
     for member in range(3):
-        b = b_stacks * (member + 1)
+        b = kernel.blocked(b_stacks * (member + 1))
         y = torch.randn(len(slots), 70)
         before, want = y.clone(), y.clone()
         kernel.add(x, tiles, a, 7, h_add, member == 0, member, b, want)
-        layer = kernel.layer(a, b, member)
+        layer = kernel.layer(a, b, member, 70)
         kernel.run(layer.address, tiles.address, x.data_ptr(), h_run.data_ptr(), member == 0, y.data_ptr(), 7, 2)
         assert torch.equal(y, want), member
         assert torch.equal(y[1], before[1]) and not torch.equal(y[0], before[0])  # slot 4: no adapter
@@ -122,9 +124,22 @@ def test_the_engines_prepared_call_adds_what_add_does(kernel: LoraDelta, dtype: 
 
 def test_the_kernel_refuses_stacks_it_cannot_read(kernel: LoraDelta) -> None:
     a, b = stacks(2, 4, 1, 8, 6)
-    for bad_a, bad_b in ((a.half(), b.half()), (a, b.bfloat16()), (a, b[:, :2])):
+    blocked = kernel.blocked(b)
+    assert kernel.layer(a, blocked, 0, 6).values[5] == 6
+    for bad_a, bad_b in ((a.half(), blocked.half()), (a, blocked.bfloat16()), (a, blocked[:, :, :2])):
         with pytest.raises(ValueError, match="contiguous float32 or bfloat16"):
-            kernel.layer(bad_a, bad_b, 0)
+            kernel.layer(bad_a, bad_b, 0, 6)
+    for bad_b, out in ((b, 6), (blocked, kernel.chunk + 6)):  # not in column blocks, or not of `out` columns
+        with pytest.raises(ValueError, match="column"):
+            kernel.layer(a, bad_b, 0, out)
+
+
+def test_column_blocks_hold_every_column_once_and_zeros_past_the_last(kernel: LoraDelta) -> None:
+    b = torch.randn(3, 5, 2 * kernel.chunk + 7)
+    blocked = kernel.blocked(b)
+    assert blocked.shape == (3, 3, 5, kernel.chunk) and blocked.is_contiguous()
+    assert torch.equal(blocked[1, 2, 4, :7], b[1, 4, 2 * kernel.chunk:]) and not blocked[:, 2, :, 7:].any()
+    assert torch.equal(kernel.unblocked(blocked, b.shape[-1]), b)
 
 
 def tile_groups(tiles: TokenTiles) -> list[tuple[int, list[int]]]:
@@ -161,7 +176,7 @@ def test_strided_rows_of_input_and_output_are_read_and_written_where_they_are(ke
     before = wide_y.clone()
     slots = torch.tensor([1, 0, 2])
     want = reference(x, slots, 2, a, 4, 0, b, y)
-    kernel.add(x, kernel.tiles(slots.tolist(), 2), a, 4, torch.empty(3, 1, 4), True, 0, b, y)
+    kernel.add(x, kernel.tiles(slots.tolist(), 2), a, 4, torch.empty(3, 1, 4), True, 0, kernel.blocked(b), y)
     torch.testing.assert_close(y, want)
     assert torch.equal(wide_y[:, 0], before[:, 0]) and torch.equal(wide_y[:, 7:], before[:, 7:])
 
@@ -257,8 +272,9 @@ def test_slot_fills_write_what_torchs_copies_write_to_the_bit(kernel: LoraDelta,
         b = (torch.randn(40, rank, generator=generator) * 1e-2).to(file_dtype)
         answers = [layer.load_slot(slot, a, b, scale) for layer in (native, torch_path)]
         assert all(bool(answer.isfinite().all()) for answer in answers)
-        for stack in ("lora_a", "lora_b"):
-            assert torch.equal(slot_bits(getattr(native, stack)), slot_bits(getattr(torch_path, stack)))
+        assert torch.equal(slot_bits(native.lora_a), slot_bits(torch_path.lora_a))
+        # the kernel's layer keeps B in column blocks (zeros past the layer's columns), the other plainly
+        assert torch.equal(slot_bits(native.lora_b), slot_bits(kernel.blocked(torch_path.lora_b)))
     assert not native.shared.a[:, :, 0].any()  # the other layer's interleaved rows: untouched
     # the kernel took the file's dtypes it reads (its answer is exact: zeros, not the sums torch's path checks)
     took = native.load_slot(0, a, b, scale).abs().sum() == 0
@@ -288,14 +304,16 @@ def test_slot_fills_report_weights_that_are_not_finite_in_the_slot(
 def test_slot_fills_refuse_nothing_they_cannot_read_but_leave_it_to_torch(kernel: LoraDelta) -> None:
     native, torch_path = two_layers(kernel, torch.float32)
     a, b = torch.randn(4, 48)[:, ::2], torch.randn(4, 40).T  # strided file tensors: torch copies them
-    target = kernel.slot_target(native.lora_a, native.lora_b)
+    target = kernel.slot_target(native.lora_a, native.lora_b, 40)
     assert target is not None
+    assert kernel.slot_target(native.lora_a, torch_path.lora_b, 40) is None  # not in column blocks
     assert kernel.fill(target, 1, a, b, 0.5) is None
     assert kernel.fill(target, 1, torch.randn(9, 24), torch.randn(40, 9), 0.5) is None  # over max_rank
     assert kernel.fill(target, 1, torch.randn(4, 23), torch.randn(40, 4), 0.5) is None  # the wrong width
     with pytest.raises(IndexError):  # past the stacks: refused, not written
         kernel.fill(target, 4, torch.randn(4, 24), torch.randn(40, 4), 0.5)
-    assert kernel.slot_target(native.lora_a.to(torch.float16), native.lora_b.to(torch.float16)) is None
+    assert kernel.slot_target(native.lora_a.to(torch.float16), native.lora_b.to(torch.float16), 40) is None
     for layer in (native, torch_path):
         layer.load_slot(1, a, b, 0.5)
-    assert torch.equal(native.lora_a, torch_path.lora_a) and torch.equal(native.lora_b, torch_path.lora_b)
+    assert torch.equal(native.lora_a, torch_path.lora_a)
+    assert torch.equal(native.lora_b, kernel.blocked(torch_path.lora_b))
