@@ -338,10 +338,15 @@ class MultiLoraLinear(nn.Module):
             self.written_rank[slot] = 0
 
 
-def slots_in_budget(linear_modules: dict[str, list[int]], max_rank: int, dtype: torch.dtype, budget_bytes: int) -> int:
+def slots_in_budget(linear_modules: dict[str, list[int]], max_rank: int, dtype: torch.dtype, budget_bytes: int,
+                    b_chunk: int | None = None) -> int:
     """How many adapter slots fit `budget_bytes`: each holds A [max_rank, in] and B [max_rank, out] on
-    every adapted layer, and every layer keeps one more, always zero, for rows without an adapter."""
-    per_slot = max_rank * sum(i + o for i, o in linear_modules.values()) * dtype.itemsize
+    every adapted layer (out rounded up to whole column blocks of `b_chunk`, where the layers keep B so),
+    and every layer keeps one more, always zero, for rows without an adapter."""
+    def width(out: int) -> int:
+        return out if b_chunk is None else -(-out // b_chunk) * b_chunk
+
+    per_slot = max_rank * sum(i + width(o) for i, o in linear_modules.values()) * dtype.itemsize
     slots = budget_bytes // per_slot - 1
     if slots < 1:
         raise ValueError(f"adapter_slots_mb holds no adapter slot: one needs {2 * per_slot / 2**20:.1f} MiB "

@@ -68,7 +68,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     linears = adaptable_linears(model)
     slots = config.adapter_slots
     if config.adapter_slots_mb is not None:
-        slots = slots_in_budget(linears, config.max_lora_rank, slot_dtype, config.adapter_slots_mb * 2**20)
+        chunk = routing.kernel.chunk if routing.kernel is not None else None
+        slots = slots_in_budget(linears, config.max_lora_rank, slot_dtype, config.adapter_slots_mb * 2**20, chunk)
         log.info("adapter slots: %d in %d MiB", slots, config.adapter_slots_mb)
     layers = install_lora_layers(model, linears, slots, config.max_lora_rank, routing, device, slot_dtype)
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))

@@ -294,6 +294,9 @@ def test_slots_in_a_memory_budget_count_every_layer_and_the_zero_slot() -> None:
     assert slots_in_budget(layers, 2, torch.float32, 256) == 1
     with pytest.raises(ValueError, match="holds no adapter slot: one needs"):
         slots_in_budget(layers, 2, torch.float32, 255)
+    # B in column blocks of 4: out 6 takes 8 columns, out 2 takes 4: (8 + 12) * 2 * 4 = 160 bytes a slot
+    assert slots_in_budget(layers, 2, torch.float32, 160 * 10, b_chunk=4) == 9
+    assert slots_in_budget(layers, 2, torch.float32, 160 * 10 - 1, b_chunk=4) == 8
 
 
 def test_a_slot_budget_must_be_positive() -> None:
