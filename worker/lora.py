@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from worker.cpu_lora import LayerArgs, SlotTarget
+from worker.cpu_lora import LayerArgs, LoraDelta, SlotTarget
 from worker.lora_routing import LoraRouting
 
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -125,8 +125,8 @@ class MultiLoraLinear(nn.Module):
         # B transposed, [slots + 1, max_rank, out]; where the native kernel computes, in its column blocks
         # ([slots + 1, blocks, max_rank, chunk], `LoraDelta.blocked`): one contiguous run a slot for it,
         # a copy for torch's matmuls (prompt chunks), which `b_rows` makes.
-        kernel = routing.kernel if device.type == "cpu" else None
-        self.b_chunk = kernel.chunk if kernel is not None else None
+        self.b_blocks = routing.kernel if device.type == "cpu" else None  # whose column blocks hold B; None: plain
+        kernel = self.b_blocks
         b_shape = (max_rank, out_features) if kernel is None else (kernel.blocks(out_features), max_rank, kernel.chunk)
         self.lora_b = torch.zeros(num_slots + 1, *b_shape, device=device, dtype=dtype)
         self.filled: set[int] = set()  # slots holding weights for this layer
@@ -254,7 +254,7 @@ class MultiLoraLinear(nn.Module):
             if len(self._slot_views) >= VIEWS_KEPT:
                 self._slot_views.clear()
             a = self.shared.a[slot, :rank].reshape(rank * self.shared.members, -1)  # [rank * members, in], a view
-            b = self.lora_b[slot, :rank] if self.b_chunk is None else None  # blocks: no view of [rank, out]
+            b = self.lora_b[slot, :rank] if self.b_blocks is None else None  # blocks: no view of [rank, out]
             views = self._slot_views[(slot, rank)] = (a.T, b)
         a_t, b = views
         return a_t, self.b_rows(slot, slot + 1, rank)[0] if b is None else b
@@ -266,7 +266,7 @@ class MultiLoraLinear(nn.Module):
             if len(self._span_views) >= VIEWS_KEPT:
                 self._span_views.clear()
             a = self.shared.a[start:stop, :rank].reshape(stop - start, rank * self.shared.members, -1)  # a view
-            b = self.lora_b[start:stop, :rank] if self.b_chunk is None else None  # blocks: no view of [rank, out]
+            b = self.lora_b[start:stop, :rank] if self.b_blocks is None else None  # blocks: no view of [rank, out]
             views = self._span_views[(start, stop, rank)] = (a.transpose(1, 2), b)
         a_t, b = views
         return a_t, self.b_rows(start, stop, rank) if b is None else b
@@ -274,13 +274,13 @@ class MultiLoraLinear(nn.Module):
     def b_rows(self, start: int, stop: int, rank: int) -> torch.Tensor:
         """B of the slots [start, stop), their first `rank` ranks, as [span, rank, out]: a view, or a copy of
         column blocks."""
-        if self.b_chunk is None:
+        if self.b_blocks is None:
             return self.lora_b[start:stop, :rank]
-        return self.lora_b[start:stop, :, :rank].transpose(1, 2).flatten(2)[..., : self.out_features]
+        return LoraDelta.unblocked(self.lora_b[start:stop, :, :rank], self.out_features)
 
     def _b_ranks(self, slot: int, start: int, stop: int) -> torch.Tensor:
         """Ranks [start, stop) of a slot's B, every column (and column block), as a view to write."""
-        return self.lora_b[slot, start:stop] if self.b_chunk is None else self.lora_b[slot, :, start:stop]
+        return self.lora_b[slot, start:stop] if self.b_blocks is None else self.lora_b[slot, :, start:stop]
 
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Copy A [rank, in] and B [out, rank] (any float dtype, any device) into a slot, B scaled.
@@ -310,7 +310,7 @@ class MultiLoraLinear(nn.Module):
         a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
         a_slot = self.lora_a[slot, :rank]
         # B into the slot, or for column blocks into a [rank, out] copy first, then into the blocks
-        b_slot = self.lora_b[slot, :rank] if self.b_chunk is None else self.lora_b.new_empty(rank, self.out_features)
+        b_slot = self.lora_b[slot, :rank] if self.b_blocks is None else self.lora_b.new_empty(rank, self.out_features)
         a_slot.copy_(a)  # converts to the slot's dtype
         if b.dtype == b_slot.dtype:
             torch.mul(b.T, scale, out=b_slot)  # one pass over B instead of a copy and then a scale
@@ -319,10 +319,8 @@ class MultiLoraLinear(nn.Module):
         else:
             b_slot.copy_(b.T)
             b_slot.mul_(scale)  # in the slot's dtype: an overflow there shows as Inf
-        if self.b_chunk is not None:
-            blocks = self.lora_b.shape[1]
-            padded = nn.functional.pad(b_slot, (0, blocks * self.b_chunk - self.out_features))
-            self._b_ranks(slot, 0, rank).copy_(padded.view(rank, blocks, self.b_chunk).transpose(0, 1))
+        if self.b_blocks is not None:
+            self._b_ranks(slot, 0, rank).copy_(self.b_blocks.blocked(b_slot))
         return torch.stack([a_slot.sum(dtype=torch.float32), b_slot.sum(dtype=torch.float32)])
 
     def slot_is_finite(self, slot: int) -> bool:
