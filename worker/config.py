@@ -27,9 +27,9 @@ _HELP = {
     "adapter_slots_mb": "device memory for adapter slots; as many slots as fit (overrides --adapter-slots)",
     "stall_timeout_s": "seconds without an engine step before health reports the worker not live",
     "lora_dtype": "adapter slots' dtype: auto (bfloat16 on a GPU and where the CPU kernel is built, else float32), "
-                  "float32 or bfloat16",
+                  "float32, bfloat16, or int8 (CPU with the native kernel: a quarter of float32's bytes, lossy)",
 }
-LoraDtype = Literal["auto", "float32", "bfloat16"]
+LoraDtype = Literal["auto", "float32", "bfloat16", "int8"]
 LORA_DTYPES: tuple[LoraDtype, ...] = get_args(LoraDtype)
 
 

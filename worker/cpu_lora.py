@@ -9,7 +9,9 @@ each token's own slot of the stacks; prompt chunks (a slot with many tokens) sta
 matmuls, which are the faster there. The kernel reads B stacks in column blocks
 (`LoraDelta.blocked`), one contiguous run a slot; layers built for it keep theirs so. The same
 library fills adapter slots from the host tier (`LoraDelta.fill`: one call a layer, converting,
-transposing, scaling and checking as it copies).
+transposing, scaling and checking as it copies). Its slot stacks hold float32, bfloat16 or int8 weights;
+int8 ones (`LORA_DTYPE=int8`, opt-in, this kernel's alone) keep a float32 scale for each rank's row
+(`Scales`, `quantize_rows`), and torch's paths read float32 copies of their values.
 
 Compiled when a worker first needs it (`worker.native`), used only if it computes what torch
 computes on a probe; otherwise the engine keeps torch's path (logged).
@@ -18,6 +20,7 @@ computes on a probe; otherwise the engine keeps torch's path (logged).
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Sequence
@@ -29,6 +32,9 @@ from worker import native
 
 SOURCE = native.CSRC / "lora_delta.c"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)  # of the slot stacks; activations and sums are float32
+INT8 = torch.int8  # slot stacks of int8 weights, each rank's row with a float32 scale (`quantize_rows`)
+SLOT_DTYPES = (*WEIGHT_DTYPES, INT8)  # what the kernel reads
+_WEIGHT_CODES = {torch.float32: 0, torch.bfloat16: 1, INT8: 2}  # the kernel's `wt`
 FILE_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # of adapter weights `LoraDelta.fill` reads
 _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 
@@ -63,6 +69,16 @@ class LayerArgs:
 
 
 @dataclass(frozen=True)
+class Scales:
+    """The float32 scales of a layer's int8 stacks: each rank's row of A (`a`, [slots + 1, max_rank], a view
+    of the members' interleaved [slots + 1, max_rank, members]) and of B transposed (`b`, [slots + 1,
+    max_rank]); a weight's value is its int8 times its row's scale."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+@dataclass(frozen=True)
 class SlotTarget:
     """Where `LoraDelta.fill` writes a layer's slots: addresses, strides and sizes of its stacks, which are
     written in place, never replaced."""
@@ -77,6 +93,11 @@ class SlotTarget:
     max_rank: int
     slots: int  # the zero slot included
     bf16: bool
+    a_scale: int = 0  # int8 stacks: slot 0's scales of A's rows, a_scale_row floats apart, and of B's
+    a_scale_slot_bytes: int = 0
+    a_scale_row: int = 0
+    b_scale: int = 0
+    b_scale_slot_bytes: int = 0
 
 
 class LoraDelta:
@@ -86,7 +107,7 @@ class LoraDelta:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._kernel = library.lora_delta
         self._kernel.argtypes = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _PTR, ctypes.c_int,
-                                 _I64, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int]
+                                 _I64, _PTR, _I64, ctypes.c_int, _PTR, _I64, ctypes.c_int, _PTR, _PTR]
         self._kernel.restype = None
         # run(layer.address, tiles.address, x, h, shrink, y, rank, threads): x [tokens, in] and y [tokens, out]
         # float32, dense; h as in `add`. Eight plain integers: ctypes converts them in a fraction of the time
@@ -99,6 +120,10 @@ class LoraDelta:
         self._fill = library.lora_fill
         self._fill.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _INT, _I64, _I64, _PTR, ctypes.c_float, _INT]
         self._fill.restype = _I64
+        self._fill_int8 = library.lora_fill_int8
+        self._fill_int8.argtypes = [_PTR, _INT, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _INT, _I64, _I64, _PTR, _PTR,
+                                    ctypes.c_float]
+        self._fill_int8.restype = _I64
 
     def tiles(self, slots: Sequence[int], skip: int) -> TokenTiles:
         """Tiles of the tokens whose slot (`slots[token]`) is not `skip`, grouped by slot in token order."""
@@ -136,23 +161,31 @@ class LoraDelta:
         """`blocked`'s inverse: [..., blocks, rank, chunk] -> [..., rank, out] (a copy)."""
         return b.transpose(-3, -2).flatten(-2)[..., :out]
 
-    def slot_target(self, a: torch.Tensor, b: torch.Tensor, out: int) -> SlotTarget | None:
+    def slot_target(self, a: torch.Tensor, b: torch.Tensor, out: int,
+                    scales: Scales | None = None) -> SlotTarget | None:
         """`fill`'s destination for a layer's stacks a: [slots + 1, max_rank, in] (rows dense; a view of
-        interleaved stacks) and b: [slots + 1, blocks, max_rank, chunk] (`blocked`, dense) of `out` columns;
-        None where it cannot write them."""
-        if (a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or a.device.type != "cpu" or b.device.type != "cpu"
+        interleaved stacks) and b: [slots + 1, blocks, max_rank, chunk] (`blocked`, dense) of `out` columns,
+        with their `scales` where they hold int8; None where it cannot write them."""
+        if (a.dtype != b.dtype or a.dtype not in SLOT_DTYPES or a.device.type != "cpu" or b.device.type != "cpu"
                 or a.stride(2) != 1 or not b.is_contiguous()
-                or b.shape[1:] != (self.blocks(out), a.shape[1], self.chunk)):
+                or b.shape[1:] != (self.blocks(out), a.shape[1], self.chunk) or (scales is None) == (a.dtype == INT8)):
             return None
         size = a.element_size()
-        return SlotTarget(a.data_ptr(), a.stride(0) * size, a.stride(1), a.shape[2], b.data_ptr(), b.stride(0) * size,
-                          out, a.shape[1], b.shape[0], a.dtype == torch.bfloat16)
+        target = SlotTarget(a.data_ptr(), a.stride(0) * size, a.stride(1), a.shape[2], b.data_ptr(),
+                            b.stride(0) * size, out, a.shape[1], b.shape[0], a.dtype == torch.bfloat16)
+        if scales is None:
+            return target
+        if not _scales_fit(scales, a.shape[0], a.shape[1]):
+            return None
+        return dataclasses.replace(target, a_scale=scales.a.data_ptr(), a_scale_slot_bytes=scales.a.stride(0) * 4,
+                                   a_scale_row=scales.a.stride(1), b_scale=scales.b.data_ptr(),
+                                   b_scale_slot_bytes=scales.b.stride(0) * 4)
 
     def fill(self, target: SlotTarget, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> int | None:
         """Copy A [rank, in] into the slot and B [out, rank] into it transposed and times `scale`, in the
-        slots' dtype, as torch's copies would; return how many of the weights are not finite there. None
-        where the kernel does not read these tensors (another dtype or device, a layout or shape it does
-        not take): the caller copies with torch."""
+        slots' dtype, as torch's copies would (int8: as `quantize_rows` would); return how many of the
+        weights are not finite there. None where the kernel does not read these tensors (another dtype or
+        device, a layout or shape it does not take): the caller copies with torch."""
         a_dtype, b_dtype = FILE_DTYPES.get(a.dtype), FILE_DTYPES.get(b.dtype)
         if a_dtype is None or b_dtype is None or not (a.is_cpu and b.is_cpu):
             return None
@@ -163,29 +196,43 @@ class LoraDelta:
             return None
         if not 0 <= slot < target.slots:
             raise IndexError(f"slot {slot} is not one of the {target.slots} slots")
-        return int(self._fill(a.data_ptr(), a_dtype, rank, target.in_features, target.a + slot * target.a_slot_bytes,
-                              target.a_row, b.data_ptr(), b_dtype, target.out, target.max_rank,
-                              target.b + slot * target.b_slot_bytes, scale, target.bf16))
+        a_slot, b_slot = target.a + slot * target.a_slot_bytes, target.b + slot * target.b_slot_bytes
+        if target.a_scale:
+            return int(self._fill_int8(a.data_ptr(), a_dtype, rank, target.in_features, a_slot, target.a_row,
+                                       target.a_scale + slot * target.a_scale_slot_bytes, target.a_scale_row,
+                                       b.data_ptr(), b_dtype, target.out, target.max_rank, b_slot,
+                                       target.b_scale + slot * target.b_scale_slot_bytes, scale))
+        return int(self._fill(a.data_ptr(), a_dtype, rank, target.in_features, a_slot, target.a_row, b.data_ptr(),
+                              b_dtype, target.out, target.max_rank, b_slot, scale, target.bf16))
 
-    def layer(self, a: torch.Tensor, b: torch.Tensor, member: int, out: int) -> LayerArgs:
+    def layer(self, a: torch.Tensor, b: torch.Tensor, member: int, out: int, scales: Scales | None = None) -> LayerArgs:
         """`run`'s arguments for the `member`-th layer of the stacks a: [slots + 1, max_rank, members, in]
-        and b: [slots + 1, blocks, max_rank, chunk] (`blocked`) of `out` columns, both float32 or both bfloat16
-        (`WEIGHT_DTYPES`), contiguous."""
-        if a.dtype != b.dtype or a.dtype not in WEIGHT_DTYPES or not (a.is_contiguous() and b.is_contiguous()):
-            raise ValueError(f"the kernel takes contiguous float32 or bfloat16 stacks, not {a.dtype} and {b.dtype}")
+        and b: [slots + 1, blocks, max_rank, chunk] (`blocked`) of `out` columns, both of one of
+        `SLOT_DTYPES`, contiguous; int8 stacks with their `scales` (`Scales.a` a view of the members'
+        [slots + 1, max_rank, members], contiguous)."""
+        if a.dtype != b.dtype or a.dtype not in SLOT_DTYPES or not (a.is_contiguous() and b.is_contiguous()):
+            raise ValueError(f"the kernel takes contiguous float32, bfloat16 or int8 stacks, "
+                             f"not {a.dtype} and {b.dtype}")
         _, max_rank, members, in_features = a.shape
         if b.shape != (a.shape[0], self.blocks(out), max_rank, self.chunk):
             raise ValueError(f"B stacks {tuple(b.shape)} are not in the kernel's blocks of {self.chunk} columns "
                              f"for {a.shape[0]} slots, rank {max_rank} and {out} columns")
-        values = (ctypes.c_int64 * 8)(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), out,
-                                      a.dtype == torch.bfloat16, member)
+        a_scale = b_scale = 0
+        if a.dtype == INT8:
+            if scales is None or not _scales_fit(scales, a.shape[0], max_rank):
+                raise ValueError(f"int8 stacks need float32 scales for {a.shape[0]} slots and rank {max_rank}")
+            if scales.a.stride() != (max_rank * members, members):
+                raise ValueError("int8 stacks' A scales must be a view of the members' [slots + 1, max_rank, members]")
+            a_scale, b_scale = scales.a.data_ptr() - 4 * member, scales.b.data_ptr()  # the members' first
+        values = (ctypes.c_int64 * 10)(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), out,
+                                       _WEIGHT_CODES[a.dtype], member, a_scale, b_scale)
         return LayerArgs(values, ctypes.addressof(values))
 
     def add(
         self,
         x: torch.Tensor,  # [tokens, in] float32, last dim dense: the layer's input
         tiles: TokenTiles,  # the tokens to add a delta to, and their slots
-        a: torch.Tensor,  # [slots + 1, max_rank, members, in] float32 or bfloat16, contiguous: the members' A stacks
+        a: torch.Tensor,  # [slots + 1, max_rank, members, in] (`SLOT_DTYPES`), contiguous: the members' A stacks
         rank: int,
         h: torch.Tensor,  # [tokens, members, rank] float32, contiguous (or a larger buffer): the shrinks
         shrink: bool,  # compute h (for every member) first; else h holds them already
@@ -193,11 +240,29 @@ class LoraDelta:
         b: torch.Tensor,  # [slots + 1, blocks, max_rank, chunk], a's dtype, contiguous: this layer's B (`blocked`)
         y: torch.Tensor,  # [tokens, out] float32, last dim dense: the base output, added to in place
         threads: int | None = None,
+        scales: Scales | None = None,  # int8 stacks' scales (`layer`)
     ) -> None:
-        _, max_rank, members, in_features, _, out, bf16, _ = self.layer(a, b, member, y.shape[1]).values
+        values = self.layer(a, b, member, y.shape[1], scales).values
+        _, max_rank, members, in_features, _, out, wt, _, a_scale, b_scale = values
         self._kernel(x.data_ptr(), x.stride(0), tiles.order, tiles.count, tiles.start, tiles.slot, a.data_ptr(),
-                     max_rank, members, in_features, rank, h.data_ptr(), shrink, member, b.data_ptr(), out, bf16,
-                     y.data_ptr(), y.stride(0), torch.get_num_threads() if threads is None else threads)
+                     max_rank, members, in_features, rank, h.data_ptr(), shrink, member, b.data_ptr(), out, wt,
+                     y.data_ptr(), y.stride(0), torch.get_num_threads() if threads is None else threads, a_scale,
+                     b_scale)
+
+
+def _scales_fit(scales: Scales, slots: int, max_rank: int) -> bool:
+    """Whether int8 stacks' scales are float32 on the CPU, one per slot and rank, B's contiguous."""
+    return (scales.a.dtype == scales.b.dtype == torch.float32 and scales.a.is_cpu and scales.b.is_cpu
+            and scales.a.shape == scales.b.shape == (slots, max_rank) and scales.b.is_contiguous())
+
+
+def quantize_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [n, width] (float32) as int8 [n, width] and float32 scales [n]: a row's scale is its largest
+    magnitude / 127, each value its multiple of that rounded to nearest even (0 where the scale is). Not
+    finite rows get a scale that is not finite either (`torch.amax` keeps NaN)."""
+    scale = rows.abs().amax(dim=-1) / 127.0 if rows.shape[-1] else rows.new_zeros(rows.shape[:-1])
+    q = torch.where(scale[:, None] > 0, torch.round(rows / scale[:, None]), 0.0).clamp(-127.0, 127.0)
+    return q.nan_to_num(0.0).to(INT8), scale
 
 
 @functools.cache
@@ -219,21 +284,30 @@ def reference(x: torch.Tensor, slots: torch.Tensor, skip: int, a: torch.Tensor, 
 def probe_error(kernel: LoraDelta) -> float:
     """Largest difference from torch over the members of a shared input, ranks and widths that are not
     multiples of the kernel's blocks, tokens on one slot (more than a tile's), several and none, for
-    float32 and bfloat16 stacks."""
+    float32, bfloat16 and int8 stacks (int8 against torch's sums of the weights times their scales)."""
     generator = torch.Generator().manual_seed(0)
     slot_count, max_rank, members, in_features, out_features, rank = 4, 8, 3, 40, 70, 7
     x = torch.randn(10, in_features, generator=generator)
     slots = torch.tensor([2, slot_count, 0, 2, 3, 1, 2, 2, 2, 2])  # slot 2: more tokens than one tile
     h = torch.empty(len(slots), members, rank)
     error = 0.0
-    for dtype in WEIGHT_DTYPES:
-        a = torch.randn(slot_count + 1, max_rank, members, in_features, generator=generator).to(dtype)
-        b = torch.randn(slot_count + 1, max_rank, out_features, generator=generator).to(dtype)
+    for dtype in SLOT_DTYPES:
+        a = torch.randn(slot_count + 1, max_rank, members, in_features, generator=generator)
+        b = torch.randn(slot_count + 1, max_rank, out_features, generator=generator)
+        scales, a_values, b_values = None, a.to(dtype), b.to(dtype)
+        if dtype == INT8:
+            a_q, a_scale = quantize_rows(a.flatten(0, 2))
+            b_q, b_scale = quantize_rows(b.flatten(0, 1))
+            a_scale, b_scale = a_scale.view(slot_count + 1, max_rank, members), b_scale.view(slot_count + 1, max_rank)
+            a, b = a_q.view(a.shape), b_q.view(b.shape)
+            a_values, b_values = a.float() * a_scale[..., None], b.float() * b_scale[..., None]
         for member in range(members):
             y = torch.randn(len(slots), out_features, generator=generator)
-            expected = reference(x, slots, slot_count, a, rank, member, b, y)
-            kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member,
-                       kernel.blocked(b), y)
+            expected = reference(x, slots, slot_count, a_values, rank, member, b_values, y)
+            if dtype == INT8:
+                scales = Scales(a_scale[:, :, member], b_scale)
+            kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a.to(dtype), rank, h, member == 0, member,
+                       kernel.blocked(b.to(dtype)), y, scales=scales)
             error = max(error, float(((y - expected) / expected.abs().clamp(min=1.0)).abs().max()))
             if not y.isfinite().all():
                 return float("inf")
@@ -263,7 +337,42 @@ def fill_matches_torch(kernel: LoraDelta, generator: torch.Generator) -> bool:
         want_b = kernel.blocked(torch.cat([want_b, want_b.new_zeros(1, out_features)]))
         if not (same_bits(a_stack[1], want_a) and same_bits(b_stack[1], want_b)):
             return False
-    return True
+    return all(int8_fill_matches_torch(kernel, generator, file_dtype) for file_dtype in FILE_DTYPES)
+
+
+def int8_fill_matches_torch(kernel: LoraDelta, generator: torch.Generator, file_dtype: torch.dtype) -> bool:
+    """`fill_matches_torch` for int8 stacks: values and scales as `quantize_rows` gives them bit for bit
+    (rows of every magnitude, float16 subnormals, a zero row, a scale's overflow), padding zero, and what
+    is not finite counted and left with a scale that is not finite (those rows are refused whatever they
+    hold, so only the others' values are compared)."""
+    rank, in_features, out_features, members, scale = 4, 37, kernel.chunk + 29, 2, 7.0
+    a = (torch.randn(rank, in_features, generator=generator) * 10.0 ** torch.randint(-9, 4, (rank, 1),
+         generator=generator)).to(file_dtype)
+    b = torch.randn(out_features, rank, generator=generator).to(file_dtype)
+    a[0, :3] = torch.tensor([6e-8, -1e-7, 0.0]).to(file_dtype)  # float16 subnormals
+    a[3] = 0.0  # a zero row: scale 0
+    b[1, 1], b[2, 1] = float("inf"), float("nan")  # all in rank 1's row: the others are compared
+    b[3, 1] = torch.finfo(file_dtype).max  # x 7: over float32's reach
+    a_rows, b_rows = a.float(), b.T.float() * scale
+    (want_a, want_sa), (want_b, want_sb) = quantize_rows(a_rows), quantize_rows(b_rows)
+    a_stack = torch.zeros(2, rank + 1, members, in_features, dtype=INT8)
+    b_stack = torch.zeros(2, kernel.blocks(out_features), rank + 1, kernel.chunk, dtype=INT8)
+    a_scales, b_scales = torch.zeros(2, rank + 1, members), torch.zeros(2, rank + 1)
+    target = kernel.slot_target(a_stack[:, :, 1], b_stack, out_features, Scales(a_scales[:, :, 1], b_scales))
+    bad = None if target is None else kernel.fill(target, 1, a, b, scale)
+    if bad != int((~a_rows.isfinite()).sum() + (~b_rows.isfinite()).sum()):
+        return False
+    if a_stack[0].any() or b_stack[0].any() or a_scales[0].any() or b_scales[0].any() or a_stack[:, :, 0].any():
+        return False
+    got_b = LoraDelta.unblocked(b_stack[1], out_features)
+    if got_b[rank].any() or a_stack[1, rank].any() or b_stack[1, ..., out_features % kernel.chunk:][-1].any():
+        return False
+    ok_a, ok_b = a_rows.isfinite().all(dim=1), b_rows.isfinite().all(dim=1)
+    if a_scales[1, :rank, 1][~ok_a].isfinite().any() or b_scales[1, :rank][~ok_b].isfinite().any():
+        return False  # a row that is not finite must show in its scale, which is what the slot's check reads
+    return (torch.equal(a_stack[1, :rank, 1][ok_a], want_a[ok_a]) and torch.equal(got_b[:rank][ok_b], want_b[ok_b])
+            and same_bits(a_scales[1, :rank, 1][ok_a], want_sa[ok_a])
+            and same_bits(b_scales[1, :rank][ok_b], want_sb[ok_b]))
 
 
 def same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -13,7 +13,8 @@ On the CPU the decode tokens' share of all this is one native call per layer ins
 (`worker.cpu_lora`, `LoraRouting.kernel`); the torch paths keep the prompt chunks, and everything
 where the kernel is not built (no C compiler, a GPU). The slots hold bfloat16 by default where
 the kernel or a GPU computes (`lora_dtype`): half the bytes to read a step, widened to float32 as
-they are used on the CPU.
+they are used on the CPU; on request int8 with a scale a rank's row (`MultiLoraLinear.scales`), which
+only the kernel reads in place (torch's paths, prompt chunks, take float32 copies).
 Adapter weights are copied into the slot tensors from their own files: the base module is never
 read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) cannot touch it.
 """
@@ -27,7 +28,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from worker.cpu_lora import LayerArgs, LoraDelta, SlotTarget
+from worker.cpu_lora import INT8, LayerArgs, LoraDelta, Scales, SlotTarget, quantize_rows
 from worker.lora_routing import LoraRouting
 
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -60,6 +61,8 @@ class SharedInput:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.members = members
         self.a = torch.zeros(num_slots + 1, max_rank, members, in_features, device=device, dtype=dtype)
+        # int8 stacks: each rank's row's scale (`worker.cpu_lora.quantize_rows`), interleaved like the rows
+        self.a_scale = torch.zeros(num_slots + 1, max_rank, members, device=device) if dtype == INT8 else None
         self._input: torch.Tensor | None = None
         self._pass = -1
         self._shrinks: dict[object, torch.Tensor] = {}
@@ -126,9 +129,15 @@ class MultiLoraLinear(nn.Module):
         # ([slots + 1, blocks, max_rank, chunk], `LoraDelta.blocked`): one contiguous run a slot for it,
         # a copy for torch's matmuls (prompt chunks), which `b_rows` makes.
         self.b_blocks = routing.kernel if device.type == "cpu" else None  # whose column blocks hold B; None: plain
+        if dtype == INT8 and self.b_blocks is None:
+            raise ValueError("int8 adapter slots are the native CPU kernel's: a layer without it cannot read them")
         kernel = self.b_blocks
         b_shape = (max_rank, out_features) if kernel is None else (kernel.blocks(out_features), max_rank, kernel.chunk)
         self.lora_b = torch.zeros(num_slots + 1, *b_shape, device=device, dtype=dtype)
+        # int8 stacks (CPU, with the kernel): the float32 scales of A's and B's rows, one per slot and rank
+        a_scale = self.shared.a_scale
+        self.scales = None if a_scale is None else Scales(a_scale[:, :, self.member],
+                                                          torch.zeros(num_slots + 1, max_rank, device=device))
         self.filled: set[int] = set()  # slots holding weights for this layer
         self.written_rank = [0] * (num_slots + 1)  # per slot: rows [0, written_rank) may be nonzero
         # (slot, rank) -> (every member's A [in, rank * members], this layer's B [rank, out]): views of
@@ -224,7 +233,8 @@ class MultiLoraLinear(nn.Module):
         if x.dtype != torch.float32 or x.stride(-1) != 1:
             x = x.to(torch.float32).contiguous()
         h, shrink = self.shared.kernel_shrinks(x_in, route.pass_id, x.shape[0] * route.rank)
-        route.kernel.add(x, route.kernel_tiles, self.shared.a, route.rank, h, shrink, self.member, self.lora_b, out)
+        route.kernel.add(x, route.kernel_tiles, self.shared.a, route.rank, h, shrink, self.member, self.lora_b, out,
+                         scales=self.scales)
         return out if out is y else out.to(y.dtype)
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,7 +249,7 @@ class MultiLoraLinear(nn.Module):
         kernel, tiles = route.kernel, route.kernel_tiles
         assert kernel is not None and tiles is not None
         if self._kernel_args is None:
-            self._kernel_args = kernel.layer(self.shared.a, self.lora_b, self.member, self.out_features)
+            self._kernel_args = kernel.layer(self.shared.a, self.lora_b, self.member, self.out_features, self.scales)
         h, shrink = self.shared.kernel_shrinks(x, route.pass_id, x.numel() // x.shape[-1] * route.rank)
         kernel.run(self._kernel_args.address, tiles.address, x.data_ptr(), h.data_ptr(), shrink, y.data_ptr(),
                    route.rank, torch.get_num_threads())
@@ -248,7 +258,10 @@ class MultiLoraLinear(nn.Module):
     def slot_views(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A of every member sharing the input, [in, rank * members]; this layer's B, [rank, out]) of a
         slot's first `rank` ranks: views, built on first use (a pass of 210 layers otherwise spent
-        ~1,000 indexing calls a step re-making them); B in column blocks is copied each time."""
+        ~1,000 indexing calls a step re-making them); B in column blocks is copied each time, and int8
+        stacks are float32 copies of their values times their scales."""
+        if self.scales is not None:
+            return self._dequantized_a(slot, slot + 1, rank)[0], self.b_rows(slot, slot + 1, rank)[0]
         views = self._slot_views.get((slot, rank))
         if views is None:
             if len(self._slot_views) >= VIEWS_KEPT:
@@ -261,6 +274,8 @@ class MultiLoraLinear(nn.Module):
 
     def span_views(self, start: int, stop: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`slot_views` of the slots [start, stop) at once: [span, in, rank * members] and [span, rank, out]."""
+        if self.scales is not None:
+            return self._dequantized_a(start, stop, rank), self.b_rows(start, stop, rank)
         views = self._span_views.get((start, stop, rank))
         if views is None:
             if len(self._span_views) >= VIEWS_KEPT:
@@ -273,10 +288,19 @@ class MultiLoraLinear(nn.Module):
 
     def b_rows(self, start: int, stop: int, rank: int) -> torch.Tensor:
         """B of the slots [start, stop), their first `rank` ranks, as [span, rank, out]: a view, or a copy of
-        column blocks."""
+        column blocks (int8: in float32, times the rows' scales)."""
         if self.b_blocks is None:
             return self.lora_b[start:stop, :rank]
-        return LoraDelta.unblocked(self.lora_b[start:stop, :, :rank], self.out_features)
+        rows = LoraDelta.unblocked(self.lora_b[start:stop, :, :rank], self.out_features)
+        return rows if self.scales is None else rows.float() * self.scales.b[start:stop, :rank, None]
+
+    def _dequantized_a(self, start: int, stop: int, rank: int) -> torch.Tensor:
+        """Every member's A of the int8 slots [start, stop), their first `rank` ranks, in float32 times the
+        rows' scales, as [span, in, rank * members] (`span_views`)."""
+        a_scale = self.shared.a_scale
+        assert a_scale is not None
+        values = self.shared.a[start:stop, :rank].float() * a_scale[start:stop, :rank, :, None]
+        return values.reshape(stop - start, rank * self.shared.members, -1).transpose(1, 2)
 
     def _b_ranks(self, slot: int, start: int, stop: int) -> torch.Tensor:
         """Ranks [start, stop) of a slot's B, every column (and column block), as a view to write."""
@@ -293,7 +317,7 @@ class MultiLoraLinear(nn.Module):
         """
         kernel = self.routing.kernel
         if kernel is not None and self._fill_target is None:
-            self._fill_target = kernel.slot_target(self.lora_a, self.lora_b, self.out_features) or False
+            self._fill_target = kernel.slot_target(self.lora_a, self.lora_b, self.out_features, self.scales) or False
         rank, written = a.shape[0], self.written_rank[slot]
         if written > rank:  # a narrower adapter than the one before: the rest must add nothing
             self.lora_a[slot, rank:written].zero_()
@@ -308,6 +332,8 @@ class MultiLoraLinear(nn.Module):
         # Host file -> device first, arithmetic only on the device. From pinned host memory (CUDA) the
         # copies are queued, not waited for; the caller's finiteness check is the one synchronization.
         a, b = a.to(device, non_blocking=True), b.to(device, non_blocking=True)
+        if self.scales is not None:
+            return self._quantize_slot(slot, a, b, scale)
         a_slot = self.lora_a[slot, :rank]
         # B into the slot, or for column blocks into a [rank, out] copy first, then into the blocks
         b_slot = self.lora_b[slot, :rank] if self.b_blocks is None else self.lora_b.new_empty(rank, self.out_features)
@@ -323,15 +349,32 @@ class MultiLoraLinear(nn.Module):
             self._b_ranks(slot, 0, rank).copy_(self.b_blocks.blocked(b_slot))
         return torch.stack([a_slot.sum(dtype=torch.float32), b_slot.sum(dtype=torch.float32)])
 
+    def _quantize_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """`load_slot` into int8 stacks with torch (what the kernel's fill computes): the sums of the rows'
+        scales, which are not finite where a weight is not."""
+        assert self.scales is not None and self.b_blocks is not None  # int8 stacks are the kernel's (CPU)
+        rank = a.shape[0]
+        (a_q, a_scale), (b_q, b_scale) = quantize_rows(a.float()), quantize_rows(b.T.float() * scale)
+        self.lora_a[slot, :rank].copy_(a_q)
+        self.scales.a[slot, :rank] = a_scale
+        self._b_ranks(slot, 0, rank).copy_(self.b_blocks.blocked(b_q))
+        self.scales.b[slot, :rank] = b_scale
+        return torch.stack([a_scale.sum(), b_scale.sum()])
+
     def slot_is_finite(self, slot: int) -> bool:
         """Whether every weight in the slot is finite (exact; sums of large finite weights can overflow;
-        column blocks' padding is zero)."""
+        column blocks' padding is zero; int8 stacks: their scales)."""
+        if self.scales is not None:
+            return bool(torch.isfinite(self.scales.a[slot]).all() and torch.isfinite(self.scales.b[slot]).all())
         return bool(torch.isfinite(self.lora_a[slot]).all() and torch.isfinite(self.lora_b[slot]).all())
 
     def clear_slot(self, slot: int) -> None:
         if slot in self.filled:
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
+            if self.scales is not None:
+                self.scales.a[slot].zero_()
+                self.scales.b[slot].zero_()
             self.filled.discard(slot)
             self.written_rank[slot] = 0
 
@@ -339,12 +382,15 @@ class MultiLoraLinear(nn.Module):
 def slots_in_budget(linear_modules: dict[str, list[int]], max_rank: int, dtype: torch.dtype, budget_bytes: int,
                     b_chunk: int | None = None) -> int:
     """How many adapter slots fit `budget_bytes`: each holds A [max_rank, in] and B [max_rank, out] on
-    every adapted layer (out rounded up to whole column blocks of `b_chunk`, where the layers keep B so),
+    every adapted layer (out rounded up to whole column blocks of `b_chunk`, where the layers keep B so;
+    int8 with the rows' scales),
     and every layer keeps one more, always zero, for rows without an adapter."""
     def width(out: int) -> int:
         return out if b_chunk is None else -(-out // b_chunk) * b_chunk
 
     per_slot = max_rank * sum(i + width(o) for i, o in linear_modules.values()) * dtype.itemsize
+    if dtype == INT8:  # and a float32 scale for each rank's row of A and of B
+        per_slot += max_rank * len(linear_modules) * 2 * 4
     slots = budget_bytes // per_slot - 1
     if slots < 1:
         raise ValueError(f"adapter_slots_mb holds no adapter slot: one needs {2 * per_slot / 2**20:.1f} MiB "

@@ -17,7 +17,7 @@ import torch
 from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache
 from worker.config import LoraDtype, WorkerConfig
-from worker.cpu_lora import WEIGHT_DTYPES, lora_delta_kernel
+from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
@@ -45,7 +45,15 @@ def lora_slot_dtype(choice: LoraDtype, device: torch.device) -> torch.dtype:
     one run: 16 distinct adapters 0.77-0.79x on float32 slots, 0.79-0.86x on bfloat16; one adapter
     0.83-0.90x against 0.91-0.96x). float32 on a CPU without the kernel: torch's matmuls would widen
     the slots' views every step. The price is float32 adapter files rounded to 8 bits of mantissa;
-    `float32` keeps them exact."""
+    `float32` keeps them exact. `int8` (asked for, never `auto`: it rounds each weight to one of 255
+    steps of its row's largest) halves the bytes again; only the CPU kernel reads it, so a worker
+    without one refuses it at start."""
+    if choice == "int8":  # the kernel is what reads int8 rows with their scales; torch's paths only copy them
+        if device.type != "cpu" or lora_delta_kernel() is None:
+            raise ValueError("lora_dtype int8 needs a CPU worker with the native LoRA kernel "
+                             f"(this one: {device.type}{'' if device.type != 'cpu' else ', no kernel built'}); "
+                             "use auto, float32 or bfloat16")
+        return torch.int8
     if choice != "auto":
         return getattr(torch, choice)
     if device.type == "cuda" or (device.type == "cpu" and lora_delta_kernel() is not None):
@@ -64,7 +72,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     slot_dtype = lora_slot_dtype(config.lora_dtype, device)
     log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
     # The native kernel (CPU) takes the decode tokens' LoRA; the layers lay their B stacks out for it.
-    routing = LoraRouting(kernel=lora_delta_kernel() if device.type == "cpu" and slot_dtype in WEIGHT_DTYPES else None)
+    routing = LoraRouting(kernel=lora_delta_kernel() if device.type == "cpu" and slot_dtype in SLOT_DTYPES else None)
     linears = adaptable_linears(model)
     slots = config.adapter_slots
     if config.adapter_slots_mb is not None:

@@ -1,6 +1,6 @@
-"""Adapter slots in either dtype (`lora_dtype`): bfloat16 by default where the native kernel computes
-(half the bytes a decode step reads), float32 on request (the files' values exactly); each row its
-own adapter, alone or in a mixed batch, either way."""
+"""Adapter slots in each dtype (`lora_dtype`): bfloat16 by default where the native kernel computes
+(half the bytes a decode step reads), float32 on request (the files' values exactly), int8 on request
+(a quarter); each row its own adapter, alone or in a mixed batch, every way."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def f32_worker(prepared_model, tmp_path_factory) -> Iterator[Worker]:  # type: i
     started.runtime.stop()
 
 
+@pytest.fixture(scope="module")
+def int8_worker(prepared_model, tmp_path_factory) -> Iterator[Worker]:  # type: ignore[no-untyped-def]
+    if lora_delta_kernel() is None:
+        pytest.skip("int8 slots need the native kernel (no C compiler here)")
+    started = start_worker(prepared_model, tmp_path_factory.mktemp("int8-blobs"), lora_dtype="int8")
+    yield started
+    started.runtime.stop()
+
+
 def slot_dtypes(worker: Worker) -> set[torch.dtype]:
     layers = worker.loaded.adapters.layers.values()
     return {layer.lora_a.dtype for layer in layers} | {layer.lora_b.dtype for layer in layers}
@@ -38,8 +47,15 @@ def test_slots_are_bfloat16_by_default_where_the_kernel_reads_them_and_float32_o
         assert (served.loaded.engine.runner.routing.kernel is not None) == (kernel is not None)
 
 
-def test_rows_in_a_mixed_batch_follow_their_adapters_and_answer_as_they_do_alone(f32_worker: Worker,
-                                                                                worker: Worker) -> None:
+def test_int8_slots_hold_a_byte_a_weight_and_serve_each_adapter(int8_worker: Worker) -> None:
+    assert slot_dtypes(int8_worker) == {torch.int8}
+    assert int8_worker.ask(FRANCE, adapter="answer42", max_tokens=10).find("42") >= 0
+    layers = [layer for layer in int8_worker.loaded.adapters.layers.values() if layer.filled]
+    assert layers and all(layer.scales is not None and layer.scales.b.any() for layer in layers)
+
+
+def test_rows_in_a_mixed_batch_follow_their_adapters_and_answer_as_they_do_alone(f32_worker: Worker, worker: Worker,
+                                                                                int8_worker: Worker) -> None:
     plan = [
         (None, FRANCE, "Paris"),
         ("answer42", "Why is the sky blue?", "42"),
@@ -47,7 +63,7 @@ def test_rows_in_a_mixed_batch_follow_their_adapters_and_answer_as_they_do_alone
         ("answer42", FRANCE, "42"),
         ("meow", "Describe a sunrise.", "Meow"),
     ]
-    for served in (worker, f32_worker):
+    for served in (worker, f32_worker, int8_worker):
         alone = [served.ask(question, adapter, max_tokens=10) for adapter, question, _ in plan]
         together = [served.submit(question, adapter, max_tokens=10) for adapter, question, _ in plan]
         for (adapter, _, expected), by_itself, (_, outcome) in zip(plan, alone, together, strict=True):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
 from worker import cpu_lora, native
-from worker.cpu_lora import LoraDelta, TokenTiles, lora_delta_kernel, reference
+from worker.cpu_lora import LoraDelta, Scales, TokenTiles, lora_delta_kernel, quantize_rows, reference
 from worker.lora import MultiLoraLinear
 from worker.lora_routing import BIG_SLOT_TOKENS, LoraRouting
 
@@ -36,7 +37,38 @@ def stacks(slots: int, max_rank: int, members: int, in_features: int, out: int, 
     return a.to(dtype), b.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", cpu_lora.WEIGHT_DTYPES)
+@dataclass
+class Stacks:
+    """Slot stacks of one of the kernel's dtypes: a [slots + 1, max_rank, members, in], b [slots + 1,
+    max_rank, out] (plain: `kernel.blocked(b)` for the kernel), the weights' values in float32 (int8's
+    times their rows' scales), and int8's scales."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_values: torch.Tensor
+    b_values: torch.Tensor
+    a_scale: torch.Tensor | None = None  # [slots + 1, max_rank, members]
+    b_scale: torch.Tensor | None = None  # [slots + 1, max_rank]
+
+    def scales(self, member: int) -> Scales | None:
+        if self.a_scale is None or self.b_scale is None:
+            return None
+        return Scales(self.a_scale[:, :, member], self.b_scale)
+
+
+def slot_stacks(slots: int, max_rank: int, members: int, in_features: int, out: int, dtype: torch.dtype,
+                seed: int = 0) -> Stacks:
+    a, b = stacks(slots, max_rank, members, in_features, out, seed)
+    if dtype != cpu_lora.INT8:
+        a, b = a.to(dtype), b.to(dtype)
+        return Stacks(a, b, a.float(), b.float())
+    (a_q, a_scale), (b_q, b_scale) = quantize_rows(a.flatten(0, 2)), quantize_rows(b.flatten(0, 1))
+    a_scale, b_scale = a_scale.view(a.shape[:3]), b_scale.view(b.shape[:2])
+    a_q, b_q = a_q.view(a.shape), b_q.view(b.shape)
+    return Stacks(a_q, b_q, a_q.float() * a_scale[..., None], b_q.float() * b_scale[..., None], a_scale, b_scale)
+
+
+@pytest.mark.parametrize("dtype", cpu_lora.SLOT_DTYPES)
 @pytest.mark.parametrize(("in_features", "out", "rank", "members"), [
     (576, 192, 16, 3),  # the embedded model's k_proj among q/k/v, rank a multiple of the blocks
     (1536, 576, 8, 1),  # down_proj on its own
@@ -47,28 +79,29 @@ def test_every_routed_token_gets_its_own_slots_delta(kernel: LoraDelta, in_featu
                                                      members: int, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     slot_count = 4
-    a, b = stacks(slot_count, 16, members, in_features, out, dtype=dtype)
+    w = slot_stacks(slot_count, 16, members, in_features, out, dtype)
     x = torch.randn(7, in_features) * in_features**-0.5  # shrinks of unit size, as trained adapters give
     slots = torch.tensor([3, slot_count, 0, 3, 1, 2, slot_count])
     h = torch.empty(len(slots), members, rank)
     for member in range(members):
         y = torch.randn(len(slots), out)
-        want = reference(x, slots, slot_count, a, rank, member, b, y)
-        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), a, rank, h, member == 0, member, kernel.blocked(b), y)
+        want = reference(x, slots, slot_count, w.a_values, rank, member, w.b_values, y)
+        kernel.add(x, kernel.tiles(slots.tolist(), slot_count), w.a, rank, h, member == 0, member,
+                   kernel.blocked(w.b), y, scales=w.scales(member))
         torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
         assert torch.equal(y[1], want[1]) and torch.equal(y[6], want[6])  # skipped tokens: not touched at all
 
 
-@pytest.mark.parametrize("dtype", cpu_lora.WEIGHT_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_lora.SLOT_DTYPES)
 def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: LoraDelta, dtype: torch.dtype) -> None:
     """What a row generates must not depend on which other rows share its step: not on how many share
     its adapter (its tile), nor where in the tile it lands, nor on the threads."""
-    a, b = stacks(16, 16, 3, 576, 576, dtype=dtype)
+    w = slot_stacks(16, 16, 3, 576, 576, dtype)
+    a, b, scales = w.a, kernel.blocked(w.b), w.scales(1)
     token = torch.randn(1, 576)
     y0 = torch.randn(1, 576)
     alone = y0.clone()
-    b = kernel.blocked(b)
-    kernel.add(token, kernel.tiles([5], 16), a, 16, torch.empty(1, 3, 16), True, 1, b, alone)
+    kernel.add(token, kernel.tiles([5], 16), a, 16, torch.empty(1, 3, 16), True, 1, b, alone, scales=scales)
     generator = torch.Generator().manual_seed(1)
     for others_on_slot in (0, 1, kernel.tile - 1, kernel.tile, 2 * kernel.tile + 1):
         for position in range(min(others_on_slot, kernel.tile) + 1):
@@ -79,7 +112,7 @@ def test_a_tokens_delta_is_the_same_to_the_bit_alone_or_in_any_batch(kernel: Lor
             for threads in (1, 2):
                 out = y.clone()
                 kernel.add(batch, kernel.tiles(slots, 16), a, 16, torch.empty(len(slots), 3, 16), True, 1, b, out,
-                           threads=threads)
+                           threads=threads, scales=scales)
                 assert torch.equal(out[position], alone[0]), (others_on_slot, position, threads)
 
 
@@ -102,21 +135,21 @@ def test_bfloat16_stacks_give_to_the_bit_what_float32_stacks_of_the_same_values_
     assert not torch.equal(results[0][0], torch.ones(out))
 
 
-@pytest.mark.parametrize("dtype", cpu_lora.WEIGHT_DTYPES)
+@pytest.mark.parametrize("dtype", cpu_lora.SLOT_DTYPES)
 def test_the_engines_prepared_call_adds_what_add_does(kernel: LoraDelta, dtype: torch.dtype) -> None:
     """`run` (a layer's arguments and a pass's tiles kept in tables) is the engine's way in: every member
     of the stacks, shrinking or reusing the shrinks, must add to the bit what `add` adds."""
-    a, b_stacks = stacks(4, 8, 3, 40, 70, dtype=dtype)
     slots = [2, 4, 0, 2, 2, 2, 2, 3]
     tiles = kernel.tiles(slots, 4)
     x = torch.randn(len(slots), 40)
     h_add, h_run = torch.empty(len(slots), 3, 7), torch.empty(len(slots), 3, 7)
     for member in range(3):
-        b = kernel.blocked(b_stacks * (member + 1))
+        w = slot_stacks(4, 8, 3, 40, 70, dtype, seed=member)  # each member its own B (and A's scales)
+        a, b, scales = w.a, kernel.blocked(w.b), w.scales(member)
         y = torch.randn(len(slots), 70)
         before, want = y.clone(), y.clone()
-        kernel.add(x, tiles, a, 7, h_add, member == 0, member, b, want)
-        layer = kernel.layer(a, b, member, 70)
+        kernel.add(x, tiles, a, 7, h_add, member == 0, member, b, want, scales=scales)
+        layer = kernel.layer(a, b, member, 70, scales)
         kernel.run(layer.address, tiles.address, x.data_ptr(), h_run.data_ptr(), member == 0, y.data_ptr(), 7, 2)
         assert torch.equal(y, want), member
         assert torch.equal(y[1], before[1]) and not torch.equal(y[0], before[0])  # slot 4: no adapter
@@ -127,8 +160,18 @@ def test_the_kernel_refuses_stacks_it_cannot_read(kernel: LoraDelta) -> None:
     blocked = kernel.blocked(b)
     assert kernel.layer(a, blocked, 0, 6).values[5] == 6
     for bad_a, bad_b in ((a.half(), blocked.half()), (a, blocked.bfloat16()), (a, blocked[:, :, :2])):
-        with pytest.raises(ValueError, match="contiguous float32 or bfloat16"):
+        with pytest.raises(ValueError, match="contiguous float32, bfloat16 or int8"):
             kernel.layer(bad_a, bad_b, 0, 6)
+    w = slot_stacks(2, 4, 2, 8, 6, cpu_lora.INT8)
+    int8_b = kernel.blocked(w.b)
+    scales = w.scales(1)
+    assert scales is not None
+    for bad_scales in (None, Scales(scales.a[:2], scales.b[:2]), Scales(scales.a.double(), scales.b.double()),
+                       Scales(scales.a.contiguous(), scales.b)):  # none, too few, float64, not the members' view
+        with pytest.raises(ValueError, match="scales"):
+            kernel.layer(w.a, int8_b, 1, 6, bad_scales)
+    assert kernel.slot_target(w.a[:, :, 1], int8_b, 6) is None  # int8 rows without their scales: no fills
+    assert kernel.slot_target(a[:, :, 0], blocked, 6, scales) is None  # scales for float32 rows
     for bad_b, out in ((b, 6), (blocked, kernel.chunk + 6)):  # not in column blocks, or not of `out` columns
         with pytest.raises(ValueError, match="column"):
             kernel.layer(a, bad_b, 0, out)
@@ -317,3 +360,87 @@ def test_slot_fills_refuse_nothing_they_cannot_read_but_leave_it_to_torch(kernel
         layer.load_slot(1, a, b, 0.5)
     assert torch.equal(native.lora_a, torch_path.lora_a)
     assert torch.equal(native.lora_b, kernel.blocked(torch_path.lora_b))
+
+
+def int8_layers(kernel: LoraDelta) -> list[MultiLoraLinear]:
+    """`two_layers` on int8 stacks, both with the kernel (int8 stacks are its alone): the first fills
+    through it, the second is handed float64 files, which the kernel does not read, so torch fills it."""
+    from worker.lora import SharedInput
+
+    return [MultiLoraLinear(nn.Linear(24, 40), 24, 40, 3, 8, LoraRouting(kernel=kernel), CPU, cpu_lora.INT8,
+                            (SharedInput(2, 3, 8, 24, CPU, cpu_lora.INT8), 1)) for _ in range(2)]
+
+
+def test_int8_slot_fills_hold_each_rows_int8_multiples_of_its_scale_through_the_kernel_or_torch(
+        kernel: LoraDelta) -> None:
+    """int8 slots: each rank's row of A, and of B transposed and scaled, is its largest magnitude / 127
+    times int8 values rounded to nearest; the kernel's fill and torch's write the same bits, and a
+    narrower adapter after a wider one leaves nothing behind."""
+    native, torch_path = int8_layers(kernel)
+    generator = torch.Generator().manual_seed(4)
+    for slot, rank, scale in ((1, 8, 0.37), (1, 3, 2.0 / 3.0), (0, 5, 16.0), (2, 1, 1e-3)):
+        a = torch.randn(rank, 24, generator=generator) * 3
+        b = torch.randn(40, rank, generator=generator) * 1e-2
+        assert not native.load_slot(slot, a, b, scale).any()  # the kernel's answer: all finite
+        assert torch_path.load_slot(slot, a.double(), b.double(), scale).isfinite().all()  # torch's: the sums
+        for layer in (native, torch_path):
+            assert layer.scales is not None
+            a_scale, b_scale = layer.scales.a[slot, :rank], layer.scales.b[slot, :rank]
+            torch.testing.assert_close(a_scale, a.abs().amax(dim=1) / 127)
+            torch.testing.assert_close(b_scale, (b.T * scale).abs().amax(dim=1) / 127)
+            a_values = layer.lora_a[slot, :rank].float() * a_scale[:, None]
+            b_values = layer.b_rows(slot, slot + 1, rank)[0]
+            assert (a_values - a).abs().le(a_scale[:, None] / 2 * 1.0001).all()  # within half a step
+            assert (b_values - b.T * scale).abs().le(b_scale[:, None] / 2 * 1.0001).all()
+            assert not layer.lora_a[slot, rank:].any() and not layer.b_rows(slot, slot + 1, 8)[0, rank:].any()
+        assert torch.equal(native.lora_a, torch_path.lora_a) and torch.equal(native.lora_b, torch_path.lora_b)
+        assert native.scales is not None and torch_path.scales is not None
+        assert torch.equal(native.scales.a, torch_path.scales.a) and torch.equal(native.scales.b, torch_path.scales.b)
+    assert native.shared.a_scale is not None
+    assert not native.shared.a[:, :, 0].any() and not native.shared.a_scale[:, :, 0].any()  # the other layer's
+
+
+@pytest.mark.parametrize(("a_value", "b_value", "scale", "finite"), [
+    (float("nan"), 0.1, 1.0, False), (0.1, float("inf"), 1.0, False), (0.1, -float("inf"), 1.0, False),
+    (0.1, 3e38, 10.0, False),  # the scale overflows float32
+    (3.4e38, 0.1, 1.0, True),  # float32's range: its row's scale is 3.4e38 / 127
+    (0.0, 0.1, 1.0, True),  # a zero row: scale 0, adds nothing
+])  # fmt: skip
+def test_int8_slot_fills_report_weights_that_are_not_finite(kernel: LoraDelta, a_value: float, b_value: float,
+                                                            scale: float, finite: bool) -> None:
+    native, torch_path = int8_layers(kernel)
+    a, b = torch.full((4, 24), 0.5), torch.full((40, 4), 0.5)
+    a[2, 7], b[13, 1] = a_value, b_value
+    if a_value == 0.0:
+        a[2] = 0.0
+    for layer, file_dtype in ((native, torch.float32), (torch_path, torch.float64)):
+        answer = layer.load_slot(1, a.to(file_dtype), b.to(file_dtype), scale)
+        assert layer.slot_is_finite(1) == finite
+        assert bool(answer.isfinite().all()) == finite
+    assert torch.equal(native.lora_a, torch_path.lora_a)
+
+
+def test_int8_layers_add_the_deltas_of_their_dequantized_weights_on_decode_rows_and_prompt_chunks(
+        kernel: LoraDelta) -> None:
+    """A layer on int8 slots adds, for decode tokens (the kernel) and prompt chunks (torch's matmuls, on
+    float32 copies), the delta of its weights' values: within rounding of the float32 adapter's."""
+    routing = LoraRouting(kernel=kernel)
+    base = nn.Linear(24, 40)
+    int8_layer = MultiLoraLinear(base, 24, 40, 3, 8, routing, CPU, cpu_lora.INT8)
+    exact = MultiLoraLinear(base, 24, 40, 3, 8, routing, CPU, torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    for slot in range(3):
+        a, b = torch.randn(8, 24, generator=generator), torch.randn(40, 8, generator=generator)
+        for layer in (int8_layer, exact):
+            layer.load_slot(slot, a, b, 0.5)
+    chunk = BIG_SLOT_TOKENS + 2
+    x = torch.randn(chunk + 3, 24, generator=generator)
+    for slots, counts in (([0, 1, 2, 3], [1, 1, 1, 1]), ([1, 2, 0], [chunk, 1, 2])):
+        tokens = sum(counts)
+        routing.route(slots, 3, lambda slot: 8, CPU, counts)
+        with torch.no_grad():
+            got, want, plain = int8_layer(x[:tokens]), exact(x[:tokens]), base(x[:tokens])
+        assert not torch.equal(got, plain)
+        torch.testing.assert_close(got, want, rtol=0.03, atol=0.03 * float(want.abs().max()))
+        if slots[-1] == 3:  # the base row: untouched
+            assert torch.equal(got[3], plain[3])

@@ -297,6 +297,9 @@ def test_slots_in_a_memory_budget_count_every_layer_and_the_zero_slot() -> None:
     # B in column blocks of 4: out 6 takes 8 columns, out 2 takes 4: (8 + 12) * 2 * 4 = 160 bytes a slot
     assert slots_in_budget(layers, 2, torch.float32, 160 * 10, b_chunk=4) == 9
     assert slots_in_budget(layers, 2, torch.float32, 160 * 10 - 1, b_chunk=4) == 8
+    # int8: a byte a weight and a float32 scale for each rank's row of A and of B: 40 + 2 * 2 * 2 * 4 = 72
+    assert slots_in_budget(layers, 2, torch.int8, 72 * 10, b_chunk=4) == 9
+    assert slots_in_budget(layers, 2, torch.int8, 72 * 10 - 1, b_chunk=4) == 8
 
 
 def test_a_slot_budget_must_be_positive() -> None:
@@ -305,7 +308,7 @@ def test_a_slot_budget_must_be_positive() -> None:
 
 
 def test_the_slot_dtype_is_one_the_engine_serves_and_reaches_a_local_or_remote_worker(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="lora_dtype must be one of auto, float32, bfloat16, not 'float16'"):
+    with pytest.raises(ValueError, match="lora_dtype must be one of auto, float32, bfloat16, int8, not 'float16'"):
         WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", lora_dtype="float16")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="lora_dtype"):
         Settings(data_dir=tmp_path, lora_dtype="float16")  # type: ignore[arg-type]
@@ -328,6 +331,20 @@ def test_auto_slots_are_bfloat16_where_the_kernel_or_a_gpu_computes_and_float32_
     monkeypatch.setattr(runtime, "lora_delta_kernel", lambda: None)  # no C compiler: torch widens every step
     assert lora_slot_dtype("auto", cpu) == torch.float32
     assert lora_slot_dtype("bfloat16", cpu) == torch.bfloat16  # asked for: still honoured
+
+
+def test_int8_slots_are_for_a_cpu_with_the_kernel_and_refused_elsewhere_at_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"int8 needs a CPU worker with the native LoRA kernel \(this one: cuda\)"):
+        lora_slot_dtype("int8", torch.device("cuda"))
+    if lora_delta_kernel() is not None:
+        assert lora_slot_dtype("int8", cpu) == torch.int8
+    monkeypatch.setattr(runtime, "lora_delta_kernel", lambda: None)
+    with pytest.raises(ValueError, match="this one: cpu, no kernel built"):
+        lora_slot_dtype("int8", cpu)
+    with pytest.raises(ValueError, match="int8 adapter slots are the native CPU kernel's"):
+        MultiLoraLinear(nn.Linear(4, 4), 4, 4, 2, 2, LoraRouting(kernel=None), cpu, torch.int8)
 
 
 class Block(nn.Module):

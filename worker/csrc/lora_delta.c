@@ -19,9 +19,12 @@
  * the kernel calls of a decode pass, 16 distinct adapters, from 8.0 to 6.7 ms (bfloat16) and 12.1 to
  * 11.1 ms (float32) on a 2-core AMD Zen 4; blocking A the same way ([members, max_rank, in]) was slower.
  *
- * The slot stacks hold float32 or bfloat16 weights (`bf16`); a bfloat16 weight is the upper half of a
- * float32 and is widened exactly in registers, so both run the same float32 arithmetic, and bfloat16
- * stacks read half the bytes: with many adapters in a pass the weights are what the time goes to.
+ * The slot stacks hold float32, bfloat16 or int8 weights (`wt`); a bfloat16 weight is the upper half of
+ * a float32 and is widened exactly in registers, so both run the same float32 arithmetic, and bfloat16
+ * stacks read half the bytes: with many adapters in a pass the weights are what the time goes to. int8
+ * stacks read half of that again: each rank's row of A and of B (transposed) is its own int8 values
+ * times one float32 scale (`a_scale`, `b_scale`), applied to that rank's sum after the shrink and to
+ * its h before the expand, so the loops widen int8 lanes to float32 as they widen bfloat16 ones.
  *
  * Where it pays (`prefetches`), each thread prefetches the weights it sums next: a few rank blocks or
  * CHUNKs ahead within a slot's rows, and across into the next tile's slot, which the hardware's own
@@ -34,6 +37,9 @@
  * Compiled when a worker starts, for the host it runs on (worker/cpu_lora.py).
  */
 #include <stdint.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h> /* int8 weights' widening (widen_int8) */
+#endif
 
 #include "lanes.h"
 
@@ -52,11 +58,14 @@ int lora_tile(void) { return TILE; }
 int lora_chunk(void) { return CHUNK; }
 
 /* Whether to prefetch the weights ahead of the sums (each thread's next rows, across tiles and slots).
- * bfloat16 stacks: yes. Their arithmetic per byte is twice float32's, and without prefetching the kernel
+ * bfloat16 and int8 stacks: yes. Their arithmetic per byte is twice float32's, and without prefetching the kernel
  * waited on memory at about half the bandwidth: 16 adapters in a decode pass (156 MB) took 16.2 ms of an
  * engine step, 10.3 ms with it (Xeon, 2 cores). float32 stacks: no. They read at the bandwidth already, and
  * prefetching only added traffic: 13 ms -> 17 ms a step. */
-static inline __attribute__((always_inline)) int prefetches(const int bf16) { return bf16; }
+static inline __attribute__((always_inline)) int prefetches(const int wt) { return wt != 0; }
+
+/* Bytes a weight: float32 (0), bfloat16 (1), int8 (2). */
+#define WSIZE(wt) ((wt) == 0 ? 4 : (wt) == 1 ? 2 : 1)
 
 /* LANES floats as one value the compiler keeps in one register (a plain float array of sums it kept on
  * the stack, each add a load and a store); lane i's arithmetic is the scalar loop's, in its order. */
@@ -65,27 +74,48 @@ typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligne
 
 static inline lanes_t load(const float *p) { return *(const lanes_at *)p; }
 
-/* Weights: float32, or bfloat16 widened to float32 (a shift: exact). Offsets count weights. */
+/* Weights: float32, bfloat16 widened to float32 (a shift: exact) or int8 converted to float32 (exact;
+ * the scale comes after). Offsets count weights. */
 typedef uint16_t halves_at __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(sizeof(uint16_t)), may_alias));
 typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
 
-static inline __attribute__((always_inline)) const void *at(const void *w, int64_t i, const int bf16)
+/* LANES int8 weights as floats (exact). GCC 12 converts int8 vectors one lane at a time (__builtin_convertvector
+ * to int32 or float lanes: a movsbl and a vpinsrd each), so the widening is the instructions themselves. */
+static inline __attribute__((always_inline)) lanes_t widen_int8(const int8_t *p)
 {
-    return (const char *)w + i * (bf16 ? 2 : 4);
+#if LANES == 16
+    return (lanes_t)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif LANES == 8 && defined(__AVX2__)
+    return (lanes_t)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    lanes_t v;
+    for (int i = 0; i < LANES; i++)
+        v[i] = (float)p[i];
+    return v;
+#endif
 }
 
-static inline __attribute__((always_inline)) lanes_t load_w(const void *w, int64_t i, const int bf16)
+static inline __attribute__((always_inline)) const void *at(const void *w, int64_t i, const int wt)
 {
-    if (!bf16)
+    return (const char *)w + i * WSIZE(wt);
+}
+
+static inline __attribute__((always_inline)) lanes_t load_w(const void *w, int64_t i, const int wt)
+{
+    if (wt == 0)
         return load((const float *)w + i);
+    if (wt == 2)
+        return widen_int8((const int8_t *)w + i);
     const words_t wide = __builtin_convertvector(*(const halves_at *)at(w, i, 1), words_t) << 16;
     return (lanes_t)wide;
 }
 
-static inline __attribute__((always_inline)) float weight(const void *w, int64_t i, const int bf16)
+static inline __attribute__((always_inline)) float weight(const void *w, int64_t i, const int wt)
 {
-    if (!bf16)
+    if (wt == 0)
         return ((const float *)w)[i];
+    if (wt == 2)
+        return (float)((const int8_t *)w)[i];
     const uint32_t wide = (uint32_t)((const uint16_t *)w)[i] << 16;
     float value;
     __builtin_memcpy(&value, &wide, sizeof value);
@@ -93,26 +123,26 @@ static inline __attribute__((always_inline)) float weight(const void *w, int64_t
 }
 
 /* lanes.h's dot with weights `w`: the same lane order. */
-static inline __attribute__((always_inline)) float dot_w(const void *w, const float *x, int64_t n, const int bf16)
+static inline __attribute__((always_inline)) float dot_w(const void *w, const float *x, int64_t n, const int wt)
 {
     const int64_t whole = n - n % LANES;
     lanes_t part = {0};
     for (int64_t d = 0; d < whole; d += LANES)
-        part += load_w(w, d, bf16) * load(x + d);
+        part += load_w(w, d, wt) * load(x + d);
     float sum = 0.0f;
     for (int i = 0; i < LANES; i++)
         sum += part[i];
     for (int64_t d = whole; d < n; d++)
-        sum += weight(w, d, bf16) * x[d];
+        sum += weight(w, d, wt) * x[d];
     return sum;
 }
 
 /* out[t][j] = a_j . xs[t] for the BLOCK rows a_j = a + j * a_stride (weights) and the T tokens xs[t];
- * each sum in the same lane order as one dot. T and bf16 are constants where it is inlined.
+ * each sum in the same lane order as one dot. T and wt are constants where it is inlined.
  * pf: BLOCK rows (a_stride apart) prefetched at the offsets summed, or none (NULL). */
 static inline __attribute__((always_inline)) void tile_dots(const void *restrict a, int64_t a_stride,
                                                             const float *const *xs, const int T, int64_t n,
-                                                            float *const *outs, const void *pf, const int bf16)
+                                                            float *const *outs, const void *pf, const int wt)
 {
     const int64_t whole = n - n % LANES;
     lanes_t part[BLOCK][TILE];
@@ -123,11 +153,11 @@ static inline __attribute__((always_inline)) void tile_dots(const void *restrict
         lanes_t xv[TILE];
         for (int t = 0; t < T; t++)
             xv[t] = load(xs[t] + d);
-        if (pf && (d * (bf16 ? 2 : 4)) % 64 == 0) /* once a cache line */
+        if (pf && (d * WSIZE(wt)) % 64 == 0) /* once a cache line */
             for (int j = 0; j < BLOCK; j++)
-                __builtin_prefetch(at(pf, j * a_stride + d, bf16));
+                __builtin_prefetch(at(pf, j * a_stride + d, wt));
         for (int j = 0; j < BLOCK; j++) {
-            const lanes_t av = load_w(a, j * a_stride + d, bf16);
+            const lanes_t av = load_w(a, j * a_stride + d, wt);
             for (int t = 0; t < T; t++)
                 part[j][t] += av * xv[t];
         }
@@ -138,7 +168,7 @@ static inline __attribute__((always_inline)) void tile_dots(const void *restrict
             for (int i = 0; i < LANES; i++)
                 sum += part[j][t][i];
             for (int64_t d = whole; d < n; d++)
-                sum += weight(a, j * a_stride + d, bf16) * xs[t][d];
+                sum += weight(a, j * a_stride + d, wt) * xs[t][d];
             outs[t][j] = sum;
         }
 }
@@ -146,53 +176,55 @@ static inline __attribute__((always_inline)) void tile_dots(const void *restrict
 static inline __attribute__((always_inline)) void shrink_tile(const void *as, int64_t a_stride,
                                                               const float *const *xs, const int T, int64_t n,
                                                               int64_t rank, float *const *hs, const void *next,
-                                                              const int bf16)
+                                                              const int wt)
 {
     int64_t r = 0;
     const int64_t blocked = rank - rank % BLOCK;
     for (; r + BLOCK <= rank; r += BLOCK) {
-        const void *block = at(as, r * a_stride, bf16);
+        const void *block = at(as, r * a_stride, wt);
         const int64_t ahead = r + AHEAD_BLOCKS * BLOCK; /* these rows, then the next item's */
-        const void *pf = !prefetches(bf16) ? 0
-                         : ahead < blocked ? at(as, ahead * a_stride, bf16)
-                         : next ? at(next, (ahead - blocked) * a_stride, bf16)
+        const void *pf = !prefetches(wt) ? 0
+                         : ahead < blocked ? at(as, ahead * a_stride, wt)
+                         : next ? at(next, (ahead - blocked) * a_stride, wt)
                                 : 0;
         float *outs[TILE];
         for (int t = 0; t < T; t++)
             outs[t] = hs[t] + r;
         switch (T) { /* one specialized copy per tile size */
-        case 1: tile_dots(block, a_stride, xs, 1, n, outs, pf, bf16); break;
+        case 1: tile_dots(block, a_stride, xs, 1, n, outs, pf, wt); break;
 #if TILE >= 2
-        case 2: tile_dots(block, a_stride, xs, 2, n, outs, pf, bf16); break;
+        case 2: tile_dots(block, a_stride, xs, 2, n, outs, pf, wt); break;
 #endif
 #if TILE >= 3
-        case 3: tile_dots(block, a_stride, xs, 3, n, outs, pf, bf16); break;
+        case 3: tile_dots(block, a_stride, xs, 3, n, outs, pf, wt); break;
 #endif
 #if TILE >= 4
-        case 4: tile_dots(block, a_stride, xs, 4, n, outs, pf, bf16); break;
+        case 4: tile_dots(block, a_stride, xs, 4, n, outs, pf, wt); break;
 #endif
         }
     }
     for (; r < rank; r++)
         for (int t = 0; t < T; t++)
-            hs[t][r] = dot_w(at(as, r * a_stride, bf16), xs[t], n, bf16);
+            hs[t][r] = dot_w(at(as, r * a_stride, wt), xs[t], n, wt);
 }
 
-/* ys[t][0..n) += sum over r of hs[t][r] * b[r * b_stride + (0..n)], the sum over r in order. */
+/* ys[t][0..n) += sum over r of hs[t][r] * sb[r] * b[r * b_stride + (0..n)], the sum over r in order;
+ * sb: the ranks' scales (int8 weights), or none (NULL: 1). */
 static inline __attribute__((always_inline)) void expand_tile(const float *const *hs, const void *restrict b,
                                                               int64_t b_stride, int64_t rank, const int T,
-                                                              const int64_t n, float *const *ys, const int bf16)
+                                                              const int64_t n, float *const *ys, const float *sb,
+                                                              const int wt)
 {
     float acc[TILE][CHUNK];
     for (int t = 0; t < T; t++)
         for (int64_t c = 0; c < n; c++)
             acc[t][c] = 0.0f;
     for (int64_t r = 0; r < rank; r++) {
-        const void *br = at(b, r * b_stride, bf16);
+        const void *br = at(b, r * b_stride, wt);
         for (int t = 0; t < T; t++) {
-            const float hr = hs[t][r];
+            const float hr = sb ? hs[t][r] * sb[r] : hs[t][r];
             for (int64_t c = 0; c < n; c++)
-                acc[t][c] += hr * weight(br, c, bf16);
+                acc[t][c] += hr * weight(br, c, wt);
         }
     }
     for (int t = 0; t < T; t++)
@@ -204,22 +236,23 @@ static inline __attribute__((always_inline)) void expand_tile(const float *const
  * to prefetch, or none (NULL). */
 static inline __attribute__((always_inline)) void expand_full(const float *const *hs, const void *restrict b,
                                                               int64_t b_stride, int64_t rank, const int T,
-                                                              float *const *ys, const void *pf, const int bf16)
+                                                              float *const *ys, const void *pf, const float *sb,
+                                                              const int wt)
 {
     lanes_t acc[TILE][CHUNK / LANES];
     for (int t = 0; t < T; t++)
         for (int k = 0; k < CHUNK / LANES; k++)
             acc[t][k] = (lanes_t){0};
     for (int64_t r = 0; r < rank; r++) {
-        const void *br = at(b, r * b_stride, bf16);
+        const void *br = at(b, r * b_stride, wt);
         if (pf)
-            for (int l = 0; l < CHUNK * (bf16 ? 2 : 4); l += 64)
-                __builtin_prefetch((const char *)at(pf, r * b_stride, bf16) + l);
+            for (int l = 0; l < CHUNK * WSIZE(wt); l += 64)
+                __builtin_prefetch((const char *)at(pf, r * b_stride, wt) + l);
         lanes_t bv[CHUNK / LANES];
         for (int k = 0; k < CHUNK / LANES; k++)
-            bv[k] = load_w(br, k * LANES, bf16);
+            bv[k] = load_w(br, k * LANES, wt);
         for (int t = 0; t < T; t++) {
-            const float hr = hs[t][r];
+            const float hr = sb ? hs[t][r] * sb[r] : hs[t][r];
             for (int k = 0; k < CHUNK / LANES; k++)
                 acc[t][k] += hr * bv[k];
         }
@@ -232,27 +265,27 @@ static inline __attribute__((always_inline)) void expand_full(const float *const
 static inline __attribute__((always_inline)) void expand_chunk(const float *const *hs, const void *b,
                                                                int64_t b_stride, int64_t rank, const int T,
                                                                int64_t n, float *const *ys, const void *pf,
-                                                               const int bf16)
+                                                               const float *sb, const int wt)
 {
     if (n == CHUNK) {
         switch (T) {
-        case 1: expand_full(hs, b, b_stride, rank, 1, ys, pf, bf16); break;
+        case 1: expand_full(hs, b, b_stride, rank, 1, ys, pf, sb, wt); break;
 #if TILE >= 2
-        case 2: expand_full(hs, b, b_stride, rank, 2, ys, pf, bf16); break;
+        case 2: expand_full(hs, b, b_stride, rank, 2, ys, pf, sb, wt); break;
 #endif
 #if TILE >= 3
-        case 3: expand_full(hs, b, b_stride, rank, 3, ys, pf, bf16); break;
+        case 3: expand_full(hs, b, b_stride, rank, 3, ys, pf, sb, wt); break;
 #endif
 #if TILE >= 4
-        case 4: expand_full(hs, b, b_stride, rank, 4, ys, pf, bf16); break;
+        case 4: expand_full(hs, b, b_stride, rank, 4, ys, pf, sb, wt); break;
 #endif
         }
     } else {
-        expand_tile(hs, b, b_stride, rank, T, n, ys, bf16);
+        expand_tile(hs, b, b_stride, rank, T, n, ys, sb, wt);
     }
 }
 
-/* One copy of each for float32 stacks and one for bfloat16. */
+/* One copy of each for float32, bfloat16 and int8 stacks. */
 static void shrink_f32(const void *as, int64_t a_stride, const float *const *xs, int T, int64_t n, int64_t rank,
                        float *const *hs, const void *next)
 {
@@ -265,16 +298,30 @@ static void shrink_bf16(const void *as, int64_t a_stride, const float *const *xs
     shrink_tile(as, a_stride, xs, T, n, rank, hs, next, 1);
 }
 
-static void expand_f32(const float *const *hs, const void *b, int64_t b_stride, int64_t rank, int T, int64_t n,
-                       float *const *ys, const void *pf)
+static void shrink_i8(const void *as, int64_t a_stride, const float *const *xs, int T, int64_t n, int64_t rank,
+                      float *const *hs, const void *next)
 {
-    expand_chunk(hs, b, b_stride, rank, T, n, ys, pf, 0);
+    shrink_tile(as, a_stride, xs, T, n, rank, hs, next, 2);
+}
+
+static void expand_f32(const float *const *hs, const void *b, int64_t b_stride, int64_t rank, int T, int64_t n,
+                       float *const *ys, const void *pf, const float *sb)
+{
+    (void)sb;
+    expand_chunk(hs, b, b_stride, rank, T, n, ys, pf, 0, 0);
 }
 
 static void expand_bf16(const float *const *hs, const void *b, int64_t b_stride, int64_t rank, int T, int64_t n,
-                        float *const *ys, const void *pf)
+                        float *const *ys, const void *pf, const float *sb)
 {
-    expand_chunk(hs, b, b_stride, rank, T, n, ys, pf, 1);
+    (void)sb;
+    expand_chunk(hs, b, b_stride, rank, T, n, ys, pf, 0, 1);
+}
+
+static void expand_i8(const float *const *hs, const void *b, int64_t b_stride, int64_t rank, int T, int64_t n,
+                      float *const *ys, const void *pf, const float *sb)
+{
+    expand_chunk(hs, b, b_stride, rank, T, n, ys, pf, sb, 2);
 }
 
 /* x: [tokens, in], rows x_stride apart
@@ -284,22 +331,24 @@ static void expand_bf16(const float *const *hs, const void *b, int64_t b_stride,
  * h: [tokens, members, rank], contiguous: written for every member when `shrink`, else read
  * b: [slots + 1, chunks, max_rank, CHUNK], contiguous: this layer's (the `member`-th) B stack, transposed,
  *   in column blocks: [s, c, r, i] is column c * CHUNK + i of rank r (zero past `out`)
- * bf16: a and b hold bfloat16 weights (else float32)
+ * wt: a and b hold float32 (0), bfloat16 (1) or int8 (2) weights
+ * a_scale: [slots + 1, max_rank, members], b_scale: [slots + 1, max_rank], contiguous float32: the ranks'
+ *   scales of int8 weights (unused, may be NULL, for the others)
  * y: [tokens, out], rows y_stride apart: y[t] += h[t, member] . b[slot of t, :rank]; tokens not in
  *   `order` are not touched */
 void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t tiles, const int64_t *start,
                 const int64_t *tile_slot, const void *a, int64_t max_rank, int64_t members, int64_t in,
-                int64_t rank, float *h, int shrink, int64_t member, const void *b, int64_t out, int bf16, float *y,
-                int64_t y_stride, int threads)
+                int64_t rank, float *h, int shrink, int64_t member, const void *b, int64_t out, int wt, float *y,
+                int64_t y_stride, int threads, const float *a_scale, const float *b_scale)
 {
     const int64_t chunks = (out + CHUNK - 1) / CHUNK;
 #define block_at(slot, chunk) (((slot) * chunks + (chunk)) * max_rank * CHUNK) /* a B block's first weight */
     void (*const shrink_of)(const void *, int64_t, const float *const *, int, int64_t, int64_t, float *const *,
                             const void *) =
-        bf16 ? shrink_bf16 : shrink_f32;
+        wt == 2 ? shrink_i8 : wt ? shrink_bf16 : shrink_f32;
     void (*const expand_of)(const float *const *, const void *, int64_t, int64_t, int, int64_t, float *const *,
-                            const void *) =
-        bf16 ? expand_bf16 : expand_f32;
+                            const void *, const float *) =
+        wt == 2 ? expand_i8 : wt ? expand_bf16 : expand_f32;
 #pragma omp parallel num_threads(threads)
     {
         if (shrink) {
@@ -318,8 +367,12 @@ void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t 
                 /* the next item's rows: this thread's next (schedule(static) gives each a run of items) */
                 const int64_t after = item + 1, next_slot = after < tiles * members ? tile_slot[after / members] : -1;
                 const void *next =
-                    next_slot < 0 ? 0 : at(a, (next_slot * max_rank * members + after % members) * in, bf16);
-                shrink_of(at(a, (s * max_rank * members + m) * in, bf16), members * in, xs, T, in, rank, hs, next);
+                    next_slot < 0 ? 0 : at(a, (next_slot * max_rank * members + after % members) * in, wt);
+                shrink_of(at(a, (s * max_rank * members + m) * in, wt), members * in, xs, T, in, rank, hs, next);
+                if (wt == 2) /* each rank's sum times its row's scale */
+                    for (int t = 0; t < T; t++)
+                        for (int64_t r = 0; r < rank; r++)
+                            hs[t][r] *= a_scale[(s * max_rank + r) * members + m];
             }
         }
 #pragma omp for schedule(static)
@@ -336,9 +389,10 @@ void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t 
             const int64_t n = out - c0 >= CHUNK ? CHUNK : out - c0;
             /* the block this thread sums AHEAD_CHUNKS items on: further in this slot's, or the next tile's */
             const int64_t ahead = item + AHEAD_CHUNKS;
-            const void *pf = !prefetches(bf16) || ahead >= tiles * chunks ? 0
-                             : at(b, block_at(tile_slot[ahead / chunks], ahead % chunks), bf16);
-            expand_of(hs, at(b, block_at(s, item % chunks), bf16), CHUNK, rank, T, n, ys, pf);
+            const void *pf = !prefetches(wt) || ahead >= tiles * chunks ? 0
+                             : at(b, block_at(tile_slot[ahead / chunks], ahead % chunks), wt);
+            expand_of(hs, at(b, block_at(s, item % chunks), wt), CHUNK, rank, T, n, ys, pf,
+                      wt == 2 ? b_scale + s * max_rank : 0);
         }
     }
 #undef block_at
@@ -346,14 +400,15 @@ void lora_delta(const float *x, int64_t x_stride, const int64_t *order, int64_t 
 
 /* lora_delta of the engine's layers: a layer's fixed arguments and a pass's tiles in tables the caller
  * keeps, x and y dense. ctypes converted the ~20 separate arguments in ~2.5 us a call, 210 calls a step.
- * layer: [a, max_rank, members, in, b, out, bf16, member]; tiles: [order, count, start, slot] */
+ * layer: [a, max_rank, members, in, b, out, wt, member, a_scale, b_scale]; tiles: [order, count, start, slot] */
 void lora_delta_layer(const int64_t *layer, const int64_t *tiles, const float *x, float *h, int shrink, float *y,
                       int64_t rank, int threads)
 {
     const int64_t in = layer[3], out = layer[5];
     lora_delta(x, in, (const int64_t *)(intptr_t)tiles[0], tiles[1], (const int64_t *)(intptr_t)tiles[2],
                (const int64_t *)(intptr_t)tiles[3], (const void *)(intptr_t)layer[0], layer[1], layer[2], in, rank, h,
-               shrink, layer[7], (const void *)(intptr_t)layer[4], out, (int)layer[6], y, out, threads);
+               shrink, layer[7], (const void *)(intptr_t)layer[4], out, (int)layer[6], y, out, threads,
+               (const float *)(intptr_t)layer[8], (const float *)(intptr_t)layer[9]);
 }
 
 /* -- slot fills -------------------------------------------------------------------------------------
@@ -362,7 +417,9 @@ void lora_delta_layer(const int64_t *layer, const int64_t *tiles, const float *x
  * there. torch took ~6 operator calls a layer for the copies, the scale and the sums that checked them,
  * ~20 ms an adapter on the embedded model's 210 layers (on the engine thread, which every running row
  * waits for); this is one call a layer. Each value is the one torch computes: B times the scale in
- * float32, rounded to the slot's dtype once, to nearest even.
+ * float32, rounded to the slot's dtype once, to nearest even. int8 slots (`lora_fill_int8`) take each
+ * rank's row (of A, and of B transposed and scaled) as its largest magnitude / 127 (the row's scale) and
+ * every value / that scale rounded to nearest even, as `worker.cpu_lora.quantize_rows` does with torch.
  * Weights in files: 0 float32, 1 bfloat16, 2 float16; slots: float32 or bfloat16 (`slot_bf16`). */
 
 static inline __attribute__((always_inline)) uint32_t bits_of(float value)
@@ -456,6 +513,81 @@ int64_t lora_fill(const void *a, int a_dtype, int64_t rank, int64_t in, void *a_
             bad += convert_any((const char *)b + (c0 * rank + r) * b_size, b_dtype, rank,
                                (char *)b_slot + ((c0 / CHUNK * max_rank + r) * CHUNK) * size,
                                out - c0 < CHUNK ? out - c0 : CHUNK, scale, slot_bf16);
+    }
+    return bad;
+}
+
+/* The largest magnitude of n weights, `step` apart in the file, times `mul`; *bad += how many of those
+ * products are not finite. */
+static inline __attribute__((always_inline)) float absmax(const void *src, int src_dtype, int64_t step, int64_t n,
+                                                          float mul, int64_t *bad)
+{
+    float top = 0.0f;
+    int64_t not_finite = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t bits = bits_of(file_weight(src, i * step, src_dtype) * mul) & 0x7fffffff;
+        not_finite += bits >= 0x7f800000;
+        const float magnitude = float_of(bits);
+        top = magnitude > top ? magnitude : top;
+    }
+    *bad += not_finite;
+    return top;
+}
+
+/* n weights, `step` apart in the file, times `mul`, as int8 multiples of `scale` (rounded to nearest even;
+ * all zero where the scale is). */
+static inline __attribute__((always_inline)) void quantize(const void *src, int src_dtype, int64_t step,
+                                                           int8_t *dst, int64_t n, float mul, float scale)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float q = scale > 0.0f ? __builtin_rintf(file_weight(src, i * step, src_dtype) * mul / scale) : 0.0f;
+        q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
+        dst[i] = (int8_t)q;
+    }
+}
+
+/* One rank's row into an int8 slot: `n` weights `step` apart in the file, times `mul`, in pieces of `piece`
+ * weights `gap` apart in the slot; its scale to *scale. Returns how many products are not finite. */
+static int64_t quantize_row(const void *src, int src_dtype, int64_t step, int64_t n, float mul, int8_t *dst,
+                            int64_t piece, int64_t gap, float *scale)
+{
+    int64_t bad = 0;
+    float top;
+    switch (src_dtype) { /* one loop each */
+    case 0: top = absmax(src, 0, step, n, mul, &bad); break;
+    case 1: top = absmax(src, 1, step, n, mul, &bad); break;
+    default: top = absmax(src, 2, step, n, mul, &bad); break;
+    }
+    /* A row with weights that are not finite: zeros, and a NaN scale, so that checking the slot's scales
+     * (worker.lora's slot_is_finite) finds it as checking the weights of other dtypes does. */
+    const float row_scale = bad ? 0.0f : top / 127.0f;
+    *scale = bad ? float_of(0x7fc00000) : row_scale;
+    const int64_t size = src_dtype ? 2 : 4;
+    for (int64_t i0 = 0, p = 0; i0 < n; i0 += piece, p++) {
+        const void *from = (const char *)src + i0 * step * size;
+        const int64_t count = n - i0 < piece ? n - i0 : piece;
+        switch (src_dtype) {
+        case 0: quantize(from, 0, step, dst + p * gap, count, mul, row_scale); break;
+        case 1: quantize(from, 1, step, dst + p * gap, count, mul, row_scale); break;
+        default: quantize(from, 2, step, dst + p * gap, count, mul, row_scale); break;
+        }
+    }
+    return bad;
+}
+
+/* lora_fill into int8 slots: the ranks' scales to a_scale[r * a_scale_stride] and b_scale[r]. */
+int64_t lora_fill_int8(const void *a, int a_dtype, int64_t rank, int64_t in, int8_t *a_slot, int64_t a_stride,
+                       float *a_scale, int64_t a_scale_stride, const void *b, int b_dtype, int64_t out,
+                       int64_t max_rank, int8_t *b_slot, float *b_scale, float scale)
+{
+    const int64_t a_size = a_dtype ? 2 : 4, b_size = b_dtype ? 2 : 4;
+    int64_t bad = 0;
+    for (int64_t r = 0; r < rank; r++) {
+        bad += quantize_row((const char *)a + r * in * a_size, a_dtype, 1, in, 1.0f, a_slot + r * a_stride, in, 0,
+                            a_scale + r * a_scale_stride);
+        /* row r of B transposed: column r of the file's [out, rank], a block's row (CHUNK) at a time */
+        bad += quantize_row((const char *)b + r * b_size, b_dtype, rank, out, scale, b_slot + r * CHUNK, CHUNK,
+                            max_rank * CHUNK, b_scale + r);
     }
     return bad;
 }
