@@ -3,7 +3,8 @@
 Every adapted layer of the embedded model (its real shapes, rank-16 adapters in 16 slots), with
 the base layers replaced by zeros, so that only the LoRA arithmetic and its per-layer overhead
 are timed. Each line is one decode pass of the embedded model's 210 layers: torch's matmuls, the
-native kernel on float32 slots and on bfloat16 slots (half the bytes to read), run interleaved,
+native kernel on float32 slots, on bfloat16 slots (half the bytes to read) and on int8 slots (a
+quarter, with a float32 scale a rank's row), run interleaved,
 the best of `--rounds` medians each. The engine lines (`bench/engine_bench.py`)
 show what it comes to in a whole step, where the base layers dominate on some hosts.
 
@@ -89,7 +90,8 @@ def main() -> None:
     linear_modules = prepare_embedded_model(args.models_dir).linear_modules
     paths = {"torch's matmuls": build(linear_modules, torch.float32, None),
              "native kernel": build(linear_modules, torch.float32, kernel),
-             "native kernel, bfloat16 slots": build(linear_modules, torch.bfloat16, kernel)}
+             "native kernel, bfloat16 slots": build(linear_modules, torch.bfloat16, kernel),
+             "native kernel, int8 slots": build(linear_modules, torch.int8, kernel)}
     layers = paths["torch's matmuls"][1]
     rows = []
     for what, slots in CASES.items():
