@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
@@ -40,21 +40,25 @@ class BlobStore(Protocol):
     def clean_temp(self) -> int: ...
 
 
-def open_blob_store(url: str) -> BlobStore:
+BufferFactory = Callable[[int], memoryview]  # writable memory for a blob of that many bytes (`blob_buffer`)
+
+
+def open_blob_store(url: str, buffer: BufferFactory | None = None) -> BlobStore:
     """`s3://bucket/prefix` (endpoint and region from the query, `?endpoint=http://...&region=...`,
-    or the usual AWS settings), `file:///path`, or a plain directory path."""
+    or the usual AWS settings), `file:///path`, or a plain directory path. `buffer`: where `get`
+    puts a blob's bytes (`blob_buffer` unless given)."""
     parsed = urlparse(url)
     if parsed.scheme == "s3":
         from adapters.s3store import S3BlobStore  # boto3 only where S3 is used
 
         query = parse_qs(parsed.query)
         return S3BlobStore(parsed.netloc, parsed.path.strip("/"), endpoint_url=query.get("endpoint", [None])[0],
-                           region=query.get("region", [None])[0])
+                           region=query.get("region", [None])[0], buffer=buffer)
     if parsed.scheme == "file":
-        return LocalBlobStore(Path(parsed.path))
+        return LocalBlobStore(Path(parsed.path), buffer)
     if parsed.scheme:
         raise ValueError(f"unknown blob store URL scheme {parsed.scheme!r}: use a path, file:// or s3://")
-    return LocalBlobStore(Path(url))
+    return LocalBlobStore(Path(url), buffer)
 
 
 def verify_blob(data: Buffer, digest: str) -> None:
@@ -69,7 +73,8 @@ def blob_buffer(size: int) -> memoryview:
     A `bytearray` zero-fills its pages and the read then writes them again; new pages are what an
     adapter load pays most for on a VM (~2 ms per MB here). numpy also asks for transparent huge
     pages for an array this large. Read + sha256 of a 19 MB adapter in a running worker, six
-    interleaved rounds: 63.6 ms median with a bytearray, 56.3 ms with this.
+    interleaved rounds: 63.6 ms median with a bytearray, 56.3 ms with this. (The worker's adapter
+    loads now use its own, `worker.adapter_cache.host_buffer`: those huge pages cost it more.)
     """
     return np.empty(size, dtype=np.uint8).data
 
@@ -81,8 +86,9 @@ def check_digest(digest: str) -> str:
 
 
 class LocalBlobStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, buffer: BufferFactory | None = None) -> None:
         self.root = Path(root)
+        self._buffer = buffer or blob_buffer
         self._tmp = self.root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
 
@@ -121,7 +127,7 @@ class LocalBlobStore:
         hashed: Future[None] | None = None  # the latest chunk's update; each waits for the one before
         try:
             with path.open("rb") as f:
-                data = blob_buffer(os.fstat(f.fileno()).st_size)
+                data = self._buffer(os.fstat(f.fileno()).st_size)
                 done = 0
                 while done < len(data):
                     got = f.readinto(data[done : done + READ_CHUNK])

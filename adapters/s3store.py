@@ -10,14 +10,15 @@ from typing import Any
 import boto3
 from botocore.exceptions import ClientError
 
-from adapters.blobstore import BlobNotFound, blob_buffer, check_digest, verify_blob
+from adapters.blobstore import BlobNotFound, BufferFactory, blob_buffer, check_digest, verify_blob
 from adapters.peft_format import Buffer
 
 
 class S3BlobStore:
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 region: str | None = None, client: Any = None) -> None:
+                 region: str | None = None, client: Any = None, buffer: BufferFactory | None = None) -> None:
         self.bucket = bucket
+        self._buffer = buffer or blob_buffer
         self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
         self._s3 = client or boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
 
@@ -43,7 +44,7 @@ class S3BlobStore:
                 raise BlobNotFound(digest) from exc
             raise
         verify_blob(body, digest)
-        data = blob_buffer(len(body))
+        data = self._buffer(len(body))
         data[:] = body
         return data
 

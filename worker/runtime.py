@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from adapters.blobstore import open_blob_store
-from worker.adapter_cache import AdapterCache
+from worker.adapter_cache import AdapterCache, host_buffer
 from worker.config import LoraDtype, WorkerConfig
 from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
@@ -86,7 +86,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
                           config.max_prefill_tokens_idle)
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
-        layers, open_blob_store(config.blob_url), slots, config.host_adapter_cache_mb * 2**20,
+        layers, open_blob_store(config.blob_url, host_buffer), slots, config.host_adapter_cache_mb * 2**20,
         config.max_lora_rank, slot_dtype, pin_host=device.type == "cuda",
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)

@@ -131,3 +131,23 @@ def test_s3_temp_cleanup_leaves_other_uploads_in_a_shared_bucket_alone(s3_url: s
     left = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket="loraplex-test").get("Uploads", [])}
     assert theirs in left and ours not in left
     s3.abort_multipart_upload(Bucket="loraplex-test", Key="backups/db.tar", UploadId=theirs)
+
+
+def test_a_store_reads_into_the_buffers_its_owner_gives_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The worker hands its stores `host_buffer` (torch's allocator) for what adapter loads read."""
+    from worker.adapter_cache import host_buffer
+
+    sizes: list[int] = []
+
+    def counted(size: int) -> memoryview:
+        sizes.append(size)
+        return host_buffer(size)
+
+    data = os.urandom(3 * blobstore.READ_CHUNK + 5)
+    for store in (LocalBlobStore(tmp_path / "a", counted), open_blob_store(str(tmp_path / "b"), counted)):
+        digest = store.put(data)
+        got = store.get(digest)
+        assert bytes(got) == data and not got.readonly
+    assert sizes == [len(data), len(data)]
+    empty = LocalBlobStore(tmp_path / "c", counted)
+    assert bytes(empty.get(empty.put(b""))) == b""
