@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from worker import cpu_lora, native
-from worker.cpu_lora import LoraDelta, Scales, TokenTiles, lora_delta_kernel, quantize_rows, reference
+from worker import cpu_lora, cpu_lora_probe, native
+from worker.cpu_lora import LoraDelta, Scales, TokenTiles, lora_delta_kernel, quantize_rows
+from worker.cpu_lora_probe import reference
 from worker.lora import MultiLoraLinear
 from worker.lora_routing import BIG_SLOT_TOKENS, LoraRouting
 
@@ -267,7 +268,7 @@ def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torc
 
     breakages = [
         lambda: monkeypatch.setattr(native.shutil, "which", lambda name: None),
-        lambda: monkeypatch.setattr(cpu_lora, "probe_error", lambda kernel: 0.5),
+        lambda: monkeypatch.setattr(cpu_lora_probe, "probe_error", lambda kernel: 0.5),
         lambda: monkeypatch.setattr(native.subprocess, "run", hung),
         lambda: monkeypatch.setattr(cpu_lora, "SOURCE", cpu_lora.SOURCE.with_name("missing.c")),
     ]
