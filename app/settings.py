@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     adapter_slots_mb: int | None = Field(default=_WORKER.adapter_slots_mb, ge=1)  # overrides adapter_slots
     host_adapter_cache_mb: int = Field(default=_WORKER.host_adapter_cache_mb, ge=1)  # parsed adapters behind slots
     lora_dtype: LoraDtype = _WORKER.lora_dtype  # the adapter slots' dtype (WorkerConfig)
+    lora_int8_max_error: float = Field(default=_WORKER.lora_int8_max_error, gt=0, le=1)  # int8 slots' refusal
     # Quantization jobs: `serve` starts one job runner process unless this is off.
     job_runner: bool = True
     job_poll_interval_s: float = Field(default=2.0, gt=0)
@@ -142,6 +143,7 @@ class Settings(BaseSettings):
             kv_cache_mb=self.kv_cache_mb, stall_timeout_s=self.worker_stall_timeout_s,
             max_prefill_tokens=self.max_prefill_tokens, max_prefill_tokens_idle=self.max_prefill_tokens_idle,
             adapter_slots_mb=self.adapter_slots_mb, lora_dtype=self.lora_dtype,
+            lora_int8_max_error=self.lora_int8_max_error,
         )
 
     def job_runner_config(self) -> JobRunnerConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import threading
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from adapters.peft_format import (
     read_safetensors_header,
 )
 from worker import metrics
+from worker.cpu_lora import INT8
 from worker.lora import MultiLoraLinear
 from worker.protocol import AdapterRef
 
@@ -62,6 +64,7 @@ class AdapterCache:
         dtype: torch.dtype,
         on_loaded: Callable[[], None] = lambda: None,
         pin_host: bool = False,
+        int8_max_error: float = math.inf,
     ) -> None:
         self.layers = layers
         # On CUDA the host tier lives in pinned (page-locked) memory, so filling a slot queues its
@@ -73,6 +76,9 @@ class AdapterCache:
         self.host_capacity_bytes = host_capacity_bytes
         self.max_rank = max_rank
         self.dtype = dtype
+        # int8 slots: the most an adapter's weights may lose to their rounding (`cpu_lora.rounding_error`;
+        # WorkerConfig.lora_int8_max_error), no limit unless given
+        self.int8_max_error = int8_max_error
         self.on_loaded = on_loaded
         self._lock = threading.Lock()
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU order
@@ -192,6 +198,14 @@ class AdapterCache:
             finite, problem = False, f"its weights could not be copied into a slot: {exc}"
         else:
             problem = f"its scaled weights are not finite in {str(self.dtype).removeprefix('torch.')}"
+        if finite and self.dtype == INT8:
+            lost, module = max((self.layers[m].rounding[slot], m) for m in host.weights)
+            metrics.INT8_ROUNDING.observe(lost)
+            if lost > self.int8_max_error:
+                finite, problem = False, (
+                    f"int8 slots would lose {lost:.2%} of the weights of {module} to rounding (root mean square, "
+                    f"relative), more than LORA_INT8_MAX_ERROR allows ({self.int8_max_error:.2%}): a few weights "
+                    "far above the rest of their row; a worker with LORA_DTYPE bfloat16 or float32 serves it")
         if not finite:
             self._refuse(ref.key, slot, f"adapter {ref.key} cannot be served: {problem}")
         with self._lock:

@@ -28,6 +28,8 @@ _HELP = {
     "stall_timeout_s": "seconds without an engine step before health reports the worker not live",
     "lora_dtype": "adapter slots' dtype: auto (bfloat16 on a GPU and where the CPU kernel is built, else float32), "
                   "float32, bfloat16, or int8 (CPU with the native kernel: a quarter of float32's bytes, lossy)",
+    "lora_int8_max_error": "int8 slots: refuse an adapter whose weights would lose more than this fraction "
+                           "to rounding (relative root mean square of its worst layer)",
 }
 LoraDtype = Literal["auto", "float32", "bfloat16", "int8"]
 LORA_DTYPES: tuple[LoraDtype, ...] = get_args(LoraDtype)
@@ -56,6 +58,12 @@ class WorkerConfig:
     # auto: bfloat16 on a GPU and on a CPU where the native kernel is built, float32 on torch's CPU
     # matmuls, which would widen bfloat16 slots every step (`worker.runtime.lora_slot_dtype`).
     lora_dtype: LoraDtype = "auto"
+    # int8 slots: an adapter whose weights would lose more than this to the rounding (root mean square,
+    # relative, its worst layer; `worker.cpu_lora.rounding_error`) is refused with a 422. Trained
+    # adapters lose ~0.6-0.7%; rows with a few weights far above the rest lose more, and the answers
+    # part from float32's (bench/slot_quality.py: Student's t weights with 3 degrees of freedom lost
+    # 4.9% and kept 10 of 16 greedy answers, with 2 lost 7.1% and kept none).
+    lora_int8_max_error: float = 0.03
     max_context: int | None = None  # defaults to the model's own limit
     # Memory for the KV pool all running rows share. Sized explicitly, never from total system RAM.
     kv_cache_mb: int = 2048
@@ -77,6 +85,8 @@ class WorkerConfig:
             raise ValueError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, not {self.lora_dtype!r}")
         if self.adapter_slots_mb is not None and self.adapter_slots_mb < 1:
             raise ValueError("adapter_slots_mb must be at least 1")
+        if not 0 < self.lora_int8_max_error <= 1:  # NaN fails too
+            raise ValueError(f"lora_int8_max_error must be in (0, 1], not {self.lora_int8_max_error}")
         if not 0 < self.keepalive_s < self.stall_timeout_s:
             raise ValueError("keepalive_s must be positive and below stall_timeout_s")
 

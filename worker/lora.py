@@ -21,6 +21,7 @@ read or written, so bitsandbytes' CPU repacking bug (docs/architecture.md) canno
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 from functools import partial
 from typing import Literal
@@ -28,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from worker.cpu_lora import INT8, LayerArgs, LoraDelta, Scales, SlotTarget, quantize_rows
+from worker.cpu_lora import INT8, LayerArgs, LoraDelta, Scales, SlotTarget, quantize_rows, rounding_error
 from worker.lora_routing import LoraRouting
 
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -140,6 +141,9 @@ class MultiLoraLinear(nn.Module):
                                                           torch.zeros(num_slots + 1, max_rank, device=device))
         self.filled: set[int] = set()  # slots holding weights for this layer
         self.written_rank = [0] * (num_slots + 1)  # per slot: rows [0, written_rank) may be nonzero
+        # int8 stacks: per slot, what rounding to them lost of the weights loaded (`cpu_lora.rounding_error`)
+        self.rounding = [0.0] * (num_slots + 1)
+        self._rounding = ctypes.c_float()  # where the kernel's fill writes it
         # (slot, rank) -> (every member's A [in, rank * members], this layer's B [rank, out]): views of
         # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
         self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -325,8 +329,10 @@ class MultiLoraLinear(nn.Module):
         self.written_rank[slot] = rank
         self.filled.add(slot)
         if kernel is not None and self._fill_target:
-            not_finite = kernel.fill(self._fill_target, slot, a, b, scale)
+            not_finite = kernel.fill(self._fill_target, slot, a, b, scale,
+                                     self._rounding if self.scales is not None else None)
             if not_finite is not None:
+                self.rounding[slot] = self._rounding.value if self.scales is not None else 0.0
                 return _NOT_FINITE if not_finite else _FINITE
         device = self.lora_a.device
         # Host file -> device first, arithmetic only on the device. From pinned host memory (CUDA) the
@@ -354,7 +360,9 @@ class MultiLoraLinear(nn.Module):
         scales, which are not finite where a weight is not."""
         assert self.scales is not None and self.b_blocks is not None  # int8 stacks are the kernel's (CPU)
         rank = a.shape[0]
-        (a_q, a_scale), (b_q, b_scale) = quantize_rows(a.float()), quantize_rows(b.T.float() * scale)
+        a_rows, b_rows = a.float(), b.T.float() * scale
+        (a_q, a_scale), (b_q, b_scale) = quantize_rows(a_rows), quantize_rows(b_rows)
+        self.rounding[slot] = rounding_error(a_rows, b_rows)
         self.lora_a[slot, :rank].copy_(a_q)
         self.scales.a[slot, :rank] = a_scale
         self._b_ranks(slot, 0, rank).copy_(self.b_blocks.blocked(b_q))
@@ -377,6 +385,7 @@ class MultiLoraLinear(nn.Module):
                 self.scales.b[slot].zero_()
             self.filled.discard(slot)
             self.written_rank[slot] = 0
+            self.rounding[slot] = 0.0
 
 
 def slots_in_budget(linear_modules: dict[str, list[int]], max_rank: int, dtype: torch.dtype, budget_bytes: int,

@@ -58,6 +58,10 @@ ADAPTER_LOAD_TIME = Histogram("loraplex_worker_adapter_load_duration_seconds",
 SLOT_FILL_TIME = Histogram("loraplex_worker_adapter_slot_fill_duration_seconds",
                            "Host memory to a device slot, on the engine thread: the running batch waits for it",
                            buckets=LOAD_BUCKETS, registry=REGISTRY)
+INT8_ROUNDING = Histogram("loraplex_worker_adapter_int8_rounding_ratio",
+                          "int8 slots: what an adapter filled into a slot lost to rounding (relative root mean "
+                          "square, its worst layer); above LORA_INT8_MAX_ERROR it is refused",
+                          buckets=(0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1), registry=REGISTRY)
 KV_TOKENS = Gauge("loraplex_worker_kv_cache_tokens", "KV pool token positions: held by running rows "
                   "(each its prompt plus max_tokens), capacity, and the largest free region", ["state"],
                   registry=REGISTRY)

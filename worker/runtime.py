@@ -87,7 +87,7 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
     adapters = AdapterCache(
         layers, open_blob_store(config.blob_url, host_buffer), slots, config.host_adapter_cache_mb * 2**20,
-        config.max_lora_rank, slot_dtype, pin_host=device.type == "cuda",
+        config.max_lora_rank, slot_dtype, pin_host=device.type == "cuda", int8_max_error=config.lora_int8_max_error,
     )
     engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once

@@ -72,3 +72,35 @@ def test_rows_in_a_mixed_batch_follow_their_adapters_and_answer_as_they_do_alone
             assert outcome.text == by_itself, adapter  # its neighbours change nothing
         base = alone[0]
     assert worker.ask(FRANCE, max_tokens=10) == base  # base rows never read the slots, whatever their dtype
+
+
+def test_int8_slots_refuse_an_adapter_their_rounding_would_wipe_out_and_serve_its_neighbours(
+        int8_worker: Worker, prepared_model) -> None:  # type: ignore[no-untyped-def]
+    """An adapter whose rows each hold one weight far above the rest (which all round to zero in int8)
+    gets a 422 naming LORA_INT8_MAX_ERROR on an int8 worker; a row beside it in the same batch answers
+    as it does alone, and the refusal stays (its next request fails at once, the same way)."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from tests.factory import adapter_files
+    from worker.protocol import AdapterRef
+
+    q_projs = {name: shape for name, shape in prepared_model.linear_modules.items() if name.endswith("q_proj")}
+    config, _ = adapter_files(q_projs, rank=4)
+    tensors = {}
+    for name, (in_f, out_f) in q_projs.items():
+        a = np.full((4, in_f), 0.0036, dtype=np.float32)  # 0.46 of a step of the row's 1.0: rounds to zero
+        a[:, 0] = 1.0
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = np.full((out_f, 4), 0.01, dtype=np.float32)
+    blobs = int8_worker.blobs
+    int8_worker.refs["spiky"] = AdapterRef(key="spiky", weights_sha256=blobs.put(save(tensors)),
+                                           config_sha256=blobs.put(config))
+    alone = int8_worker.ask(FRANCE, adapter="meow", max_tokens=10)
+    (_, spiky), (_, neighbour) = (int8_worker.submit(FRANCE, "spiky", max_tokens=10),
+                                  int8_worker.submit(FRANCE, "meow", max_tokens=10))
+    assert spiky.final.error is not None and spiky.final.error_status == 422
+    assert "LORA_INT8_MAX_ERROR" in spiky.final.error and "q_proj" in spiky.final.error
+    assert neighbour.final.error is None and neighbour.text == alone
+    _, again = int8_worker.submit(FRANCE, "spiky", max_tokens=10)
+    assert again.final.error == spiky.final.error

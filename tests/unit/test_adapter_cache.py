@@ -175,3 +175,74 @@ def test_a_blob_changed_on_disk_is_refused_by_its_digest_not_served(tmp_path, wh
         cache.acquire(ref)
     assert cache.resident() == []
     cache.shutdown()
+
+
+def test_int8_slots_refuse_an_adapter_whose_weights_their_rounding_would_wipe_out(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """On int8 slots (LORA_DTYPE=int8) an adapter whose weights would lose more than `int8_max_error` to
+    the rounding (here: in each row one weight ~250x the rest, which all round to zero) is refused with a
+    422 that names the layer, the loss and the limit; its slot is emptied, its next request fails at once,
+    and an ordinary adapter beside it is served. A higher limit lets the same adapter in."""
+    import numpy as np
+    from safetensors.numpy import save
+    from torch import nn
+
+    from tests.factory import adapter_files
+    from worker.adapter_cache import AdapterLoadError
+    from worker.cpu_lora import INT8, lora_delta_kernel
+    from worker.lora import MultiLoraLinear
+    from worker.lora_routing import LoraRouting
+
+    kernel = lora_delta_kernel()
+    if kernel is None:
+        pytest.skip("int8 slots need the native kernel (no C compiler here)")
+    name, width = "model.layers.0.self_attn.q_proj", 256
+    prefix = f"base_model.model.{name}"
+    config, ordinary = adapter_files({name: [width, width]}, rank=4, seed=2)
+    spiky_a = np.full((4, width), 0.0036, dtype=np.float32)  # 0.46 of a step (1.0 / 127): rounds to zero
+    spiky_a[:, 0] = 1.0
+    spiky = save({f"{prefix}.lora_A.weight": spiky_a,
+                  f"{prefix}.lora_B.weight": np.random.default_rng(3).standard_normal((width, 4)).astype(np.float32)})
+    blobs = LocalBlobStore(tmp_path)
+
+    def cache_with(limit: float) -> tuple[AdapterCache, dict[str, AdapterRef]]:
+        layer = MultiLoraLinear(nn.Linear(width, width), width, width, 2, 8, LoraRouting(kernel=kernel),
+                                torch.device("cpu"), INT8)
+        refs = {key: AdapterRef(key=key, weights_sha256=blobs.put(weights), config_sha256=blobs.put(config))
+                for key, weights in (("ordinary", ordinary), ("spiky", spiky))}
+        loaded = threading.Semaphore(0)
+        cache = AdapterCache({name: layer}, blobs, num_slots=2, host_capacity_bytes=2**22, max_rank=8, dtype=INT8,
+                             on_loaded=loaded.release, int8_max_error=limit)
+        for ref in refs.values():
+            cache.prefetch(ref)
+            assert loaded.acquire(timeout=10) and cache.load_error(ref.key) is None  # the files themselves are fine
+        return cache, refs
+
+    from worker import metrics
+
+    def fills(up_to: float | None = None) -> float:  # int8 fills so far, those that lost at most `up_to`
+        samples = metrics.INT8_ROUNDING.collect()[0].samples
+        if up_to is None:
+            return next(s.value for s in samples if s.name.endswith("_count"))
+        return next(s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == str(up_to))
+
+    spiky_before, low_before = fills() - fills(0.05), fills(0.01)
+    cache, refs = cache_with(0.02)
+    with pytest.raises(AdapterLoadError) as refused:
+        cache.acquire(refs["spiky"])
+    assert refused.value.status == 422
+    message = str(refused.value)
+    assert "spiky" in message and name in message and "LORA_INT8_MAX_ERROR" in message and "(2.00%)" in message
+    lost = float(message.split("would lose ")[1].split("%")[0])
+    assert 5 < lost < 7, message  # 255 weights of 0.0036 against one of 1.0: sqrt(255 * 0.0036^2) = 5.7%
+    assert cache.resident() == []  # the slot it took is empty again
+    with pytest.raises(AdapterLoadError, match="LORA_INT8_MAX_ERROR"):  # remembered: no second fill
+        cache.acquire(refs["spiky"])
+    slot = cache.acquire(refs["ordinary"])
+    assert slot is not None and cache.layers[name].rounding[slot] < 0.01
+    assert fills() - fills(0.05) == spiky_before + 1  # the refused fill, on the operators' histogram
+    assert fills(0.01) == low_before + 1  # the ordinary one
+    cache.shutdown()
+
+    lenient, refs = cache_with(0.1)
+    assert lenient.acquire(refs["spiky"]) is not None
+    lenient.shutdown()

@@ -401,6 +401,29 @@ def test_int8_slot_fills_hold_each_rows_int8_multiples_of_its_scale_through_the_
     assert not native.shared.a[:, :, 0].any() and not native.shared.a_scale[:, :, 0].any()  # the other layer's
 
 
+def test_int8_slot_fills_measure_what_the_rounding_loses_through_the_kernel_or_torch(kernel: LoraDelta) -> None:
+    """Each int8 fill keeps, per slot, the larger of A's and scaled B's relative root-mean-square rounding
+    error: the kernel's sums and torch's agree, a row whose small weights all round to zero loses them,
+    all-zero weights lose nothing, and clearing the slot forgets it."""
+    native, torch_path = int8_layers(kernel)
+    generator = torch.Generator().manual_seed(6)
+    a, b = torch.randn(8, 24, generator=generator), torch.randn(40, 8, generator=generator)
+    spiky = torch.full((8, 24), 0.003)  # under half a step of each row's largest weight, 1.0: they round to 0
+    spiky[:, 5] = 1.0
+    lost = (23 * 0.003**2 / (1 + 23 * 0.003**2)) ** 0.5  # 1.44%, more than B's Gaussian rows lose
+    for slot, (weights_a, weights_b, scale) in enumerate(((a, b, 0.5), (spiky, b * 1e-3, 2.0), (a * 0, b * 0, 1.0))):
+        expected = cpu_lora.rounding_error(weights_a.float(), (weights_b.T * scale).float())
+        native.load_slot(slot, weights_a, weights_b, scale)
+        torch_path.load_slot(slot, weights_a.double(), weights_b.double(), scale)
+        assert native.rounding[slot] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+        assert torch_path.rounding[slot] == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert 0.001 < native.rounding[0] < 0.01  # Gaussian rows: well under 1%
+    assert native.rounding[1] == pytest.approx(lost, rel=1e-4)
+    assert native.rounding[2] == 0.0  # nothing to lose
+    native.clear_slot(1)
+    assert native.rounding[1] == 0.0
+
+
 @pytest.mark.parametrize(("a_value", "b_value", "scale", "finite"), [
     (float("nan"), 0.1, 1.0, False), (0.1, float("inf"), 1.0, False), (0.1, -float("inf"), 1.0, False),
     (0.1, 3e38, 10.0, False),  # the scale overflows float32

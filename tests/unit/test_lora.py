@@ -307,6 +307,25 @@ def test_a_slot_budget_must_be_positive() -> None:
         WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", adapter_slots_mb=0)
 
 
+@pytest.mark.parametrize("limit", [0.0, -0.01, 1.5, float("nan")])
+def test_the_int8_rounding_limit_is_a_fraction_above_zero(tmp_path: Path, limit: float) -> None:
+    with pytest.raises(ValueError, match="lora_int8_max_error must be in"):
+        WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", lora_int8_max_error=limit)
+    with pytest.raises(ValidationError, match="lora_int8_max_error"):
+        Settings(data_dir=tmp_path, lora_int8_max_error=limit)
+
+
+def test_the_int8_rounding_limit_reaches_a_local_or_remote_worker(tmp_path: Path) -> None:
+    assert WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b").lora_int8_max_error == 0.03
+    local = Settings(data_dir=tmp_path, lora_int8_max_error=0.05).worker_config(0, "m", "m", "cpu")
+    assert local.lora_int8_max_error == 0.05 and WorkerConfig.from_json(local.to_json()) == local
+    parser = argparse.ArgumentParser()
+    WorkerConfig.add_arguments(parser)
+    flags = parser.parse_args(["--model-path", "m", "--model-name", "m", "--blob-url", "b",
+                               "--lora-int8-max-error", "0.1"])
+    assert WorkerConfig.from_arguments(flags).lora_int8_max_error == 0.1
+
+
 def test_the_slot_dtype_is_one_the_engine_serves_and_reaches_a_local_or_remote_worker(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="lora_dtype must be one of auto, float32, bfloat16, int8, not 'float16'"):
         WorkerConfig(model_path=Path("m"), model_name="m", blob_url="b", lora_dtype="float16")  # type: ignore[arg-type]

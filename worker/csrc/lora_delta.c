@@ -535,21 +535,34 @@ static inline __attribute__((always_inline)) float absmax(const void *src, int s
 }
 
 /* n weights, `step` apart in the file, times `mul`, as int8 multiples of `scale` (rounded to nearest even;
- * all zero where the scale is). */
+ * all zero where the scale is); *squares += the sum of the products' squares, *errors += the sum of the
+ * squares of what the rounding lost. The sums count in steps of `scale` (a product / scale is within
+ * +-127, its error within +-0.5: float32 holds their squares' sums), in whatever order the vectorized
+ * loop takes (`omp simd`): a rounding measure, not a result. Summed in order, one running sum, a chain
+ * of dependent adds, made the fill of an adapter (210 layers) 7.3 -> 13.7 ms on a 2-core AMD host. */
 static inline __attribute__((always_inline)) void quantize(const void *src, int src_dtype, int64_t step,
-                                                           int8_t *dst, int64_t n, float mul, float scale)
+                                                           int8_t *dst, int64_t n, float mul, float scale,
+                                                           double *squares, double *errors)
 {
+    float sum = 0.0f, lost = 0.0f;
+#pragma omp simd reduction(+ : sum, lost)
     for (int64_t i = 0; i < n; i++) {
-        float q = scale > 0.0f ? __builtin_rintf(file_weight(src, i * step, src_dtype) * mul / scale) : 0.0f;
+        const float r = scale > 0.0f ? file_weight(src, i * step, src_dtype) * mul / scale : 0.0f;
+        float q = __builtin_rintf(r);
         q = q > 127.0f ? 127.0f : q < -127.0f ? -127.0f : q;
         dst[i] = (int8_t)q;
+        sum += r * r;
+        lost += (r - q) * (r - q);
     }
+    *squares += (double)sum * scale * scale;
+    *errors += (double)lost * scale * scale;
 }
 
 /* One rank's row into an int8 slot: `n` weights `step` apart in the file, times `mul`, in pieces of `piece`
- * weights `gap` apart in the slot; its scale to *scale. Returns how many products are not finite. */
+ * weights `gap` apart in the slot; its scale to *scale, its sums of squares to `squares` and `errors`
+ * (`quantize`). Returns how many products are not finite. */
 static int64_t quantize_row(const void *src, int src_dtype, int64_t step, int64_t n, float mul, int8_t *dst,
-                            int64_t piece, int64_t gap, float *scale)
+                            int64_t piece, int64_t gap, float *scale, double *squares, double *errors)
 {
     int64_t bad = 0;
     float top;
@@ -567,27 +580,35 @@ static int64_t quantize_row(const void *src, int src_dtype, int64_t step, int64_
         const void *from = (const char *)src + i0 * step * size;
         const int64_t count = n - i0 < piece ? n - i0 : piece;
         switch (src_dtype) {
-        case 0: quantize(from, 0, step, dst + p * gap, count, mul, row_scale); break;
-        case 1: quantize(from, 1, step, dst + p * gap, count, mul, row_scale); break;
-        default: quantize(from, 2, step, dst + p * gap, count, mul, row_scale); break;
+        case 0: quantize(from, 0, step, dst + p * gap, count, mul, row_scale, squares, errors); break;
+        case 1: quantize(from, 1, step, dst + p * gap, count, mul, row_scale, squares, errors); break;
+        default: quantize(from, 2, step, dst + p * gap, count, mul, row_scale, squares, errors); break;
         }
     }
     return bad;
 }
 
-/* lora_fill into int8 slots: the ranks' scales to a_scale[r * a_scale_stride] and b_scale[r]. */
+/* lora_fill into int8 slots: the ranks' scales to a_scale[r * a_scale_stride] and b_scale[r]; to *rounding
+ * (unless NULL) what the rounding lost, relative: the larger of A's and B's (scaled) sqrt(sum of squared
+ * errors / sum of squares), 0 for a factor that is all zeros (`worker.cpu_lora.rounding_error`). */
 int64_t lora_fill_int8(const void *a, int a_dtype, int64_t rank, int64_t in, int8_t *a_slot, int64_t a_stride,
                        float *a_scale, int64_t a_scale_stride, const void *b, int b_dtype, int64_t out,
-                       int64_t max_rank, int8_t *b_slot, float *b_scale, float scale)
+                       int64_t max_rank, int8_t *b_slot, float *b_scale, float scale, float *rounding)
 {
     const int64_t a_size = a_dtype ? 2 : 4, b_size = b_dtype ? 2 : 4;
     int64_t bad = 0;
+    double a_squares = 0.0, a_errors = 0.0, b_squares = 0.0, b_errors = 0.0;
     for (int64_t r = 0; r < rank; r++) {
         bad += quantize_row((const char *)a + r * in * a_size, a_dtype, 1, in, 1.0f, a_slot + r * a_stride, in, 0,
-                            a_scale + r * a_scale_stride);
+                            a_scale + r * a_scale_stride, &a_squares, &a_errors);
         /* row r of B transposed: column r of the file's [out, rank], a block's row (CHUNK) at a time */
         bad += quantize_row((const char *)b + r * b_size, b_dtype, rank, out, scale, b_slot + r * CHUNK, CHUNK,
-                            max_rank * CHUNK, b_scale + r);
+                            max_rank * CHUNK, b_scale + r, &b_squares, &b_errors);
+    }
+    if (rounding) {
+        const double a_lost = a_squares > 0.0 ? __builtin_sqrt(a_errors / a_squares) : 0.0;
+        const double b_lost = b_squares > 0.0 ? __builtin_sqrt(b_errors / b_squares) : 0.0;
+        *rounding = (float)(a_lost > b_lost ? a_lost : b_lost);
     }
     return bad;
 }
