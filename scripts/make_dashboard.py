@@ -115,6 +115,8 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
          quantiles("loraplex_worker_adapter_load_duration_seconds")
          + [(expr, f"slot fill {legend}")
             for expr, legend in quantiles("loraplex_worker_adapter_slot_fill_duration_seconds")]),
+        ("int8 slots: what a fill's rounding lost (refused above LORA_INT8_MAX_ERROR)", "percentunit",
+         quantiles("loraplex_worker_adapter_int8_rounding_ratio")),
     ]),
 ]
 
