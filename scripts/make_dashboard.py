@@ -115,8 +115,10 @@ ROWS: list[tuple[str, list[tuple[str, str, list[tuple[str, str]]]]]] = [
          quantiles("loraplex_worker_adapter_load_duration_seconds")
          + [(expr, f"slot fill {legend}")
             for expr, legend in quantiles("loraplex_worker_adapter_slot_fill_duration_seconds")]),
-        ("int8 slots: what a fill's rounding lost (refused above LORA_INT8_MAX_ERROR)", "percentunit",
-         quantiles("loraplex_worker_adapter_int8_rounding_ratio")),
+        # Counts, not quantiles: a worker on other slot dtypes has none, and a quantile of nothing is NaN.
+        ("int8 slot fills by rounding loss (refused above LORA_INT8_MAX_ERROR)", "short", [
+            (f"sum by (le) (increase(loraplex_worker_adapter_int8_rounding_ratio_bucket[{RATE}]))",
+             "lost at most {{le}}")]),
     ]),
 ]
 

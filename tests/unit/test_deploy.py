@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 from worker import metrics as worker_metrics
 
 DEPLOY = ROOT / "deploy"
-NAME = re.compile(r"\bloraplex_[a-z_]+")
+NAME = re.compile(r"\bloraplex_[a-z0-9_]+")
 
 
 SUFFIXES = {"histogram": ("_bucket", "_count", "_sum"), "counter": ("_total",), "info": ("_info",)}
