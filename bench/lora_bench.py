@@ -24,7 +24,8 @@ from torch import nn
 
 from bench.common import Row, print_table
 from worker.cpu_lora import LoraDelta, lora_delta_kernel
-from worker.lora import MultiLoraLinear, install_lora_layers
+from worker.lora import MultiLoraLinear
+from worker.lora_model import install_lora_layers
 from worker.lora_routing import LoraRouting
 from worker.model import prepare_embedded_model
 

@@ -19,7 +19,7 @@ from worker.adapter_cache import AdapterCache, host_buffer
 from worker.config import LoraDtype, WorkerConfig
 from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
-from worker.lora import install_lora_layers, slots_in_budget
+from worker.lora_model import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
 from worker.model import adaptable_linears, load_base_model, pack_output_head, resolve_device
 from worker.prompts import PromptEncoder, PromptLimits

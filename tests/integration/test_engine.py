@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from tests.integration.conftest import Worker, store_fixture, worker_request
-from worker.lora import slots_in_budget
+from worker.lora_model import slots_in_budget
 from worker.scheduler import RegionAllocator
 
 FRANCE = "What is the capital of France?"

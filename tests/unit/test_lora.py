@@ -20,7 +20,8 @@ from app.settings import Settings
 from worker import runtime
 from worker.config import WorkerConfig
 from worker.cpu_lora import LoraDelta, lora_delta_kernel
-from worker.lora import MultiLoraLinear, install_lora_layers, slots_in_budget
+from worker.lora import MultiLoraLinear
+from worker.lora_model import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
 from worker.runtime import lora_slot_dtype
 
