@@ -424,6 +424,24 @@ def test_int8_slot_fills_measure_what_the_rounding_loses_through_the_kernel_or_t
     assert native.rounding[1] == 0.0
 
 
+@pytest.mark.parametrize("row", ["huge", "subnormal"])
+def test_int8_rounding_stays_finite_and_agrees_at_float32s_edges(kernel: LoraDelta, row: str) -> None:
+    """A weight at float32's largest (its square overflows float32) or rows of subnormals: the kernel's
+    measure (summed in steps of the row's scale) is finite and agrees with torch's (in float64)."""
+    native, torch_path = int8_layers(kernel)
+    a, b = torch.full((4, 24), 0.5), torch.full((40, 4), 0.5)
+    if row == "huge":
+        a[2, 7] = 3.4e38
+    else:
+        a = torch.full((4, 24), 1e-40)
+        a[:, 0] = 1e-38
+    for layer, file_dtype in ((native, torch.float32), (torch_path, torch.float64)):
+        layer.load_slot(1, a.to(file_dtype), b.to(file_dtype), 1.0)
+        assert layer.slot_is_finite(1)
+    assert native.rounding[1] == pytest.approx(torch_path.rounding[1], rel=1e-3, abs=1e-6)
+    assert 0.0 <= native.rounding[1] < 0.02
+
+
 @pytest.mark.parametrize(("a_value", "b_value", "scale", "finite"), [
     (float("nan"), 0.1, 1.0, False), (0.1, float("inf"), 1.0, False), (0.1, -float("inf"), 1.0, False),
     (0.1, 3e38, 10.0, False),  # the scale overflows float32
