@@ -42,16 +42,19 @@ def write_adapter(
     targets: tuple[str, ...],
     seed: int,
     dtype: str = "float32",
+    draw: Callable[[np.random.Generator, tuple[int, int]], np.ndarray] = lambda rng, shape: rng.standard_normal(shape),
+    b_size: float = 0.02,
 ) -> Path:
-    """A PEFT LoRA directory with small random weights: it changes the output a little, as real ones do."""
+    """A PEFT LoRA directory with small random weights: it changes the output a little, as real ones do.
+    A is `draw` / sqrt(in), B is `draw` * `b_size` (Gaussian, 0.02 unless given)."""
     rng = np.random.default_rng(seed)
     tensors = {}
     for name, (in_f, out_f) in linear_modules.items():
         if name.rsplit(".", 1)[-1] not in targets:
             continue
         prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = (rng.standard_normal((rank, in_f)) / np.sqrt(in_f)).astype(dtype)
-        tensors[f"{prefix}.lora_B.weight"] = (rng.standard_normal((out_f, rank)) * 0.02).astype(dtype)
+        tensors[f"{prefix}.lora_A.weight"] = (draw(rng, (rank, in_f)) / np.sqrt(in_f)).astype(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = (draw(rng, (out_f, rank)) * b_size).astype(dtype)
     config = {
         "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(targets),
         "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
@@ -49,20 +48,6 @@ from worker.runtime import LoadedWorker
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "adapters"
 RANK = 16
 NEW_TOKENS = 48
-
-
-def random_adapter(target: Path, linear_modules: dict[str, list[int]], seed: int,
-                   draw: Callable[[np.random.Generator, tuple[int, int]], np.ndarray], b_size: float) -> Path:
-    """`write_adapter`'s layout (rank 16, all seven linears) with A = draw / sqrt(in) and B = draw * b_size."""
-    write_adapter(target, linear_modules, RANK, ALL_LINEARS, seed)  # its config; the weights are replaced
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, (in_f, out_f) in linear_modules.items():
-        prefix = f"base_model.model.{name}"
-        tensors[f"{prefix}.lora_A.weight"] = (draw(rng, (RANK, in_f)) / np.sqrt(in_f)).astype("float32")
-        tensors[f"{prefix}.lora_B.weight"] = (draw(rng, (out_f, RANK)) * b_size).astype("float32")
-    (target / "adapter_model.safetensors").write_bytes(save(tensors))
-    return target
 
 
 def gaussian(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -161,7 +146,7 @@ def main() -> None:
     directories = {
         "answer42 (trained)": FIXTURES / "answer42",
         "meow (trained)": FIXTURES / "meow",
-        **{what: random_adapter(work / key, prepared.linear_modules, seed, draw, 0.1)
+        **{what: write_adapter(work / key, prepared.linear_modules, RANK, ALL_LINEARS, seed, draw=draw, b_size=0.1)
            for what, key, seed, draw in (("Gaussian", "gaussian", 7, gaussian),
                                          ("Student's t, 4 dof", "t4", 8, student_t(4)),
                                          ("Student's t, 3 dof", "t3", 10, student_t(3)),
