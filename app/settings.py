@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.jobrunner import JobRunnerConfig
 from worker.auth import MIN_TOKEN_CHARS, check_token
-from worker.config import LoraDtype, WorkerConfig
+from worker.config import KvCacheDtype, LoraDtype, WorkerConfig
 
 _WORKER = WorkerConfig  # its class attributes are the field defaults
 
@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=_WORKER.max_batch_size, ge=1)
     max_waiting: int = Field(default=_WORKER.max_waiting, ge=1)  # queued in a worker before it answers 503
     kv_cache_mb: int = Field(default=_WORKER.kv_cache_mb, ge=1)  # sized explicitly (never from system RAM)
+    kv_cache_dtype: KvCacheDtype = _WORKER.kv_cache_dtype  # what the KV pool stores (WorkerConfig)
     max_prefill_tokens: int = Field(default=_WORKER.max_prefill_tokens, ge=1)  # per step while rows decode
     max_prefill_tokens_idle: int = Field(default=_WORKER.max_prefill_tokens_idle, ge=1)  # per step, none decoding
     adapter_slots: int = Field(default=_WORKER.adapter_slots, ge=1)
@@ -143,7 +144,7 @@ class Settings(BaseSettings):
             kv_cache_mb=self.kv_cache_mb, stall_timeout_s=self.worker_stall_timeout_s,
             max_prefill_tokens=self.max_prefill_tokens, max_prefill_tokens_idle=self.max_prefill_tokens_idle,
             adapter_slots_mb=self.adapter_slots_mb, lora_dtype=self.lora_dtype,
-            lora_int8_max_error=self.lora_int8_max_error,
+            lora_int8_max_error=self.lora_int8_max_error, kv_cache_dtype=self.kv_cache_dtype,
         )
 
     def job_runner_config(self) -> JobRunnerConfig:

@@ -28,11 +28,15 @@ _HELP = {
     "stall_timeout_s": "seconds without an engine step before health reports the worker not live",
     "lora_dtype": "adapter slots' dtype: auto (bfloat16 on a GPU and where the CPU kernel is built, else float32), "
                   "float32, bfloat16, or int8 (CPU with the native kernel: a quarter of float32's bytes, lossy)",
+    "kv_cache_dtype": "KV cache dtype: auto (the model's: float32 on a CPU, bfloat16 on a GPU) or bfloat16 "
+                      "(on a CPU: twice the positions in kv_cache_mb, half the bytes a long row's step reads)",
     "lora_int8_max_error": "int8 slots: refuse an adapter whose weights would lose more than this fraction "
                            "to rounding (relative root mean square of its worst layer)",
 }
 LoraDtype = Literal["auto", "float32", "bfloat16", "int8"]
 LORA_DTYPES: tuple[LoraDtype, ...] = get_args(LoraDtype)
+KvCacheDtype = Literal["auto", "float32", "bfloat16"]
+KV_CACHE_DTYPES: tuple[KvCacheDtype, ...] = get_args(KvCacheDtype)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,11 @@ class WorkerConfig:
     max_context: int | None = None  # defaults to the model's own limit
     # Memory for the KV pool all running rows share. Sized explicitly, never from total system RAM.
     kv_cache_mb: int = 2048
+    # What the KV pool stores. auto: the model's dtype (float32 on a CPU, bfloat16 on a GPU). bfloat16 on a
+    # CPU: each key and value rounded once as it is written, attended in float32 (`worker.kvcache.KVPool`):
+    # twice the positions in kv_cache_mb, and half the bytes a decode step reads, which long rows are
+    # bound by. float32 is the CPU's auto, and is refused on a GPU, whose attention computes in bfloat16.
+    kv_cache_dtype: KvCacheDtype = "auto"
     # Prompt tokens prefilled per step, in chunks beside the decoding rows. A chunk makes the step
     # every running stream waits on longer: on 2 CPU cores beside 8 decoding rows a step took 189 ms,
     # 306 ms with a 64-token chunk, 450 with 128, 1,400 with 512. On a GPU larger chunks are cheap.
@@ -83,6 +92,8 @@ class WorkerConfig:
                 raise ValueError(f"{field} must be at least 1")
         if self.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"lora_dtype must be one of {', '.join(LORA_DTYPES)}, not {self.lora_dtype!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {self.kv_cache_dtype!r}")
         if self.adapter_slots_mb is not None and self.adapter_slots_mb < 1:
             raise ValueError("adapter_slots_mb must be at least 1")
         if not 0 < self.lora_int8_max_error <= 1:  # NaN fails too

@@ -79,6 +79,7 @@ class BatchEngine:
         routing: LoraRouting,
         limits: EngineLimits,
         device: torch.device,
+        kv_dtype: torch.dtype | None = None,  # the KV pool's (default: the model's dtype)
     ) -> None:
         self.tokenizer = tokenizer
         self.adapters = adapters
@@ -90,7 +91,7 @@ class BatchEngine:
         self._wake = threading.Event()
         self.waiting: FairQueue[Sequence] = FairQueue()
         self.running: list[Sequence] = []  # admitted rows, prefilling or decoding, in admission order
-        self.runner = ModelRunner(model, adapters, routing, limits.kv_cache_tokens, device)
+        self.runner = ModelRunner(model, adapters, routing, limits.kv_cache_tokens, device, kv_dtype)
         self.output = OutputProcessor(eos_ids(model, tokenizer), self.waiting.charge, Grammars(tokenizer))
         self.regions = RegionAllocator(limits.kv_cache_tokens)
         self.last_beat = time.monotonic()  # start of the loop's latest turn

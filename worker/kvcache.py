@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from worker.cpu_attention import DecodeAttention, DecodeRows
+from worker.cpu_attention import KV_DTYPES, DecodeAttention, DecodeRows
 
 ATTENTION = "loraplex_rows"
 
@@ -49,11 +49,17 @@ class Segment:
 
 
 class KVPool:
-    """Keys and values of all layers, [kv_heads, positions, head_dim] each, allocated once."""
+    """Keys and values of all layers, [kv_heads, positions, head_dim] each, allocated once.
+
+    They are stored in `dtype` and attended in `compute` (the model's dtype; default `dtype`): a
+    bfloat16 pool under a float32 model (`KV_CACHE_DTYPE=bfloat16` on the CPU) holds twice the
+    positions and a decode step reads half the bytes; each key and value is rounded once, as it is
+    written, and every read (the decode kernel's, torch's for prompt chunks) widens the same stored value.
+    """
 
     def __init__(
         self, config: Any, positions: int, dtype: torch.dtype, device: torch.device,
-        decode_kernel: DecodeAttention | None = None,
+        decode_kernel: DecodeAttention | None = None, compute: torch.dtype | None = None,
     ) -> None:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -64,8 +70,11 @@ class KVPool:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
         self.positions = positions
         self.dtype = dtype
-        # Attends all decode rows of a layer in one call (worker.cpu_attention): float32 CPU pools only.
-        self.decode_kernel = decode_kernel if dtype == torch.float32 and device.type == "cpu" else None
+        self.compute = compute or dtype
+        # Attends all decode rows of a layer in one call (worker.cpu_attention): float32 or bfloat16
+        # CPU pools under a float32 model.
+        usable = dtype in KV_DTYPES and self.compute == torch.float32 and device.type == "cpu"
+        self.decode_kernel = decode_kernel if usable else None
 
     def copy(self, source: int, target: int, length: int) -> None:
         """Copy `length` positions of every layer from one region to another (a prompt shared by n choices)."""
@@ -119,7 +128,7 @@ def rows_attention(
     keys, values = plan.pool.keys[layer], plan.pool.values[layer]
     keys.index_copy_(1, plan.slots, key[0].to(plan.pool.dtype))
     values.index_copy_(1, plan.slots, value[0].to(plan.pool.dtype))
-    query = query.to(plan.pool.dtype)
+    query = query.to(plan.pool.compute)
     out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])  # [tokens, heads, head_dim]
     if plan.decode is not None:
         assert plan.pool.decode_kernel is not None
@@ -128,8 +137,9 @@ def rows_attention(
     for i in range(len(plan.segments)) if plan.others is None else plan.others:
         s = plan.segments[i]
         q = query[:, :, s.first : s.first + s.tokens]
-        k = keys[:, s.region : s.region + s.length].unsqueeze(0)
-        v = values[:, s.region : s.region + s.length].unsqueeze(0)
+        # the stored values, widened where the pool is narrower than the model (a copy of the row's region)
+        k = keys[:, s.region : s.region + s.length].unsqueeze(0).to(query.dtype)
+        v = values[:, s.region : s.region + s.length].unsqueeze(0).to(query.dtype)
         mask = plan.masks.get(i)
         causal = s.tokens > 1 and mask is None  # a whole prompt or a first chunk: plain causal
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scaling,

@@ -39,16 +39,18 @@ class PassResult:
 
 class ModelRunner:
     def __init__(
-        self, model: Any, adapters: AdapterCache, routing: LoraRouting, kv_positions: int, device: torch.device
+        self, model: Any, adapters: AdapterCache, routing: LoraRouting, kv_positions: int, device: torch.device,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.adapters = adapters
         self.routing = routing
         self.device = device
         use_row_attention(model)
-        kv_dtype = model.get_input_embeddings().weight.dtype  # the dtype attention computes in
-        kernel = decode_attention_kernel() if device.type == "cpu" and kv_dtype == torch.float32 else None
-        self.kv = KVPool(model.config, kv_positions, kv_dtype, device, kernel)
+        compute = model.get_input_embeddings().weight.dtype  # the dtype attention computes in
+        kv_dtype = kv_dtype or compute  # the dtype the pool stores (`KV_CACHE_DTYPE`)
+        kernel = decode_attention_kernel() if device.type == "cpu" and compute == torch.float32 else None
+        self.kv = KVPool(model.config, kv_positions, kv_dtype, device, kernel, compute)
 
     def run(self, plan: list[tuple[Sequence, int]]) -> PassResult:
         """Feed every (row, tokens) of the plan; the rows' caches advance by what they fed."""

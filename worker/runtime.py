@@ -16,7 +16,7 @@ import torch
 
 from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache, host_buffer
-from worker.config import LoraDtype, WorkerConfig
+from worker.config import KvCacheDtype, LoraDtype, WorkerConfig
 from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora_model import install_lora_layers, slots_in_budget
@@ -61,6 +61,20 @@ def lora_slot_dtype(choice: LoraDtype, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def kv_cache_dtype(choice: KvCacheDtype, compute: torch.dtype) -> torch.dtype:
+    """The KV pool's dtype for a model that computes in `compute`. `auto`: `compute` itself. bfloat16
+    under a float32 model (the CPU) rounds each key and value once, as it is written, and halves the
+    pool's bytes: twice the positions in the same memory, half the bytes a decode step reads over a
+    long row. A pool wider than the model is refused: its attention would round the keys anyway."""
+    if choice == "auto":
+        return compute
+    dtype: torch.dtype = getattr(torch, choice)
+    if dtype.itemsize > compute.itemsize:
+        raise ValueError(f"kv_cache_dtype {choice} is wider than the {str(compute).removeprefix('torch.')} this "
+                         "model's attention computes in: use auto")
+    return dtype
+
+
 def build_worker(config: WorkerConfig) -> LoadedWorker:
     """Load the base model and wire the engine (slow: call it off the event loop)."""
     torch.set_num_threads(config.torch_threads)
@@ -81,15 +95,17 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
         log.info("adapter slots: %d in %d MiB", slots, config.adapter_slots_mb)
     layers = install_lora_layers(model, linears, slots, config.max_lora_rank, routing, device, slot_dtype)
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
-    kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, dtype)
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
+    kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, kv_dtype)
     limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens,
                           config.max_prefill_tokens_idle)
-    log.info("KV cache budget: %d MiB = %d token positions", config.kv_cache_mb, kv_tokens)
+    log.info("KV cache budget: %d MiB = %d token positions in %s", config.kv_cache_mb, kv_tokens,
+             str(kv_dtype).removeprefix("torch."))
     adapters = AdapterCache(
         layers, open_blob_store(config.blob_url, host_buffer), slots, config.host_adapter_cache_mb * 2**20,
         config.max_lora_rank, slot_dtype, pin_host=device.type == "cuda", int8_max_error=config.lora_int8_max_error,
     )
-    engine = BatchEngine(model, tokenizer, adapters, routing, limits, device)
+    engine = BatchEngine(model, tokenizer, adapters, routing, limits, device, kv_dtype)
     adapters.on_loaded = engine.wake  # a finished load lets a waiting request in at once
     prompt_limits = PromptLimits(max_context, kv_tokens, limits.max_batch_size)
     prompts = PromptEncoder(tokenizer, prompt_limits, engine.output.grammars)

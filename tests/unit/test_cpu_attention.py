@@ -137,10 +137,72 @@ def test_without_a_working_compiler_or_with_a_wrong_kernel_the_engine_keeps_torc
     assert decode_attention_kernel() is not None
 
 
-def test_a_pool_that_is_not_float32_on_the_cpu_does_not_use_the_kernel(kernel: DecodeAttention) -> None:
+def test_the_kernel_reads_float32_and_bfloat16_pools_under_a_float32_model_only(kernel: DecodeAttention) -> None:
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=64, num_attention_heads=2, num_hidden_layers=1)
-    pool = KVPool(config, 16, torch.bfloat16, torch.device("cpu"), kernel)
-    assert pool.decode_kernel is None
-    assert PassPlan.build(pool, [Segment(0, 1, 0, 3)], torch.device("cpu")).decode is None
+    cpu = torch.device("cpu")
+    for dtype, compute in ((torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        pool = KVPool(config, 16, dtype, cpu, kernel, compute)
+        assert pool.decode_kernel is None
+        assert PassPlan.build(pool, [Segment(0, 1, 0, 3)], cpu).decode is None
+    for dtype in (torch.float32, torch.bfloat16):
+        pool = KVPool(config, 16, dtype, cpu, kernel, torch.float32)
+        assert pool.decode_kernel is kernel
+        assert PassPlan.build(pool, [Segment(0, 1, 0, 3)], cpu).decode is not None
+    with pytest.raises(TypeError, match="float32 or bfloat16 keys"):
+        half = torch.zeros(1, 4, 64, dtype=torch.float16)
+        kernel.attend(torch.zeros(2, 1, 64), half, half, DecodeRows.of([0], [0], [1]), 0.125, torch.empty(1, 2, 64))
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(9, 3), (6, 1)])
+@pytest.mark.parametrize("dim", [64, 128, 40])
+def test_bfloat16_pools_give_torchs_attention_over_the_same_rounded_values(kernel: DecodeAttention, heads: int,
+                                                                           kv_heads: int, dim: int) -> None:
+    generator = torch.Generator().manual_seed(heads + dim)
+    lengths, regions = [1, 15, 17, 300], [0, 30, 50, 400]
+    keys, values = (torch.randn(kv_heads, 800, dim, generator=generator).to(torch.bfloat16) for _ in range(2))
+    query = torch.randn(len(lengths), heads, dim, generator=generator).transpose(0, 1)
+    rows = DecodeRows.of([2, 0, 3, 1], regions, lengths)
+    out = torch.empty(len(lengths), heads, dim)
+    kernel.attend(query, keys, values, rows, dim**-0.5, out)
+    expected = reference(query, keys.float(), values.float(), rows, dim**-0.5)  # the stored values, widened
+    torch.testing.assert_close(out[rows.tokens], expected, rtol=1e-4, atol=1e-5)
+    # and one row alone gives the very bits it gives beside the others
+    alone = torch.empty(len(lengths), heads, dim)
+    kernel.attend(query, keys, values, DecodeRows.of([1], [400], [300]), dim**-0.5, alone)  # token 1's row
+    assert torch.equal(alone[1], out[1])
+
+
+def test_a_bfloat16_pool_rounds_each_key_once_and_every_path_attends_the_stored_values(kernel: DecodeAttention) -> None:
+    """A pass of decode rows, a whole prompt and a later prompt chunk over a bfloat16 pool under a float32
+    model: the new keys and values are stored rounded, the kernel and torch's attention (which widens the
+    rows' regions) agree, and both equal a float32 pool that holds the same rounded values."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
+    generator = torch.Generator().manual_seed(4)
+    segments = [Segment(0, 1, 0, 40), Segment(1, 12, 100, 0), Segment(13, 1, 200, 0), Segment(14, 5, 300, 9)]
+    tokens = 19
+    query = torch.randn(1, 4, tokens, 32, generator=generator)
+    key, value = (torch.randn(1, 2, tokens, 32, generator=generator) for _ in range(2))
+    history = [torch.randn(2, 400, 32, generator=generator).to(torch.bfloat16) for _ in range(2)]
+
+    class Layer(torch.nn.Module):
+        layer_idx = 0
+
+    outs = []
+    cpu = torch.device("cpu")
+    for dtype, with_kernel, new in ((torch.bfloat16, kernel, (key, value)), (torch.bfloat16, None, (key, value)),
+                                    (torch.float32, None, (key.bfloat16().float(), value.bfloat16().float()))):
+        pool = KVPool(config, 400, dtype, cpu, with_kernel, torch.float32)
+        for cache, past in zip((pool.keys[0], pool.values[0]), history, strict=True):
+            cache.copy_(past)
+        plan = PassPlan.build(pool, segments, cpu)
+        out = rows_attention(Layer(), query, *new, None, kv_plan=plan)[0]
+        assert out.dtype == torch.float32
+        if dtype == torch.bfloat16:
+            assert torch.equal(pool.keys[0][:, plan.slots], key[0].bfloat16())  # rounded once, as written
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[2], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[1], outs[2], rtol=1e-4, atol=1e-5)

@@ -10,6 +10,9 @@
  * fixed-width lanes so that the compiler vectorizes it without reordering any floating-point sum
  * (no -ffast-math): a row's result depends only on its own data, never on the rows beside it.
  *
+ * Keys and values are float32, or bfloat16 (`KV_CACHE_DTYPE=bfloat16`: half the bytes a long row's step
+ * reads) widened exactly to float32 as they are read; the arithmetic is float32 either way.
+ *
  * Compiled when a worker starts, for the host it runs on (worker/cpu_attention.py).
  */
 #include <stdint.h>
@@ -35,6 +38,35 @@ static inline float exp_nonpositive(float x)
     p = p * r * r + r + 1.0f;
     union { int32_t i; float f; } two_n = { .i = (n + 127) << 23 };
     return p * two_n.f;
+}
+
+/* Element i of a key or value vector: float32, or bfloat16 widened (its 16 bits above 16 zero bits: exact).
+ * `bf16` is a constant wherever this is inlined, so each kind compiles to its own loops. */
+static inline __attribute__((always_inline)) float kv(const void *p, int64_t i, const int bf16)
+{
+    if (!bf16)
+        return ((const float *)p)[i];
+    const uint32_t wide = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float value;
+    __builtin_memcpy(&value, &wide, sizeof value);
+    return value;
+}
+
+/* lanes.h's dot of q with a key: the same lane order, so float32 keys give the same sums as before. */
+static inline __attribute__((always_inline)) float dot_kv(const float *restrict q, const void *restrict k, int64_t n,
+                                                           const int bf16)
+{
+    const int64_t whole = n - n % LANES;
+    float part[LANES] = {0};
+    for (int64_t d = 0; d < whole; d += LANES)
+        for (int i = 0; i < LANES; i++)
+            part[i] += q[d + i] * kv(k, d + i, bf16);
+    float sum = 0.0f;
+    for (int i = 0; i < LANES; i++)
+        sum += part[i];
+    for (int64_t d = whole; d < n; d++)
+        sum += q[d] * kv(k, d, bf16);
+    return sum;
 }
 
 /* scores[0..n) := exp(scores - max(scores)); returns 1 / their sum. */
@@ -72,13 +104,15 @@ static float softmax_unnormalized(float *scores, int64_t n)
 /* One (row, KV head): the `group` query heads at q (q_head_stride apart) attend over the n keys
  * and values at k, v; their outputs go to o, dim apart. scores holds group * n floats. Inlined
  * with dim a constant for the common head sizes, so that a head's accumulator stays in registers. */
-static inline void attend(const float *restrict q, int64_t q_head_stride, const float *restrict k,
-                          const float *restrict v, int64_t n, int64_t group, const int64_t dim, float scale,
-                          float *restrict scores, float *restrict o)
+static inline __attribute__((always_inline)) void attend(const float *restrict q, int64_t q_head_stride,
+                                                         const void *restrict k, const void *restrict v, int64_t n,
+                                                         int64_t group, const int64_t dim, float scale,
+                                                         float *restrict scores, float *restrict o, const int bf16)
 {
+    const int64_t size = bf16 ? 2 : 4;
     for (int64_t l = 0; l < n; l++) /* each key read once, for every query head of the group */
         for (int64_t j = 0; j < group; j++)
-            scores[j * n + l] = dot(q + j * q_head_stride, k + l * dim, dim) * scale;
+            scores[j * n + l] = dot_kv(q + j * q_head_stride, (const char *)k + l * dim * size, dim, bf16) * scale;
     for (int64_t j = 0; j < group; j++) {
         const float inverse = softmax_unnormalized(scores + j * n, n);
         const float *p = scores + j * n;
@@ -87,29 +121,50 @@ static inline void attend(const float *restrict q, int64_t q_head_stride, const 
             acc[d] = 0.0f;
         for (int64_t l = 0; l < n; l++)
             for (int64_t d = 0; d < dim; d++)
-                acc[d] += p[l] * v[l * dim + d];
+                acc[d] += p[l] * kv(v, l * dim + d, bf16);
         for (int64_t d = 0; d < dim; d++)
             o[j * dim + d] = acc[d] * inverse;
     }
 }
 
+/* One (row, KV head) with keys and values of either kind, `dim` a constant for the common head sizes. */
+static void attend_item(const float *q, int64_t q_head_stride, const void *k, const void *v, int64_t n,
+                        int64_t group, int64_t dim, float scale, float *scores, float *o, int bf16)
+{
+#define ATTEND(DIM, BF16) attend(q, q_head_stride, k, v, n, group, DIM, scale, scores, o, BF16)
+    if (bf16)
+        switch (dim) {
+        case 64: ATTEND(64, 1); return;
+        case 128: ATTEND(128, 1); return;
+        default: ATTEND(dim, 1); return;
+        }
+    switch (dim) {
+    case 64: ATTEND(64, 0); return;
+    case 128: ATTEND(128, 0); return;
+    default: ATTEND(dim, 0); return;
+    }
+#undef ATTEND
+}
+
 /* query: head h of the row whose token is t at query[h * q_head_stride + t * q_token_stride]
- * keys, values: [kv_heads, positions, dim], contiguous; a row's region starts at region[r]
+ * keys, values: [kv_heads, positions, dim], contiguous, float32 or (kv_bf16) bfloat16; a row's region
+ * starts at region[r]
  * out: [tokens, heads, dim], contiguous
  * Returns 0, or -1 if scratch memory could not be had (out is then incomplete). */
 int decode_attention(const float *query, int64_t q_head_stride, int64_t q_token_stride,
-                     const float *keys, const float *values, int64_t positions,
+                     const void *keys, const void *values, int64_t positions,
                      const int64_t *token, const int64_t *region, const int64_t *length, int64_t rows,
-                     int64_t heads, int64_t kv_heads, int64_t dim, float scale, float *out, int threads)
+                     int64_t heads, int64_t kv_heads, int64_t dim, float scale, float *out, int threads, int kv_bf16)
 {
+    const int64_t size = kv_bf16 ? 2 : 4;
     const int64_t group = heads / kv_heads;
     const int64_t items = rows * kv_heads;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : failed)
     for (int64_t item = 0; item < items; item++) {
         const int64_t r = item / kv_heads, h = item % kv_heads, n = length[r];
-        const float *k = keys + (h * positions + region[r]) * dim;
-        const float *v = values + (h * positions + region[r]) * dim;
+        const void *k = (const char *)keys + (h * positions + region[r]) * dim * size;
+        const void *v = (const char *)values + (h * positions + region[r]) * dim * size;
         const float *q = query + h * group * q_head_stride + token[r] * q_token_stride;
         float *o = out + (token[r] * heads + h * group) * dim;
         float *scores = malloc(sizeof(float) * (size_t)(group * n));
@@ -117,16 +172,7 @@ int decode_attention(const float *query, int64_t q_head_stride, int64_t q_token_
             failed = 1;
             continue;
         }
-        switch (dim) {
-        case 64:
-            attend(q, q_head_stride, k, v, n, group, 64, scale, scores, o);
-            break;
-        case 128:
-            attend(q, q_head_stride, k, v, n, group, 128, scale, scores, o);
-            break;
-        default:
-            attend(q, q_head_stride, k, v, n, group, dim, scale, scores, o);
-        }
+        attend_item(q, q_head_stride, k, v, n, group, dim, scale, scores, o, kv_bf16);
         free(scores);
     }
     return failed ? -1 : 0;
