@@ -99,7 +99,7 @@ def answers(worker: LoadedWorker, cases: list[tuple[AdapterRef, str]]) -> list[t
     return results
 
 
-def scored(worker: LoadedWorker, cases: list[tuple[AdapterRef, str]]) -> list[list[tuple[float, str]]]:
+def scored(worker: LoadedWorker, cases: list[tuple[AdapterRef | None, str]]) -> list[list[tuple[float, str]]]:
     """Each case's text scored token by token: (log probability of the token, the most likely token there)."""
     sampling = SamplingParams(max_tokens=1, prompt_logprobs=1)
     requests = [GenerateRequest(request_id=uuid.uuid4().hex, prompt=text, adapter=ref, sampling=sampling)
