@@ -82,7 +82,6 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     model, tokenizer = load_base_model(config.model_path, device)
     if pack_output_head(model):
         log.info("output projection packed for oneDNN")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     slot_dtype = lora_slot_dtype(config.lora_dtype, device)
     log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
     # The native kernel (CPU) takes the decode tokens' LoRA; the layers lay their B stacks out for it.
@@ -95,7 +94,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
         log.info("adapter slots: %d in %d MiB", slots, config.adapter_slots_mb)
     layers = install_lora_layers(model, linears, slots, config.max_lora_rank, routing, device, slot_dtype)
     max_context = config.max_context or int(getattr(model.config, "max_position_embeddings", 2048))
-    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
+    # what attention computes in: float32 on the CPU, bfloat16 on a GPU, a GPTQ/AWQ checkpoint's own dtype
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, model.get_input_embeddings().weight.dtype)
     kv_tokens = config.kv_cache_mb * 2**20 // kv_bytes_per_token(model.config, kv_dtype)
     limits = EngineLimits(config.max_batch_size, config.max_waiting, kv_tokens, config.max_prefill_tokens,
                           config.max_prefill_tokens_idle)
