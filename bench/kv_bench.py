@@ -24,12 +24,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.common import Row, print_table
 from bench.engine_bench import start_worker
-from bench.slot_quality import first_difference, run_all, scored
+from bench.slot_quality import Answers, Scores, agreement_rows, run_all, scored
 from bench.workloads import LONG_BATCH, LONG_CONTEXT, SHORT_CONTEXT, decode_speed, prompt_of
 from worker.config import KvCacheDtype, WorkerConfig
 from worker.model import prepare_embedded_model
@@ -39,7 +38,7 @@ from worker.runtime import LoadedWorker
 NEW_TOKENS = 48
 
 
-def greedy(worker: LoadedWorker, prompts: list[str]) -> list[tuple[str, list[str]]]:
+def greedy(worker: LoadedWorker, prompts: list[str]) -> Answers:
     """Each prompt's greedy continuation: its text and its tokens."""
     sampling = SamplingParams(max_tokens=NEW_TOKENS, logprobs=0)
     requests = [GenerateRequest(request_id=uuid.uuid4().hex, prompt=p, sampling=sampling) for p in prompts]
@@ -61,8 +60,8 @@ def main() -> None:
     blobs = tempfile.mkdtemp(prefix="loraplex-kv-")  # no adapters: base rows only
     dtypes: tuple[KvCacheDtype, ...] = ("auto", "bfloat16")
     speeds: dict[KvCacheDtype, dict[str, list[float]]] = {d: {"short": [], "long": [], "ratio": []} for d in dtypes}
-    free: dict[KvCacheDtype, list[tuple[str, list[str]]]] = {}
-    forced: dict[KvCacheDtype, list[list[tuple[float, str]]]] = {}
+    free: dict[KvCacheDtype, Answers] = {}
+    forced: dict[KvCacheDtype, Scores] = {}
     for round_ in range(args.rounds):
         for dtype in dtypes:
             runtime = start_worker(WorkerConfig(
@@ -92,20 +91,7 @@ def main() -> None:
     ratio = [b / a for a, b in zip(speeds["auto"]["long"], speeds["bfloat16"]["long"], strict=True)]
     rows.append(Row("c", f"bfloat16 / float32 at ~{LONG_CONTEXT} tokens (same round)", LONG_BATCH,
                     statistics.median(ratio), "x", " ".join(f"{r:.2f}" for r in ratio)))
-    gaps = [abs(mine[0] - ref[0]) for a, b in zip(forced["bfloat16"], forced["auto"], strict=True)
-            for mine, ref in zip(a, b, strict=True)]
-    flips = [mine[1] != ref[1] for a, b in zip(forced["bfloat16"], forced["auto"], strict=True)
-             for mine, ref in zip(a, b, strict=True)]
-    same = sum(x[0] == y[0] for x, y in zip(free["bfloat16"], free["auto"], strict=True))
-    parted = [first_difference(x[1], y[1]) for x, y in zip(free["bfloat16"], free["auto"], strict=True) if x[0] != y[0]]
-    rows += [
-        Row("q", "KV bfloat16: |logprob - float32's|, mean", len(gaps), 1000 * statistics.fmean(gaps), "mnats"),
-        Row("q", "KV bfloat16: |logprob - float32's|, p99 / max", len(gaps), 1000 * float(np.quantile(gaps, 0.99)),
-            "mnats", f"max {1000 * max(gaps):.0f}"),
-        Row("q", "KV bfloat16: most likely next token differs", len(flips), 100 * statistics.fmean(flips), "%"),
-        Row("q", "KV bfloat16: greedy answers equal to float32's", len(free["auto"]), same, "answers",
-            f"others part at token {statistics.median(parted):.0f} (median)" if parted else ""),
-    ]
+    rows += agreement_rows("KV bfloat16", forced["bfloat16"], forced["auto"], free["bfloat16"], free["auto"])
     print(f"\nKV pool dtypes, {LONG_BATCH} rows, {args.new_tokens} new tokens in the speed lines, "
           f"{NEW_TOKENS} in the answers, {args.rounds} rounds")
     print_table(rows)

@@ -27,7 +27,7 @@ import statistics
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ from worker.runtime import LoadedWorker
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "adapters"
 RANK = 16
 NEW_TOKENS = 48
+Scores = list[list[tuple[float, str]]]  # `scored`'s
+Answers = list[tuple[str, list[str]]]  # greedy answers: text and tokens
 
 
 def gaussian(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
@@ -87,7 +89,7 @@ def run_all(worker: LoadedWorker, requests: list[GenerateRequest]) -> list[list[
     return events
 
 
-def answers(worker: LoadedWorker, cases: list[tuple[AdapterRef, str]]) -> list[tuple[str, list[str]]]:
+def answers(worker: LoadedWorker, cases: list[tuple[AdapterRef, str]]) -> Answers:
     """Each case's greedy answer: its text and its tokens."""
     sampling = SamplingParams(max_tokens=NEW_TOKENS, logprobs=0)
     requests = [GenerateRequest(request_id=uuid.uuid4().hex, messages=[ChatMessage(role="user", content=prompt)],
@@ -99,7 +101,7 @@ def answers(worker: LoadedWorker, cases: list[tuple[AdapterRef, str]]) -> list[t
     return results
 
 
-def scored(worker: LoadedWorker, cases: list[tuple[AdapterRef | None, str]]) -> list[list[tuple[float, str]]]:
+def scored(worker: LoadedWorker, cases: Sequence[tuple[AdapterRef | None, str]]) -> Scores:
     """Each case's text scored token by token: (log probability of the token, the most likely token there)."""
     sampling = SamplingParams(max_tokens=1, prompt_logprobs=1)
     requests = [GenerateRequest(request_id=uuid.uuid4().hex, prompt=text, adapter=ref, sampling=sampling)
@@ -127,6 +129,25 @@ def int8_rounding(directory: Path) -> float:
 
 def first_difference(a: list[str], b: list[str]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+
+def agreement_rows(what: str, forced: Scores, forced_ref: Scores, free: Answers, free_ref: Answers) -> list[Row]:
+    """How far `what`'s scores and greedy answers are from the reference's (float32's), case by case."""
+    pairs = [(mine, ref) for case, case_ref in zip(forced, forced_ref, strict=True)
+             for mine, ref in zip(case, case_ref, strict=True)]
+    gaps = [abs(mine[0] - ref[0]) for mine, ref in pairs]
+    flips = [mine[1] != ref[1] for mine, ref in pairs]
+    same = sum(x[0] == y[0] for x, y in zip(free, free_ref, strict=True))
+    parted = [first_difference(x[1], y[1]) for x, y in zip(free, free_ref, strict=True) if x[0] != y[0]]
+    return [
+        Row("q", f"{what}: |logprob - float32's|, mean", len(gaps), 1000 * statistics.fmean(gaps), "mnats"),
+        Row("q", f"{what}: |logprob - float32's|, p99 / max", len(gaps),
+            1000 * float(np.quantile(gaps, 0.99)), "mnats", f"max {1000 * max(gaps):.0f}"),
+        Row("q", f"{what}: most likely next token differs", len(flips), 100 * statistics.fmean(flips), "%"),
+        Row("q", f"{what}: greedy answers equal to float32's", len(free), same, "answers",
+            f"others part at token {statistics.median(parted):.0f} (median)" if parted else ""),
+    ]
 
 
 def main() -> None:
@@ -175,25 +196,12 @@ def main() -> None:
     for dtype in dtypes[1:]:
         for name in adapters:
             index = [i for i, case in enumerate(cases) if case[0] == name]
-            gaps = [abs(mine[0] - ref[0]) for i in index
-                    for mine, ref in zip(forced[dtype][i], forced["float32"][i], strict=True)]
-            flips = [mine[1] != ref[1] for i in index
-                     for mine, ref in zip(forced[dtype][i], forced["float32"][i], strict=True)]
-            same = sum(free[dtype][i][0] == free["float32"][i][0] for i in index)
-            parted = [first_difference(free[dtype][i][1], free["float32"][i][1]) for i in index
-                      if free[dtype][i][0] != free["float32"][i][0]]
             what = f"{dtype}, {name}"
             if dtype == "int8":
                 rows.append(Row("q", f"{what}: rounding's loss, worst layer (LORA_INT8_MAX_ERROR)", "",
                                 100 * int8_rounding(directories[name]), "%"))
-            rows += [
-                Row("q", f"{what}: |logprob - float32's|, mean", len(gaps), 1000 * statistics.fmean(gaps), "mnats"),
-                Row("q", f"{what}: |logprob - float32's|, p99 / max", len(gaps),
-                    1000 * float(np.quantile(gaps, 0.99)), "mnats", f"max {1000 * max(gaps):.0f}"),
-                Row("q", f"{what}: most likely next token differs", len(flips), 100 * statistics.fmean(flips), "%"),
-                Row("q", f"{what}: greedy answers equal to float32's", len(index), same, "answers",
-                    f"others part at token {statistics.median(parted):.0f} (median)" if parted else ""),
-            ]
+            rows += agreement_rows(what, [forced[dtype][i] for i in index], [forced["float32"][i] for i in index],
+                                   [free[dtype][i] for i in index], [free["float32"][i] for i in index])
     print(f"\nAdapter slot dtypes against float32 slots: {len(PROMPTS)} chat prompts an adapter, "
           f"{NEW_TOKENS} greedy tokens, rank {RANK} on all seven linears")
     print_table(rows)

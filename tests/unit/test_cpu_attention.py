@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Any
 
 import pytest
 import torch
@@ -82,21 +83,28 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(kernel: DecodeAtten
     assert torch.equal(alone[5], together[5])
 
 
-def test_rows_attention_with_the_kernel_equals_it_without(kernel: DecodeAttention) -> None:
-    """A pass of decode rows, a whole prompt and a later prompt chunk, as the engine plans one."""
+class Layer(torch.nn.Module):
+    layer_idx = 0
+
+
+def mixed_pass(seed: int) -> tuple[Any, list[Segment], torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A pass of decode rows, a whole prompt and a later prompt chunk, as the engine plans one: the model's
+    config, the segments, the pass's query, new keys and values, and the pool's keys and values before it."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     segments = [Segment(0, 1, 0, 40), Segment(1, 12, 100, 0), Segment(13, 1, 200, 0), Segment(14, 5, 300, 9)]
     tokens = 19
     query = torch.randn(1, 4, tokens, 32, generator=generator)
     key, value = (torch.randn(1, 2, tokens, 32, generator=generator) for _ in range(2))
     history = [torch.randn(2, 400, 32, generator=generator) for _ in range(2)]
+    return config, segments, query, key, value, history
 
-    class Layer(torch.nn.Module):
-        layer_idx = 0
 
+def test_rows_attention_with_the_kernel_equals_it_without(kernel: DecodeAttention) -> None:
+    """A pass of decode rows, a whole prompt and a later prompt chunk, as the engine plans one."""
+    config, segments, query, key, value, history = mixed_pass(3)
     outs = []
     for with_kernel in (kernel, None):
         pool = KVPool(config, 400, torch.float32, torch.device("cpu"), with_kernel)
@@ -178,19 +186,8 @@ def test_a_bfloat16_pool_rounds_each_key_once_and_every_path_attends_the_stored_
     """A pass of decode rows, a whole prompt and a later prompt chunk over a bfloat16 pool under a float32
     model: the new keys and values are stored rounded, the kernel and torch's attention (which widens the
     rows' regions) agree, and both equal a float32 pool that holds the same rounded values."""
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1)
-    generator = torch.Generator().manual_seed(4)
-    segments = [Segment(0, 1, 0, 40), Segment(1, 12, 100, 0), Segment(13, 1, 200, 0), Segment(14, 5, 300, 9)]
-    tokens = 19
-    query = torch.randn(1, 4, tokens, 32, generator=generator)
-    key, value = (torch.randn(1, 2, tokens, 32, generator=generator) for _ in range(2))
-    history = [torch.randn(2, 400, 32, generator=generator).to(torch.bfloat16) for _ in range(2)]
-
-    class Layer(torch.nn.Module):
-        layer_idx = 0
-
+    config, segments, query, key, value, history = mixed_pass(4)
+    history = [past.to(torch.bfloat16) for past in history]
     outs = []
     cpu = torch.device("cpu")
     for dtype, with_kernel, new in ((torch.bfloat16, kernel, (key, value)), (torch.bfloat16, None, (key, value)),

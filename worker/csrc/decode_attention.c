@@ -52,7 +52,7 @@ static inline __attribute__((always_inline)) float kv(const void *p, int64_t i, 
     return value;
 }
 
-/* lanes.h's dot of q with a key: the same lane order, so float32 keys give the same sums as before. */
+/* q's dot with a key in LANES partial sums, added up in lane order: a fixed order, whatever the batch. */
 static inline __attribute__((always_inline)) float dot_kv(const float *restrict q, const void *restrict k, int64_t n,
                                                            const int bf16)
 {

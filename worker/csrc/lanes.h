@@ -24,19 +24,4 @@
 #define LANES 4
 #endif
 
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n)
-{
-    const int64_t whole = n - n % LANES;
-    float part[LANES] = {0};
-    for (int64_t d = 0; d < whole; d += LANES)
-        for (int i = 0; i < LANES; i++)
-            part[i] += a[d + i] * b[d + i];
-    float sum = 0.0f;
-    for (int i = 0; i < LANES; i++)
-        sum += part[i];
-    for (int64_t d = whole; d < n; d++)
-        sum += a[d] * b[d];
-    return sum;
-}
-
 #endif

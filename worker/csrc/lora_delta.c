@@ -122,7 +122,7 @@ static inline __attribute__((always_inline)) float weight(const void *w, int64_t
     return value;
 }
 
-/* lanes.h's dot with weights `w`: the same lane order. */
+/* The dot of weights `w` with x in LANES partial sums, added up in lane order. */
 static inline __attribute__((always_inline)) float dot_w(const void *w, const float *x, int64_t n, const int wt)
 {
     const int64_t whole = n - n % LANES;
