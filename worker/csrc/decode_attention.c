@@ -52,18 +52,22 @@ static inline __attribute__((always_inline)) float kv(const void *p, int64_t i, 
     return value;
 }
 
-/* q's dot with a key in LANES partial sums, added up in lane order: a fixed order, whatever the batch. */
+/* LANES elements of a key or value vector from element i, widened as `kv` widens each. */
+static inline __attribute__((always_inline)) lanes_t kv_lanes(const void *p, int64_t i, const int bf16)
+{
+    return bf16 ? load_bf16((const uint16_t *)p + i) : load((const float *)p + i);
+}
+
+/* q's dot with a key in LANES partial sums, added up by halves (`lanes_sum`): a fixed order, whatever the
+ * batch. */
 static inline __attribute__((always_inline)) float dot_kv(const float *restrict q, const void *restrict k, int64_t n,
                                                            const int bf16)
 {
     const int64_t whole = n - n % LANES;
-    float part[LANES] = {0};
+    lanes_t part = {0};
     for (int64_t d = 0; d < whole; d += LANES)
-        for (int i = 0; i < LANES; i++)
-            part[i] += q[d + i] * kv(k, d + i, bf16);
-    float sum = 0.0f;
-    for (int i = 0; i < LANES; i++)
-        sum += part[i];
+        part += load(q + d) * kv_lanes(k, d, bf16);
+    float sum = lanes_sum(part);
     for (int64_t d = whole; d < n; d++)
         sum += q[d] * kv(k, d, bf16);
     return sum;

@@ -24,4 +24,45 @@
 #define LANES 4
 #endif
 
+/* LANES floats as one value the compiler keeps in one register (a plain float array of sums it kept on
+ * the stack, each add a load and a store); lane i's arithmetic is the scalar loop's, in its order. */
+typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
+typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float)), may_alias));
+
+static inline lanes_t load(const float *p) { return *(const lanes_at *)p; }
+
+/* LANES bfloat16 values widened to float32: each one's 16 bits above 16 zero bits (exact). */
+typedef uint16_t halves_at __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(sizeof(uint16_t)), may_alias));
+typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+static inline lanes_t load_bf16(const uint16_t *p)
+{
+    return (lanes_t)(__builtin_convertvector(*(const halves_at *)p, words_t) << 16);
+}
+
+/* The sum of a value's lanes, by halves: the upper half added to the lower, then the same again, down to
+ * one lane; a fixed order, log2(LANES) dependent adds. Adding the lanes one after another, through the
+ * stack, was the cost of the decode kernel's scores (LANES - 1 dependent scalar adds a key and head):
+ * the same 30 layers' attention, 8 rows at ~1,000 positions, 13.9 -> 8.7 ms a pass from cache and
+ * 18.4 -> 16.7 ms from memory on an AMD host with AVX-512 (bfloat16 keys: 15.1 -> 10.0, 17.3 -> 12.6). */
+static inline __attribute__((always_inline)) float lanes_sum(lanes_t v)
+{
+#if LANES == 16
+    typedef float half_t __attribute__((vector_size(8 * sizeof(float))));
+    const half_t h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                      __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+#elif LANES == 8
+    const lanes_t h8 = v;
+#endif
+#if LANES >= 8
+    typedef float quarter_t __attribute__((vector_size(4 * sizeof(float))));
+    const quarter_t h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+#else
+    const lanes_t h4 = v;
+#endif
+    typedef float pair_t __attribute__((vector_size(2 * sizeof(float))));
+    const pair_t h2 = __builtin_shufflevector(h4, h4, 0, 1) + __builtin_shufflevector(h4, h4, 2, 3);
+    return h2[0] + h2[1];
+}
+
 #endif

@@ -67,17 +67,8 @@ static inline __attribute__((always_inline)) int prefetches(const int wt) { retu
 /* Bytes a weight: float32 (0), bfloat16 (1), int8 (2). */
 #define WSIZE(wt) ((wt) == 0 ? 4 : (wt) == 1 ? 2 : 1)
 
-/* LANES floats as one value the compiler keeps in one register (a plain float array of sums it kept on
- * the stack, each add a load and a store); lane i's arithmetic is the scalar loop's, in its order. */
-typedef float lanes_t __attribute__((vector_size(LANES * sizeof(float))));
-typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligned(sizeof(float)), may_alias));
-
-static inline lanes_t load(const float *p) { return *(const lanes_at *)p; }
-
 /* Weights: float32, bfloat16 widened to float32 (a shift: exact) or int8 converted to float32 (exact;
  * the scale comes after). Offsets count weights. */
-typedef uint16_t halves_at __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(sizeof(uint16_t)), may_alias));
-typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
 
 /* LANES int8 weights as floats (exact). GCC 12 converts int8 vectors one lane at a time (__builtin_convertvector
  * to int32 or float lanes: a movsbl and a vpinsrd each), so the widening is the instructions themselves. */
@@ -106,8 +97,7 @@ static inline __attribute__((always_inline)) lanes_t load_w(const void *w, int64
         return load((const float *)w + i);
     if (wt == 2)
         return widen_int8((const int8_t *)w + i);
-    const words_t wide = __builtin_convertvector(*(const halves_at *)at(w, i, 1), words_t) << 16;
-    return (lanes_t)wide;
+    return load_bf16((const uint16_t *)w + i);
 }
 
 static inline __attribute__((always_inline)) float weight(const void *w, int64_t i, const int wt)
