@@ -27,6 +27,7 @@ bench: venv
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.engine_bench
 	$(PY) -m bench.lora_bench
+	$(PY) -m bench.attention_bench
 
 lint: venv
 	$(VENV)/bin/ruff check app worker adapters tests scripts $(wildcard bench)
