@@ -42,6 +42,14 @@ def torch_rows(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, ro
         out[row] = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)[0, :, 0]
 
 
+def random_pools(layers: int, shape: tuple[int, int, int], dtype: torch.dtype, generator: torch.Generator) -> Pools:
+    pools = []
+    for _ in range(layers):
+        keys, values = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+        pools.append((keys, values))
+    return pools
+
+
 def one_pass(attend: Callable[..., None], query: torch.Tensor, pools: Pools, rows: DecodeRows, scale: float,
              cached: bool) -> float:
     """Milliseconds for every layer once (`cached`: the first layer's pool every time)."""
@@ -53,7 +61,7 @@ def one_pass(attend: Callable[..., None], query: torch.Tensor, pools: Pools, row
     return (time.perf_counter() - started) * 1000
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--context", type=int, default=1000, help="positions a row attends over (about)")
@@ -61,6 +69,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--models-dir", type=Path, default=Path(os.environ.get("LORAPLEX_MODELS_DIR", "data/models")))
     args = parser.parse_args()
+    if args.rows < 1 or args.rounds < 1 or args.threads < 1:
+        parser.error("--rows, --rounds and --threads must be at least 1")
+    if args.context <= args.rows:
+        parser.error("--context must be more than --rows (rows attend over context - rows + 1 to context positions)")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     kernel: DecodeAttention | None = decode_attention_kernel()
@@ -76,42 +93,36 @@ def main() -> None:
     rows = DecodeRows.of(list(range(args.rows)), [r * region for r in range(args.rows)],
                          [args.context - args.rows + r for r in range(args.rows)])
     scale = dim**-0.5
-    pools: dict[torch.dtype, Pools] = {}
-    for dtype in KV_DTYPES:
-        pools[dtype] = []
-        for _ in range(config.num_hidden_layers):
-            keys, values = (torch.randn(kv_heads, args.rows * region, dim, generator=generator).to(dtype)
-                            for _ in range(2))
-            pools[dtype].append((keys, values))
-    lines: dict[str, Callable[[], float]] = {}
+    pools = {dtype: random_pools(config.num_hidden_layers, (kv_heads, args.rows * region, dim), dtype, generator)
+             for dtype in KV_DTYPES}
+    memory, cache, rowwise = "kernel, from memory", "kernel, from cache", "torch, a row at a time"
+    lines: dict[tuple[torch.dtype, str], Callable[[], float]] = {}
     for dtype, layers in pools.items():
-        name = str(dtype).removeprefix("torch.")
-        lines[f"{name}: kernel, from memory"] = partial(one_pass, kernel.attend, query, layers, rows, scale, False)
-        lines[f"{name}: kernel, from cache"] = partial(one_pass, kernel.attend, query, layers, rows, scale, True)
-        lines[f"{name}: torch, a row at a time"] = partial(one_pass, torch_rows, query, layers, rows, scale, False)
+        lines[(dtype, memory)] = partial(one_pass, kernel.attend, query, layers, rows, scale, False)
+        lines[(dtype, cache)] = partial(one_pass, kernel.attend, query, layers, rows, scale, True)
+        lines[(dtype, rowwise)] = partial(one_pass, torch_rows, query, layers, rows, scale, False)
     for line in lines.values():  # warm-up: pages touched, code loaded
         line()
-    times: dict[str, list[float]] = {what: [] for what in lines}
+    times: dict[tuple[torch.dtype, str], list[float]] = {key: [] for key in lines}
     for _ in range(args.rounds):
-        for what, line in lines.items():
-            times[what].append(line())
-    ms = {what: statistics.median(values) for what, values in times.items()}
+        for key, line in lines.items():
+            times[key].append(line())
+    ms = {key: statistics.median(values) for key, values in times.items()}
     table = []
-    for dtype in pools:
+    for dtype, layers in pools.items():
         name = str(dtype).removeprefix("torch.")
-        memory, cache, rowwise = (ms[f"{name}: {what}"] for what in
-                                  ("kernel, from memory", "kernel, from cache", "torch, a row at a time"))
-        mb = sum(t.numel() * t.element_size() for pair in pools[dtype] for t in pair) * args.context / region / 2**20
+        torch_ms = ms[(dtype, rowwise)]
+        mb = sum(t.numel() * t.element_size() for pair in layers for t in pair) * args.context / region / 2**20
         table += [
-            Row("A", f"{name}: torch's attention, a row at a time", args.rows, rowwise, "ms", "1.00"),
-            Row("A", f"{name}: kernel, from memory ({mb:.0f} MB a pass)", args.rows, memory, "ms",
-                f"{rowwise / memory:.2f}x"),
-            Row("A", f"{name}: kernel, one layer's pool from cache", args.rows, cache, "ms",
-                f"{rowwise / cache:.2f}x"),
+            Row("A", f"{name}: torch's attention, a row at a time", args.rows, torch_ms, "ms", "1.00"),
+            Row("A", f"{name}: kernel, from memory ({mb:.0f} MB a pass)", args.rows, ms[(dtype, memory)], "ms",
+                f"{torch_ms / ms[(dtype, memory)]:.2f}x"),
+            Row("A", f"{name}: kernel, one layer's pool from cache", args.rows, ms[(dtype, cache)], "ms",
+                f"{torch_ms / ms[(dtype, cache)]:.2f}x"),
         ]
-    f32, bf16 = (ms[f"{str(d).removeprefix('torch.')}: kernel, from memory"] for d in KV_DTYPES)
-    table.append(Row("A", "bfloat16 pool / float32 pool, kernel from memory (speed)", args.rows, f32 / bf16, "x",
-                     f"{f32 / bf16:.2f}x"))
+    speed = ms[(torch.float32, memory)] / ms[(torch.bfloat16, memory)]
+    table.append(Row("A", "bfloat16 pool / float32 pool, kernel from memory (speed)", args.rows, speed, "x",
+                     f"{speed:.2f}x"))
     print(f"\nDecode attention of one pass: {config.num_hidden_layers} layers, {heads} heads ({kv_heads} KV) of {dim}, "
           f"{args.rows} rows at ~{args.context} positions, {args.threads} threads; ratio: torch / kernel")
     print_table(table)

@@ -396,6 +396,8 @@ def main() -> None:
     parser.add_argument("--models-dir", type=Path,
                         default=Path(os.environ.get("LORAPLEX_MODELS_DIR", "data/models")))
     args = parser.parse_args()
+    if args.rounds < 1 or args.target_rounds < 1:
+        parser.error("--rounds and --target-rounds must be at least 1 (each line's value is a median of rounds)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.only_http:
         from bench.http_bench import http_lines
