@@ -18,6 +18,8 @@ from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache, host_buffer
 from worker.config import KvCacheDtype, LoraDtype, WorkerConfig
 from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
+from worker.cpu_nf4 import MAX_TOKENS as NF4_MAX_TOKENS
+from worker.cpu_nf4 import install as install_nf4
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora_model import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
@@ -82,6 +84,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     model, tokenizer = load_base_model(config.model_path, device)
     if pack_output_head(model):
         log.info("output projection packed for oneDNN")
+    if device.type == "cpu" and (taken := install_nf4(model)):
+        log.info("4-bit layers: %d take the native kernel for passes of up to %d tokens", taken, NF4_MAX_TOKENS)
     slot_dtype = lora_slot_dtype(config.lora_dtype, device)
     log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
     # The native kernel (CPU) takes the decode tokens' LoRA; the layers lay their B stacks out for it.

@@ -1,0 +1,38 @@
+"""The served model's 4-bit layers on the native kernel: the same answers as bitsandbytes' own layers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.conftest import Worker
+from worker import cpu_nf4
+from worker.cpu_nf4 import KernelForward
+
+
+def answers(worker: Worker, questions: list[str]) -> list[tuple[str, list[float]]]:
+    """Each question's greedy answer and its tokens' log probabilities, the questions run together."""
+    outcomes = [worker.submit(q, max_tokens=16, logprobs=0)[1] for q in questions]
+    for outcome in outcomes:
+        assert outcome.final.error is None, outcome.final.error
+    return [(o.text, [t.logprob for e in o.events for t in e.logprobs or []]) for o in outcomes]
+
+
+def test_the_worker_answers_on_the_kernel_what_bitsandbytes_answers(worker: Worker) -> None:
+    model = worker.loaded.engine.runner.model
+    taken = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), KernelForward)]
+    if not taken:
+        pytest.skip("bitsandbytes computes in its own fused CPU kernel here (AVX512-BF16), or no C compiler")
+    assert len(taken) == 210  # every projection of the 30 layers; the output head is not 4-bit
+    questions = ["What is the capital of France?", "Name three colours.", "Count from one to five."]
+    # several rows at once, so decode passes run as the engine runs them: up to 3 tokens a layer
+    on_kernel = answers(worker, questions)
+    cpu_nf4.uninstall(model)  # the engine is idle: every request above has finished
+    try:
+        on_bnb = answers(worker, questions)
+    finally:
+        assert cpu_nf4.install(model) == 210
+    assert "Paris" in on_kernel[0][0]
+    for (kernel_text, kernel_logprobs), (bnb_text, bnb_logprobs) in zip(on_kernel, on_bnb, strict=True):
+        assert kernel_text == bnb_text
+        assert len(kernel_logprobs) == len(bnb_logprobs) > 0
+        assert max(abs(a - b) for a, b in zip(kernel_logprobs, bnb_logprobs, strict=True)) < 1e-3

@@ -1,0 +1,108 @@
+"""The native 4-bit linear layer: what bitsandbytes computes, for any token count, and only where it should."""
+
+from __future__ import annotations
+
+import shutil
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as F
+import pytest
+import torch
+
+from worker import cpu_nf4
+from worker.cpu_nf4 import KernelForward, Nf4Linear, PackedWeight, nf4_linear_kernel
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the layers keep bitsandbytes' path")
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Nf4Linear:
+    built = nf4_linear_kernel()
+    assert built is not None, "a host with a C compiler builds the kernel"
+    return built
+
+
+def packed(out_features: int, in_features: int, blocksize: int, quant_type: str, bias: bool,
+           seed: int) -> tuple[PackedWeight, torch.Tensor]:
+    """A random weight packed by bitsandbytes, as the kernel reads it, and bitsandbytes' dequantization."""
+    generator = torch.Generator().manual_seed(seed)
+    weight, state = F.quantize_4bit(torch.randn(out_features, in_features, generator=generator), blocksize=blocksize,
+                                    quant_type=quant_type)
+    bias_values = torch.randn(out_features, generator=generator) if bias else None
+    return PackedWeight(weight.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float(), state.code.float(),
+                        blocksize, in_features, out_features, bias_values), F.dequantize_4bit(weight, state)
+
+
+@pytest.mark.parametrize(("out_features", "in_features", "blocksize"),
+                         [(576, 576, 64), (7, 96, 64), (13, 130, 64), (5, 1536, 256), (3, 2, 64), (33, 10, 128)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_kernel_gives_bitsandbytes_layer(kernel: Nf4Linear, out_features: int, in_features: int, blocksize: int,
+                                             quant_type: str, threads: int) -> None:
+    # blocks of the flattened weight that run across rows (96, 130, 10 inputs), odd outputs, tails past the lanes
+    weight, dense = packed(out_features, in_features, blocksize, quant_type, out_features % 2 == 1, out_features)
+    x = torch.randn(cpu_nf4.MAX_TOKENS, in_features, generator=torch.Generator().manual_seed(1))
+    torch.set_num_threads(threads)
+    try:
+        for tokens in (1, 2, 3, 5, 16, cpu_nf4.MAX_TOKENS):
+            got = kernel.forward(x[:tokens], weight)
+            expected = torch.nn.functional.linear(x[:tokens], dense, weight.bias)
+            scale = float(expected.abs().max()) + 1.0
+            assert (got - expected).abs().max() <= 2e-6 * scale * in_features**0.5, tokens
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_a_tokens_result_does_not_depend_on_the_tokens_beside_it(kernel: Nf4Linear) -> None:
+    weight, _ = packed(40, 576, 64, "nf4", True, 3)
+    x = torch.randn(cpu_nf4.MAX_TOKENS, 576, generator=torch.Generator().manual_seed(4))
+    together = kernel.forward(x, weight)
+    for token in (0, 1, 5, cpu_nf4.MAX_TOKENS - 1):
+        alone = kernel.forward(x[token : token + 1], weight)
+        assert torch.equal(alone[0], together[token]), token  # bit for bit, whatever the tile
+    # strided input (a view of a wider tensor) and a 3-d batch give the same bits
+    wide = torch.zeros(2, cpu_nf4.MAX_TOKENS // 2, 600)
+    wide[..., :576] = x.view(2, cpu_nf4.MAX_TOKENS // 2, 576)
+    assert torch.equal(kernel.forward(wide[..., :576], weight).reshape(-1, 40), together)
+
+
+def bnb_layer(quant_type: str, nested: bool, bias: bool = True) -> bnb.nn.Linear4bit:
+    torch.manual_seed(5)
+    dense = torch.nn.Linear(192, 48, bias=bias)
+    layer = bnb.nn.Linear4bit(192, 48, bias=bias, compute_dtype=torch.float32, quant_type=quant_type,
+                              compress_statistics=nested)
+    layer.load_state_dict(dense.state_dict())
+    return layer.to("cpu").eval()
+
+
+@pytest.mark.parametrize(("quant_type", "nested"), [("nf4", False), ("nf4", True), ("fp4", True)])
+def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_for_more(
+        kernel: Nf4Linear, quant_type: str, nested: bool) -> None:
+    layer = bnb_layer(quant_type, nested)
+    if PackedWeight.of(layer) is None:
+        pytest.skip("bitsandbytes computes this layer in its own fused CPU kernel (AVX512-BF16)")
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(cpu_nf4.MAX_TOKENS + 1, 192, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = layer(x)  # bitsandbytes' own path, before install
+        assert cpu_nf4.install(model) == 1
+        assert isinstance(layer.forward, KernelForward)
+        few = layer(x[:4])
+        assert not torch.equal(few, before[:4])  # another summation order: the kernel ran, not bitsandbytes
+        assert (few - before[:4]).abs().max() < 1e-4  # nested statistics dequantized as bitsandbytes does
+        assert torch.equal(layer(x), before)  # a prompt chunk: bitsandbytes' own result, bit for bit
+    with torch.enable_grad():
+        assert torch.equal(layer(x[:4]), before[:4])  # gradients (training): bitsandbytes' own layer
+    cpu_nf4.uninstall(model)
+    with torch.no_grad():
+        assert torch.equal(layer(x[:4]), before[:4])
+
+
+def test_layers_the_kernel_cannot_read_are_left_alone() -> None:
+    plain = torch.nn.Linear(64, 8)
+    bfloat16 = bnb.nn.Linear4bit(64, 8, compute_dtype=torch.bfloat16, quant_type="nf4").to("cpu")
+    model = torch.nn.Sequential(plain, bfloat16)
+    assert PackedWeight.of(plain) is None and PackedWeight.of(bfloat16) is None
+    assert cpu_nf4.install(model) == 0
+    assert "forward" not in plain.__dict__ and "forward" not in bfloat16.__dict__

@@ -1,0 +1,160 @@
+"""The base model's 4-bit layers for a pass's few tokens on the CPU: one native call a layer.
+
+Where bitsandbytes has no fused CPU kernel for its 4-bit layers (a CPU without AVX512-BF16), each
+call dequantizes the whole weight to float32 and multiplies: a batch-16 decode step of the embedded
+model rebuilds all 210 weights, ~5 ms a transformer layer on a 2-core AMD Zen 3. `worker/csrc/nf4_linear.c`
+decodes one weight row at a time into cache and multiplies it with every token there. Passes of more
+than `MAX_TOKENS` tokens (prompt chunks) keep bitsandbytes' way, where one dequantization serves many
+tokens; so do training (gradients) and every layer on a CPU where bitsandbytes computes in its own fused
+kernel, which repacks the weight on its first call.
+
+Compiled when a worker first needs it (`worker.native`), used only if it computes what bitsandbytes
+computes on a probe; otherwise the layers keep bitsandbytes' path (logged). Serving only: the worker
+installs it (`install`) on the model it serves.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker import native
+
+SOURCE = native.CSRC / "nf4_linear.c"
+MAX_TOKENS = 32  # a pass of more tokens (a prompt chunk) keeps bitsandbytes' dequantize-and-multiply
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A 4-bit layer's weight as the kernel reads it: bitsandbytes' own packed bytes (two values a byte,
+    row-major over [out, in]), float32 absmax a `blocksize` run of the flattened weight (nested
+    statistics dequantized once), the 16 values of its code, and the float32 bias if any."""
+
+    packed: torch.Tensor  # uint8, out * in / 2
+    absmax: torch.Tensor  # float32 [out * in / blocksize, rounded up]
+    code: torch.Tensor  # float32 [16]
+    blocksize: int
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    @staticmethod
+    def of(module: nn.Module) -> PackedWeight | None:
+        """The weight of a bitsandbytes `Linear4bit` that computes in float32 on the CPU through
+        bitsandbytes' dequantize-and-multiply path; None for any other layer."""
+        import bitsandbytes as bnb
+
+        if not isinstance(module, bnb.nn.Linear4bit) or getattr(module, "support_avx512bf16_for_cpu", False):
+            return None
+        state = getattr(module.weight, "quant_state", None)
+        if state is None or getattr(state, "packing_format_for_cpu", False) or module.weight.device.type != "cpu":
+            return None
+        out_features, in_features = (int(size) for size in state.shape)
+        if (state.quant_type not in ("nf4", "fp4") or module.compute_dtype not in (None, torch.float32)
+                or in_features % 2 or state.blocksize % 2 or state.code.numel() != 16):
+            return None
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        return PackedWeight(module.weight.data.view(torch.uint8).reshape(-1).contiguous(),
+                            absmax.float().contiguous(), state.code.float().contiguous(), int(state.blocksize),
+                            in_features, out_features, bias)
+
+
+class Nf4Linear:
+    """The compiled kernel: `forward` computes a layer's output for a few tokens."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._kernel = library.nf4_linear
+        self._kernel.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
+        self._kernel.restype = ctypes.c_int
+
+    def forward(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+        """x [..., in] float32 on the CPU -> [..., out]: x times the weight transposed, plus the bias."""
+        flat = x.reshape(-1, weight.in_features)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        out = torch.empty(flat.shape[0], weight.out_features)
+        failed = self._kernel(
+            flat.data_ptr(), flat.stride(0), flat.shape[0], weight.packed.data_ptr(), weight.absmax.data_ptr(),
+            weight.code.data_ptr(), weight.blocksize, weight.in_features, weight.out_features,
+            None if weight.bias is None else weight.bias.data_ptr(), out.data_ptr(), out.stride(0),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("4-bit linear: no memory for a decoded weight row")
+        return out.view(*x.shape[:-1], weight.out_features)
+
+
+def install(model: nn.Module) -> int:
+    """Route the model's eligible 4-bit layers (`PackedWeight.of`) through the kernel for passes of at
+    most `MAX_TOKENS` tokens without gradients; how many layers it took (0 where none is eligible, or the
+    kernel cannot be had: it is compiled only for a model that has such layers)."""
+    eligible = [(module, weight) for module in model.modules() if (weight := PackedWeight.of(module)) is not None]
+    kernel = nf4_linear_kernel() if eligible else None
+    if kernel is None:
+        return 0
+    for module, weight in eligible:
+        module.forward = KernelForward(kernel, weight, module.forward)
+    return len(eligible)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Put every layer `install` took back on bitsandbytes' own forward (benchmarks compare the two)."""
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), KernelForward):
+            del module.forward
+
+
+class KernelForward:
+    """A 4-bit layer's forward: the kernel for a few tokens without gradients, else the layer's own."""
+
+    def __init__(self, kernel: Nf4Linear, weight: PackedWeight,
+                 original: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.kernel, self.weight, self.original = kernel, weight, original
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] == self.weight.in_features else 0
+        if (0 < tokens <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled()):
+            return self.kernel.forward(x, self.weight)
+        return self.original(x)
+
+
+@functools.cache
+def nf4_linear_kernel() -> Nf4Linear | None:
+    """The kernel for this process, compiled once; None (logged) where it cannot be built or is wrong."""
+    return native.load(SOURCE, Nf4Linear, probe_error, "4-bit linear layers", "bitsandbytes' dequantize and matmul")
+
+
+def probe_error(kernel: Nf4Linear) -> float:
+    """Largest difference from bitsandbytes' dequantized weight times the input, over NF4 and FP4 weights
+    whose blocks run across rows, with and without a bias, at token counts around the kernel's tiles."""
+    import bitsandbytes.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    error = 0.0
+    for quant_type, (out_features, in_features), blocksize, bias in (
+        ("nf4", (24, 96), 64, False), ("fp4", (10, 130), 64, True), ("nf4", (7, 256), 128, True),
+    ):
+        dense = torch.randn(out_features, in_features, generator=generator)
+        packed, state = F.quantize_4bit(dense, blocksize=blocksize, quant_type=quant_type)
+        weight = PackedWeight(packed.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float().contiguous(),
+                              state.code.float().contiguous(), blocksize, in_features, out_features,
+                              torch.randn(out_features, generator=generator) if bias else None)
+        reference = F.dequantize_4bit(packed, state).float()
+        for tokens in (1, 3, 4, 9):
+            x = torch.randn(tokens, in_features, generator=generator)
+            got = kernel.forward(x, weight)
+            expected = torch.nn.functional.linear(x, reference, weight.bias)
+            if not got.isfinite().all():
+                return float("inf")
+            error = max(error, float((got - expected).abs().max()))
+    return error
