@@ -1,12 +1,14 @@
-"""The base model's 4-bit layers for a pass's few tokens on the CPU: one native call a layer.
+"""The base model's 4-bit layers on the CPU, served through a native kernel.
 
 Where bitsandbytes has no fused CPU kernel for its 4-bit layers (a CPU without AVX512-BF16), each
-call dequantizes the whole weight to float32 and multiplies: a batch-16 decode step of the embedded
-model rebuilds all 210 weights, ~5 ms a transformer layer on a 2-core AMD Zen 3. `worker/csrc/nf4_linear.c`
-decodes one weight row at a time into cache and multiplies it with every token there. Passes of more
-than `MAX_TOKENS` tokens (prompt chunks) keep bitsandbytes' way, where one dequantization serves many
-tokens; so do training (gradients) and every layer on a CPU where bitsandbytes computes in its own fused
-kernel, which repacks the weight on its first call.
+call dequantizes the whole weight to float32 in torch and multiplies: a batch-16 decode step of the
+embedded model rebuilds all 210 weights, ~5 ms a transformer layer on a 2-core AMD Zen 3.
+`worker/csrc/nf4_linear.c` decodes a few weight rows at a time into cache and multiplies them with
+every token of the pass there (passes of up to `MAX_TOKENS` tokens: decode steps). A larger pass (a
+prompt chunk), where one dequantization serves many tokens, gets the whole weight decoded natively and
+torch's matrix product: bitsandbytes' own arithmetic, bit for bit, with a faster dequantization.
+Training (gradients) keeps bitsandbytes' layer, and so does every layer on a CPU where bitsandbytes
+computes in its own fused kernel (it repacks the weight on its first call).
 
 Compiled when a worker first needs it (`worker.native`), used only if it computes what bitsandbytes
 computes on a probe; otherwise the layers keep bitsandbytes' path (logged). Serving only: the worker
@@ -26,7 +28,7 @@ from torch import nn
 from worker import native
 
 SOURCE = native.CSRC / "nf4_linear.c"
-MAX_TOKENS = 32  # a pass of more tokens (a prompt chunk) keeps bitsandbytes' dequantize-and-multiply
+MAX_TOKENS = 32  # a pass of more tokens (a prompt chunk) dequantizes the weight and multiplies, as bitsandbytes
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -75,6 +77,9 @@ class Nf4Linear:
         self._kernel = library.nf4_linear
         self._kernel.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, ctypes.c_int]
         self._kernel.restype = ctypes.c_int
+        self._dequantize = library.nf4_dequantize
+        self._dequantize.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, ctypes.c_int]
+        self._dequantize.restype = None
 
     def forward(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         """x [..., in] float32 on the CPU -> [..., out]: x times the weight transposed, plus the bias."""
@@ -92,11 +97,23 @@ class Nf4Linear:
             raise MemoryError("4-bit linear: no memory for a decoded weight row")
         return out.view(*x.shape[:-1], weight.out_features)
 
+    def dequantize(self, weight: PackedWeight) -> torch.Tensor:
+        """The weight [out, in] in float32: bitsandbytes' dequantization, value for value."""
+        dense = torch.empty(weight.out_features, weight.in_features)
+        self._dequantize(weight.packed.data_ptr(), weight.absmax.data_ptr(), weight.code.data_ptr(), weight.blocksize,
+                         weight.in_features, weight.out_features, dense.data_ptr(), torch.get_num_threads())
+        return dense
+
+    def forward_dense(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+        """What bitsandbytes' layer computes for many tokens, bit for bit: its dequantized weight (here decoded
+        natively, faster than its own dequantization) in torch's matrix product."""
+        return torch.nn.functional.linear(x, self.dequantize(weight), weight.bias)
+
 
 def install(model: nn.Module) -> int:
-    """Route the model's eligible 4-bit layers (`PackedWeight.of`) through the kernel for passes of at
-    most `MAX_TOKENS` tokens without gradients; how many layers it took (0 where none is eligible, or the
-    kernel cannot be had: it is compiled only for a model that has such layers)."""
+    """Route the model's eligible 4-bit layers (`PackedWeight.of`) through the kernel without gradients
+    (`KernelForward`); how many layers it took (0 where none is eligible, or the kernel cannot be had: it
+    is compiled only for a model that has such layers)."""
     eligible = [(module, weight) for module in model.modules() if (weight := PackedWeight.of(module)) is not None]
     kernel = nf4_linear_kernel() if eligible else None
     if kernel is None:
@@ -104,6 +121,12 @@ def install(model: nn.Module) -> int:
     for module, weight in eligible:
         module.forward = KernelForward(kernel, weight, module.forward)
     return len(eligible)
+
+
+def taken(model: nn.Module) -> list[KernelForward]:
+    """The forwards `install` gave the model's layers."""
+    forwards = (module.__dict__.get("forward") for module in model.modules())
+    return [forward for forward in forwards if isinstance(forward, KernelForward)]
 
 
 def uninstall(model: nn.Module) -> None:
@@ -114,18 +137,19 @@ def uninstall(model: nn.Module) -> None:
 
 
 class KernelForward:
-    """A 4-bit layer's forward: the kernel for a few tokens without gradients, else the layer's own."""
+    """A 4-bit layer's forward without gradients: the kernel for a few tokens, its dequantized weight in
+    torch's matrix product for more (bitsandbytes' result, bit for bit); with gradients, the layer's own."""
 
     def __init__(self, kernel: Nf4Linear, weight: PackedWeight,
                  original: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.kernel, self.weight, self.original = kernel, weight, original
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = x.numel() // x.shape[-1] if x.ndim and x.shape[-1] == self.weight.in_features else 0
-        if (0 < tokens <= MAX_TOKENS and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled()):
+        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or not x.numel():
+            return self.original(x)
+        if x.numel() <= MAX_TOKENS * self.weight.in_features:
             return self.kernel.forward(x, self.weight)
-        return self.original(x)
+        return self.kernel.forward_dense(x, self.weight)
 
 
 @functools.cache
@@ -135,8 +159,9 @@ def nf4_linear_kernel() -> Nf4Linear | None:
 
 
 def probe_error(kernel: Nf4Linear) -> float:
-    """Largest difference from bitsandbytes' dequantized weight times the input, over NF4 and FP4 weights
-    whose blocks run across rows, with and without a bias, at token counts around the kernel's tiles."""
+    """Largest difference from bitsandbytes' dequantized weight (and that weight times the input), over NF4
+    and FP4 weights whose blocks run across rows, with and without a bias, at token counts around the
+    kernel's tiles."""
     import bitsandbytes.functional as F
 
     generator = torch.Generator().manual_seed(0)
@@ -150,6 +175,7 @@ def probe_error(kernel: Nf4Linear) -> float:
                               state.code.float().contiguous(), blocksize, in_features, out_features,
                               torch.randn(out_features, generator=generator) if bias else None)
         reference = F.dequantize_4bit(packed, state).float()
+        error = max(error, float((kernel.dequantize(weight) - reference).abs().max()))
         for tokens in (1, 3, 4, 9):
             x = torch.randn(tokens, in_features, generator=generator)
             got = kernel.forward(x, weight)

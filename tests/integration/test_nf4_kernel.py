@@ -6,7 +6,6 @@ import pytest
 
 from tests.integration.conftest import Worker
 from worker import cpu_nf4
-from worker.cpu_nf4 import KernelForward
 
 
 def answers(worker: Worker, questions: list[str]) -> list[tuple[str, list[float]]]:
@@ -19,7 +18,7 @@ def answers(worker: Worker, questions: list[str]) -> list[tuple[str, list[float]
 
 def test_the_worker_answers_on_the_kernel_what_bitsandbytes_answers(worker: Worker) -> None:
     model = worker.loaded.engine.runner.model
-    taken = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), KernelForward)]
+    taken = cpu_nf4.taken(model)
     if not taken:
         pytest.skip("bitsandbytes computes in its own fused CPU kernel here (AVX512-BF16), or no C compiler")
     assert len(taken) == 210  # every projection of the 30 layers; the output head is not 4-bit

@@ -45,6 +45,7 @@ def test_the_kernel_gives_bitsandbytes_layer(kernel: Nf4Linear, out_features: in
     x = torch.randn(cpu_nf4.MAX_TOKENS, in_features, generator=torch.Generator().manual_seed(1))
     torch.set_num_threads(threads)
     try:
+        assert torch.equal(kernel.dequantize(weight), dense)  # bitsandbytes' values, each of them
         for tokens in (1, 2, 3, 5, 16, cpu_nf4.MAX_TOKENS):
             got = kernel.forward(x[:tokens], weight)
             expected = torch.nn.functional.linear(x[:tokens], dense, weight.bias)
@@ -77,7 +78,7 @@ def bnb_layer(quant_type: str, nested: bool, bias: bool = True) -> bnb.nn.Linear
 
 
 @pytest.mark.parametrize(("quant_type", "nested"), [("nf4", False), ("nf4", True), ("fp4", True)])
-def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_for_more(
+def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_arithmetic_for_more(
         kernel: Nf4Linear, quant_type: str, nested: bool) -> None:
     layer = bnb_layer(quant_type, nested)
     if PackedWeight.of(layer) is None:
@@ -92,6 +93,9 @@ def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_for
         assert not torch.equal(few, before[:4])  # another summation order: the kernel ran, not bitsandbytes
         assert (few - before[:4]).abs().max() < 1e-4  # nested statistics dequantized as bitsandbytes does
         assert torch.equal(layer(x), before)  # a prompt chunk: bitsandbytes' own result, bit for bit
+        assert isinstance(layer.forward, KernelForward)
+        assert torch.equal(layer.forward.kernel.dequantize(layer.forward.weight),
+                           F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
     with torch.enable_grad():
         assert torch.equal(layer(x[:4]), before[:4])  # gradients (training): bitsandbytes' own layer
     cpu_nf4.uninstall(model)
