@@ -28,6 +28,7 @@ bench: venv
 	$(PY) -m bench.engine_bench
 	$(PY) -m bench.lora_bench
 	$(PY) -m bench.attention_bench
+	$(PY) -m bench.nf4_bench
 
 lint: venv
 	$(VENV)/bin/ruff check app worker adapters tests scripts $(wildcard bench)

@@ -28,7 +28,7 @@ from torch import nn
 from worker import native
 
 SOURCE = native.CSRC / "nf4_linear.c"
-MAX_TOKENS = 32  # a pass of more tokens (a prompt chunk) dequantizes the weight and multiplies, as bitsandbytes
+MAX_TOKENS = 96  # a pass of more tokens (a large prompt chunk) decodes the whole weight and multiplies, as bitsandbytes
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 
