@@ -83,6 +83,9 @@ class Nf4Linear:
 
     def forward(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         """x [..., in] float32 on the CPU -> [..., out]: x times the weight transposed, plus the bias."""
+        if x.shape[-1] != weight.in_features or x.dtype != torch.float32 or not x.is_cpu:
+            raise ValueError(f"the kernel takes float32 CPU inputs of {weight.in_features} features, not "
+                             f"{x.dtype} {tuple(x.shape)} on {x.device}")
         flat = x.reshape(-1, weight.in_features)
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
@@ -145,7 +148,8 @@ class KernelForward:
         self.kernel, self.weight, self.original = kernel, weight, original
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or not x.numel():
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or not x.numel()
+                or x.shape[-1] != self.weight.in_features):  # the last: bitsandbytes' own error
             return self.original(x)
         if x.numel() <= MAX_TOKENS * self.weight.in_features:
             return self.kernel.forward(x, self.weight)

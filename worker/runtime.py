@@ -85,7 +85,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     if pack_output_head(model):
         log.info("output projection packed for oneDNN")
     if device.type == "cpu" and (taken := install_nf4(model)):
-        log.info("4-bit layers: %d take the native kernel for passes of up to %d tokens", taken, NF4_MAX_TOKENS)
+        log.info("4-bit layers: %d take the native kernel (passes of up to %d tokens; larger ones its dequantization)",
+                 taken, NF4_MAX_TOKENS)
     slot_dtype = lora_slot_dtype(config.lora_dtype, device)
     log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
     # The native kernel (CPU) takes the decode tokens' LoRA; the layers lay their B stacks out for it.

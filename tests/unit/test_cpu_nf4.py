@@ -96,6 +96,8 @@ def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_ari
         assert isinstance(layer.forward, KernelForward)
         assert torch.equal(layer.forward.kernel.dequantize(layer.forward.weight),
                            F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+        with pytest.raises(RuntimeError):
+            layer(torch.randn(2, 96))  # the wrong width is bitsandbytes' error, not 192 values read from 2 x 96
     with torch.enable_grad():
         assert torch.equal(layer(x[:4]), before[:4])  # gradients (training): bitsandbytes' own layer
     cpu_nf4.uninstall(model)
