@@ -59,14 +59,19 @@ class PackedWeight:
             return None
         out_features, in_features = (int(size) for size in state.shape)
         if (state.quant_type not in ("nf4", "fp4") or module.compute_dtype not in (None, torch.float32)
-                or in_features % 2 or state.blocksize % 2 or state.code.numel() != 16):
+                or in_features % 2 or in_features < 2 or state.blocksize % 2 or state.blocksize < 2
+                or state.code.numel() != 16):
             return None
         absmax = state.absmax
         if state.nested:
             absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        packed = module.weight.data.view(torch.uint8).reshape(-1).contiguous()
+        values = out_features * in_features
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
-        return PackedWeight(module.weight.data.view(torch.uint8).reshape(-1).contiguous(),
-                            absmax.float().contiguous(), state.code.float().contiguous(), int(state.blocksize),
+        if 2 * packed.numel() < values or absmax.numel() < -(-values // state.blocksize) or (
+                bias is not None and bias.numel() != out_features):  # the kernel would read past them
+            return None
+        return PackedWeight(packed, absmax.float().contiguous(), state.code.float().contiguous(), int(state.blocksize),
                             in_features, out_features, bias)
 
 
