@@ -1,14 +1,16 @@
-/* A bitsandbytes 4-bit (NF4 or FP4) linear layer for a pass's few tokens on the CPU.
+/* A bitsandbytes 4-bit (NF4 or FP4) linear layer on the CPU.
  *
  * Where bitsandbytes has no fused CPU kernel (CPUs without AVX512-BF16), its layer dequantizes the
  * whole weight to float32 and then multiplies: every decode step rebuilds every weight of the model in
- * memory (~5 ms a layer of the embedded model at batch 16 on a 2-core AMD Zen 3). This kernel decodes
- * one weight row at a time into a buffer that stays in cache and multiplies it with every token there,
- * so the weights are read in their 4 bits and never written out whole.
+ * memory (~5 ms a layer of the embedded model at batch 16 on a 2-core AMD Zen 3). `nf4_linear` decodes
+ * ROWS weight rows at a time into a buffer that stays in cache and multiplies them with every token of
+ * the pass there, so the weights are read in their 4 bits and never written out whole. For a pass of many
+ * tokens (a prompt chunk) `nf4_dequantize` writes the whole weight out for torch's matrix product.
  *
  * The decoded values are bitsandbytes' own: the code's entry for each 4-bit index times its block's
  * absmax, in float32. Each (token, output) sum runs over the inputs in fixed-width lanes in a fixed
- * order (no -ffast-math), so a token's result never depends on the tokens beside it.
+ * order (no -ffast-math; multiply and add contracted), so a token's result never depends on the tokens
+ * beside it.
  *
  * Compiled when a worker starts, for the host it runs on (worker/cpu_nf4.py).
  */
