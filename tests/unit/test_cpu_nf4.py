@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from worker import cpu_nf4
-from worker.cpu_nf4 import KernelForward, Nf4Linear, PackedWeight, nf4_linear_kernel
+from worker.cpu_nf4 import KernelForward, Nf4Linear, PackedWeight, nf4_linear_kernel, reference_weight
 
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                                 reason="no C compiler: the layers keep bitsandbytes' path")
@@ -25,13 +25,24 @@ def kernel() -> Nf4Linear:
 
 def packed(out_features: int, in_features: int, blocksize: int, quant_type: str, bias: bool,
            seed: int) -> tuple[PackedWeight, torch.Tensor]:
-    """A random weight packed by bitsandbytes, as the kernel reads it, and bitsandbytes' dequantization."""
+    """A random weight packed by bitsandbytes, as the kernel reads it, and its values by the format's definition."""
     generator = torch.Generator().manual_seed(seed)
     weight, state = F.quantize_4bit(torch.randn(out_features, in_features, generator=generator), blocksize=blocksize,
                                     quant_type=quant_type)
     bias_values = torch.randn(out_features, generator=generator) if bias else None
-    return PackedWeight(weight.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float(), state.code.float(),
-                        blocksize, in_features, out_features, bias_values), F.dequantize_4bit(weight, state)
+    packed_weight = PackedWeight(weight.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float(),
+                                 state.code.float(), blocksize, in_features, out_features, bias_values)
+    return packed_weight, reference_weight(packed_weight)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_reference_reads_bitsandbytes_format(quant_type: str) -> None:
+    # rows of whole blocks: bitsandbytes' AVX-512 dequantization indexes its blocks by row
+    generator = torch.Generator().manual_seed(7)
+    weight, state = F.quantize_4bit(torch.randn(48, 192, generator=generator), blocksize=64, quant_type=quant_type)
+    packed_weight = PackedWeight(weight.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float(),
+                                 state.code.float(), 64, 192, 48, None)
+    assert torch.allclose(reference_weight(packed_weight), F.dequantize_4bit(weight, state).float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(("out_features", "in_features", "blocksize"),
@@ -92,10 +103,12 @@ def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_ari
         few = layer(x[:4])
         assert not torch.equal(few, before[:4])  # another summation order: the kernel ran, not bitsandbytes
         assert (few - before[:4]).abs().max() < 1e-4  # nested statistics dequantized as bitsandbytes does
-        assert torch.equal(layer(x), before)  # a prompt chunk: bitsandbytes' own result, bit for bit
         assert isinstance(layer.forward, KernelForward)
-        assert torch.equal(layer.forward.kernel.dequantize(layer.forward.weight),
-                           F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+        dense = reference_weight(layer.forward.weight)
+        assert torch.equal(layer.forward.kernel.dequantize(layer.forward.weight), dense)
+        chunk = layer(x)  # a prompt chunk: the dequantized weight in torch's matmul, as bitsandbytes computes
+        assert torch.equal(chunk, torch.nn.functional.linear(x, dense, layer.bias))
+        assert (chunk - before).abs().max() < 1e-4
         with pytest.raises(RuntimeError):
             layer(torch.randn(2, 96))  # the wrong width is bitsandbytes' error, not 192 values read from 2 x 96
     with torch.enable_grad():
