@@ -10,9 +10,9 @@ torch's matrix product: bitsandbytes' own arithmetic, bit for bit, with a faster
 Training (gradients) keeps bitsandbytes' layer, and so does every layer on a CPU where bitsandbytes
 computes in its own fused kernel (it repacks the weight on its first call).
 
-Compiled when a worker first needs it (`worker.native`), used only if it computes what bitsandbytes
-computes on a probe; otherwise the layers keep bitsandbytes' path (logged). Serving only: the worker
-installs it (`install`) on the model it serves.
+Compiled when a worker first needs it (`worker.native`), used only if it computes what the format
+defines on a probe (`reference_weight`, bitsandbytes' portable dequantization); otherwise the layers
+keep bitsandbytes' path (logged). Serving only: the worker installs it (`install`) on the model it serves.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import ctypes
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +48,16 @@ class PackedWeight:
     bias: torch.Tensor | None
 
     @staticmethod
+    def quantized(packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None,
+                  absmax: torch.Tensor | None = None) -> PackedWeight:
+        """A weight as bitsandbytes' `quantize_4bit` left it: its packed bytes and quant state (`absmax`: the
+        state's own unless given, as for nested statistics, dequantized)."""
+        out_features, in_features = (int(size) for size in state.shape)
+        return PackedWeight(packed.view(torch.uint8).reshape(-1).contiguous(),
+                            (state.absmax if absmax is None else absmax).float().contiguous(),
+                            state.code.float().contiguous(), int(state.blocksize), in_features, out_features, bias)
+
+    @staticmethod
     def of(module: nn.Module) -> PackedWeight | None:
         """The weight of a bitsandbytes `Linear4bit` that computes in float32 on the CPU through
         bitsandbytes' dequantize-and-multiply path; None for any other layer."""
@@ -65,14 +76,13 @@ class PackedWeight:
         absmax = state.absmax
         if state.nested:
             absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-        packed = module.weight.data.view(torch.uint8).reshape(-1).contiguous()
-        values = out_features * in_features
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
-        if 2 * packed.numel() < values or absmax.numel() < -(-values // state.blocksize) or (
+        weight = PackedWeight.quantized(module.weight.data, state, bias, absmax)
+        values = out_features * in_features
+        if 2 * weight.packed.numel() < values or weight.absmax.numel() < -(-values // state.blocksize) or (
                 bias is not None and bias.numel() != out_features):  # the kernel would read past them
             return None
-        return PackedWeight(packed, absmax.float().contiguous(), state.code.float().contiguous(), int(state.blocksize),
-                            in_features, out_features, bias)
+        return weight
 
 
 class Nf4Linear:
@@ -106,7 +116,7 @@ class Nf4Linear:
         return out.view(*x.shape[:-1], weight.out_features)
 
     def dequantize(self, weight: PackedWeight) -> torch.Tensor:
-        """The weight [out, in] in float32: bitsandbytes' dequantization, value for value."""
+        """The weight [out, in] in float32: `reference_weight`'s values, each of them."""
         dense = torch.empty(weight.out_features, weight.in_features)
         self._dequantize(weight.packed.data_ptr(), weight.absmax.data_ptr(), weight.code.data_ptr(), weight.blocksize,
                          weight.in_features, weight.out_features, dense.data_ptr(), torch.get_num_threads())
@@ -191,9 +201,7 @@ def probe_error(kernel: Nf4Linear) -> float:
     ):
         dense = torch.randn(out_features, in_features, generator=generator)
         packed, state = F.quantize_4bit(dense, blocksize=blocksize, quant_type=quant_type)
-        weight = PackedWeight(packed.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float().contiguous(),
-                              state.code.float().contiguous(), blocksize, in_features, out_features,
-                              torch.randn(out_features, generator=generator) if bias else None)
+        weight = PackedWeight.quantized(packed, state, torch.randn(out_features, generator=generator) if bias else None)
         reference = reference_weight(weight)
         error = max(error, float((kernel.dequantize(weight) - reference).abs().max()))
         for tokens in (1, 3, 4, 9):

@@ -30,8 +30,7 @@ def packed(out_features: int, in_features: int, blocksize: int, quant_type: str,
     weight, state = F.quantize_4bit(torch.randn(out_features, in_features, generator=generator), blocksize=blocksize,
                                     quant_type=quant_type)
     bias_values = torch.randn(out_features, generator=generator) if bias else None
-    packed_weight = PackedWeight(weight.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float(),
-                                 state.code.float(), blocksize, in_features, out_features, bias_values)
+    packed_weight = PackedWeight.quantized(weight, state, bias_values)
     return packed_weight, reference_weight(packed_weight)
 
 
@@ -40,8 +39,7 @@ def test_the_reference_reads_bitsandbytes_format(quant_type: str) -> None:
     # rows of whole blocks: bitsandbytes' AVX-512 dequantization indexes its blocks by row
     generator = torch.Generator().manual_seed(7)
     weight, state = F.quantize_4bit(torch.randn(48, 192, generator=generator), blocksize=64, quant_type=quant_type)
-    packed_weight = PackedWeight(weight.view(torch.uint8).reshape(-1).contiguous(), state.absmax.float(),
-                                 state.code.float(), 64, 192, 48, None)
+    packed_weight = PackedWeight.quantized(weight, state)
     assert torch.allclose(reference_weight(packed_weight), F.dequantize_4bit(weight, state).float(), rtol=1e-6, atol=0)
 
 
