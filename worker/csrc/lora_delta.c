@@ -43,14 +43,26 @@
 
 #include "lanes.h"
 
-#define BLOCK 4 /* ranks shrunk together: independent sums keep the multiply-add units busy */
 #define CHUNK 64 /* output columns a thread expands at once, their sums held in registers */
-#define AHEAD_BLOCKS 1 /* rank blocks of A the shrink prefetches ahead of the one it sums */
+#define AHEAD_RANKS 4 /* rows of A the shrink prefetches ahead of the block it sums */
 #define AHEAD_CHUNKS 4 /* CHUNKs of B the expand prefetches ahead of the one it sums */
+#define TILE 4 /* tokens of one slot computed together: each weight read serves all of them */
+#define BLOCK 4 /* at most, ranks shrunk together: independent sums keep the multiply-add units busy */
+
+/* Ranks a tile of T tokens shrinks together: BLOCK x T sums in registers. With AVX-512's 32 registers
+ * always BLOCK (16 sums for 4 tokens). With 16 (AVX2), 8 sums: BLOCK ranks for 1-2 tokens, 2 for 3-4. TILE was
+ * 2 there before (BLOCK ranks x 2 tokens); 4 tokens of 2 ranks read each weight half as often: the 210 layers
+ * of a decode pass from cache, 16 rows on one adapter, bfloat16 slots, 0.86-0.91x the time in three runs of
+ * interleaved rounds on a 2-core AMD Zen 3 (16 distinct adapters, one token a tile: unchanged). In a whole
+ * engine step the difference stayed inside the host's noise (+-4%). The sums are the same whichever the
+ * block: each rank's dot runs alone in its own lanes. */
+#if TILE > 4
+#error "the tiles' switches have cases for 1 to 4 tokens"
+#endif
 #ifdef __AVX512F__
-#define TILE 4 /* tokens of one slot computed together: 4 ranks x 4 tokens of 16 lanes fill 16 of 32 registers */
+#define BLOCK_OF(T) BLOCK
 #else
-#define TILE 2 /* with 16 vector registers, as many sums as fit without spilling */
+#define BLOCK_OF(T) ((T) > 2 ? 2 : BLOCK)
 #endif
 
 int lora_tile(void) { return TILE; }
@@ -127,16 +139,17 @@ static inline __attribute__((always_inline)) float dot_w(const void *w, const fl
     return sum;
 }
 
-/* out[t][j] = a_j . xs[t] for the BLOCK rows a_j = a + j * a_stride (weights) and the T tokens xs[t];
+/* out[t][j] = a_j . xs[t] for the J rows a_j = a + j * a_stride (weights) and the T tokens xs[t];
  * each sum in the same lane order as one dot. T and wt are constants where it is inlined.
- * pf: BLOCK rows (a_stride apart) prefetched at the offsets summed, or none (NULL). */
+ * pf: J rows (a_stride apart) prefetched at the offsets summed, or none (NULL). */
 static inline __attribute__((always_inline)) void tile_dots(const void *restrict a, int64_t a_stride,
-                                                            const float *const *xs, const int T, int64_t n,
+                                                            const float *const *xs, const int J, const int T,
+                                                            int64_t n,
                                                             float *const *outs, const void *pf, const int wt)
 {
     const int64_t whole = n - n % LANES;
     lanes_t part[BLOCK][TILE];
-    for (int j = 0; j < BLOCK; j++)
+    for (int j = 0; j < J; j++)
         for (int t = 0; t < T; t++)
             part[j][t] = (lanes_t){0};
     for (int64_t d = 0; d < whole; d += LANES) {
@@ -144,15 +157,15 @@ static inline __attribute__((always_inline)) void tile_dots(const void *restrict
         for (int t = 0; t < T; t++)
             xv[t] = load(xs[t] + d);
         if (pf && (d * WSIZE(wt)) % 64 == 0) /* once a cache line */
-            for (int j = 0; j < BLOCK; j++)
+            for (int j = 0; j < J; j++)
                 __builtin_prefetch(at(pf, j * a_stride + d, wt));
-        for (int j = 0; j < BLOCK; j++) {
+        for (int j = 0; j < J; j++) {
             const lanes_t av = load_w(a, j * a_stride + d, wt);
             for (int t = 0; t < T; t++)
                 part[j][t] += av * xv[t];
         }
     }
-    for (int j = 0; j < BLOCK; j++)
+    for (int j = 0; j < J; j++)
         for (int t = 0; t < T; t++) {
             float sum = 0.0f;
             for (int i = 0; i < LANES; i++)
@@ -169,10 +182,11 @@ static inline __attribute__((always_inline)) void shrink_tile(const void *as, in
                                                               const int wt)
 {
     int64_t r = 0;
-    const int64_t blocked = rank - rank % BLOCK;
-    for (; r + BLOCK <= rank; r += BLOCK) {
+    const int J = BLOCK_OF(T);
+    const int64_t blocked = rank - rank % J;
+    for (; r + J <= rank; r += J) {
         const void *block = at(as, r * a_stride, wt);
-        const int64_t ahead = r + AHEAD_BLOCKS * BLOCK; /* these rows, then the next item's */
+        const int64_t ahead = r + AHEAD_RANKS; /* these rows, then the next item's */
         const void *pf = !prefetches(wt) ? 0
                          : ahead < blocked ? at(as, ahead * a_stride, wt)
                          : next ? at(next, (ahead - blocked) * a_stride, wt)
@@ -181,16 +195,10 @@ static inline __attribute__((always_inline)) void shrink_tile(const void *as, in
         for (int t = 0; t < T; t++)
             outs[t] = hs[t] + r;
         switch (T) { /* one specialized copy per tile size */
-        case 1: tile_dots(block, a_stride, xs, 1, n, outs, pf, wt); break;
-#if TILE >= 2
-        case 2: tile_dots(block, a_stride, xs, 2, n, outs, pf, wt); break;
-#endif
-#if TILE >= 3
-        case 3: tile_dots(block, a_stride, xs, 3, n, outs, pf, wt); break;
-#endif
-#if TILE >= 4
-        case 4: tile_dots(block, a_stride, xs, 4, n, outs, pf, wt); break;
-#endif
+        case 1: tile_dots(block, a_stride, xs, BLOCK_OF(1), 1, n, outs, pf, wt); break;
+        case 2: tile_dots(block, a_stride, xs, BLOCK_OF(2), 2, n, outs, pf, wt); break;
+        case 3: tile_dots(block, a_stride, xs, BLOCK_OF(3), 3, n, outs, pf, wt); break;
+        case 4: tile_dots(block, a_stride, xs, BLOCK_OF(4), 4, n, outs, pf, wt); break;
         }
     }
     for (; r < rank; r++)
@@ -260,15 +268,9 @@ static inline __attribute__((always_inline)) void expand_chunk(const float *cons
     if (n == CHUNK) {
         switch (T) {
         case 1: expand_full(hs, b, b_stride, rank, 1, ys, pf, sb, wt); break;
-#if TILE >= 2
         case 2: expand_full(hs, b, b_stride, rank, 2, ys, pf, sb, wt); break;
-#endif
-#if TILE >= 3
         case 3: expand_full(hs, b, b_stride, rank, 3, ys, pf, sb, wt); break;
-#endif
-#if TILE >= 4
         case 4: expand_full(hs, b, b_stride, rank, 4, ys, pf, sb, wt); break;
-#endif
         }
     } else {
         expand_tile(hs, b, b_stride, rank, T, n, ys, sb, wt);
