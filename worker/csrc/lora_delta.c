@@ -50,7 +50,7 @@
 #define BLOCK 4 /* at most, ranks shrunk together: independent sums keep the multiply-add units busy */
 
 /* Ranks a tile of T tokens shrinks together: BLOCK x T sums in registers. With AVX-512's 32 registers
- * always BLOCK (16 sums for 4 tokens). With 16 (AVX2), 8 sums: BLOCK ranks for 1-2 tokens, 2 for 3-4. TILE was
+ * always BLOCK (16 sums for 4 tokens). With 16 (AVX2), at most 8: BLOCK ranks for 1-2 tokens, 2 for 3-4. TILE was
  * 2 there before (BLOCK ranks x 2 tokens); 4 tokens of 2 ranks read each weight half as often: the 210 layers
  * of a decode pass from cache, 16 rows on one adapter, bfloat16 slots, 0.86-0.91x the time in three runs of
  * interleaved rounds on a 2-core AMD Zen 3 (16 distinct adapters, one token a tile: unchanged). In a whole
