@@ -31,15 +31,32 @@
 #pragma GCC optimize("fp-contract=fast")
 #endif
 
-/* A tile: ROWS decoded weight rows times TOKENS tokens, their ROWS x TOKENS sums in registers (8, with
- * the rows' lanes and one token's, of the 16 an AVX2 core has). The embedded model's 210 projections
- * on a 2-core AMD Zen 3, ms at 1 / 16 / 32 tokens: 2 x 4 19.0 / 62.8 / 84.2, 3 x 4 19.0 / 60.0 / 80.4,
- * 4 x 2 17.4 / 76.7 / 112.9, 2 x 6 20.1 / 75.1 / 97.6, 1 x 4 26.8 / 77.4 / 108.9. */
+/* A tile: ROWS decoded weight rows times TOKENS tokens, their ROWS x TOKENS sums in registers. An AVX2 core
+ * has 16: 2 x 4 sums with the rows' lanes and one token's. The embedded model's 210 projections on a 2-core
+ * AMD Zen 3, ms at 1 / 16 / 32 tokens: 2 x 4 19.0 / 62.8 / 84.2, 3 x 4 19.0 / 60.0 / 80.4, 4 x 2 17.4 / 76.7 /
+ * 112.9, 2 x 6 20.1 / 75.1 / 97.6, 1 x 4 26.8 / 77.4 / 108.9. An AVX-512 core has 32: 3 x 8 sums with 3 rows'
+ * lanes and a token's. The same projections on a 2-core Intel Xeon (Ice Lake, AVX-512 without BF16), the
+ * median of 25 interleaved rounds, ms at 1 / 8 / 16 / 32 tokens: 2 x 4 12.2 / 22.6 / 34.3 / 62.4, 3 x 8 14.5 /
+ * 17.8 / 29.0 / 51.3, 6 x 4 13.4 / 19.8 / 31.9 / 53.8, 4 x 6 13.9 / 26.7 / 41.9 / 59.1, 4 x 8 (spilling) 14.2 /
+ * 22.0 / 36.0 / 61.4; 3 x 8's slower single token went when a tail of fewer than TOKENS tokens got its own
+ * unrolled tile too (then 2 x 4 and 3 x 8 15.6 and 15.8 ms at 1 token, 27.9 and 23.7 at 8). The tile
+ * changes which sums share a load, never a sum's own order: the results are the same bits whatever it is. */
 #ifndef ROWS
+#if LANES == 16
+#define ROWS 3
+#else
 #define ROWS 2
 #endif
+#endif
 #ifndef TOKENS
+#if LANES == 16
+#define TOKENS 8
+#else
 #define TOKENS 4
+#endif
+#endif
+#if TOKENS > 8
+#error "TOKENS above 8: the tail's switch in nf4_linear has cases for 1 to 7 tokens only"
 #endif
 
 /* Each byte's two values (high 4 bits first, as bitsandbytes packs them) before their block's scale. */
@@ -207,10 +224,34 @@ int nf4_linear(const float *x, int64_t x_stride, int64_t tokens, const uint8_t *
             for (int64_t t = 0; t < tokens; t += TOKENS) {
                 const int64_t count = tokens - t < TOKENS ? tokens - t : TOKENS;
                 float sums[ROWS][TOKENS];
-                if (rows == ROWS && count == TOKENS) /* constant sizes: the tile's loops unrolled, no branches */
-                    tile_dots(w, ROWS, x + t * x_stride, x_stride, TOKENS, in, sums);
+                const float *xt = x + t * x_stride;
+                if (rows == ROWS) /* constant sizes: the tile's loops unrolled, no branches */
+                    switch (count) { /* a tail of fewer tokens (a batch of 1 to 3 on every host) unrolled too */
+#define TILE_CASE(n) case n: tile_dots(w, ROWS, xt, x_stride, n, in, sums); break;
+                    TILE_CASE(1)
+#if TOKENS > 2
+                    TILE_CASE(2)
+#endif
+#if TOKENS > 3
+                    TILE_CASE(3)
+#endif
+#if TOKENS > 4
+                    TILE_CASE(4)
+#endif
+#if TOKENS > 5
+                    TILE_CASE(5)
+#endif
+#if TOKENS > 6
+                    TILE_CASE(6)
+#endif
+#if TOKENS > 7
+                    TILE_CASE(7)
+#endif
+#undef TILE_CASE
+                    default: tile_dots(w, ROWS, xt, x_stride, TOKENS, in, sums); break;
+                    }
                 else
-                    tile_dots(w, rows, x + t * x_stride, x_stride, count, in, sums);
+                    tile_dots(w, rows, xt, x_stride, count, in, sums);
                 for (int64_t r = 0; r < rows; r++) {
                     const float add = bias != NULL ? bias[first + r] : 0.0f;
                     for (int64_t i = 0; i < count; i++)
