@@ -4,8 +4,9 @@
  * whole weight to float32 and then multiplies: every decode step rebuilds every weight of the model in
  * memory (~5 ms a layer of the embedded model at batch 16 on a 2-core AMD Zen 3). `nf4_linear` decodes
  * ROWS weight rows at a time into a buffer that stays in cache and multiplies them with every token of
- * the pass there, so the weights are read in their 4 bits and never written out whole. For a pass of many
- * tokens (a prompt chunk) `nf4_dequantize` writes the whole weight out for torch's matrix product.
+ * the pass there, so the weights are read in their 4 bits and never written out whole (a pass of up to
+ * FEW tokens keeps each decoded row in registers alone). For a pass of many tokens (a prompt chunk)
+ * `nf4_dequantize` writes the whole weight out for torch's matrix product.
  *
  * The decoded values are bitsandbytes' own: the code's entry for each 4-bit index times its block's
  * absmax, in float32. Each (token, output) sum runs over the inputs in fixed-width lanes in a fixed
