@@ -43,18 +43,10 @@
  * unrolled tile too (then 2 x 4 and 3 x 8 15.6 and 15.8 ms at 1 token, 27.9 and 23.7 at 8). The tile
  * changes which sums share a load, never a sum's own order: the results are the same bits whatever it is. */
 #ifndef ROWS
-#if LANES == 16
-#define ROWS 3
-#else
-#define ROWS 2
-#endif
+#define ROWS (LANES == 16 ? 3 : 2)
 #endif
 #ifndef TOKENS
-#if LANES == 16
-#define TOKENS 8
-#else
-#define TOKENS 4
-#endif
+#define TOKENS (LANES == 16 ? 8 : 4)
 #endif
 #if TOKENS > 8
 #error "TOKENS above 8: the tail's switch in nf4_linear has cases for 1 to 7 tokens only"
@@ -244,8 +236,6 @@ int nf4_linear(const float *x, int64_t x_stride, int64_t tokens, const uint8_t *
                const float *code, int64_t blocksize, int64_t in, int64_t out, const float *bias, float *y,
                int64_t y_stride, int threads)
 {
-    float pairs[256][2];
-    pair_table(code, pairs);
     const int lanes_decode = in % (2 * LANES) == 0 && blocksize % (2 * LANES) == 0; /* runs in one block */
     (void)lanes_decode;
 #ifdef DECODE_LANES
@@ -262,6 +252,8 @@ int nf4_linear(const float *x, int64_t x_stride, int64_t tokens, const uint8_t *
         return 0;
     }
 #endif
+    float pairs[256][2];
+    pair_table(code, pairs);
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -287,7 +279,7 @@ int nf4_linear(const float *x, int64_t x_stride, int64_t tokens, const uint8_t *
                 float sums[ROWS][TOKENS];
                 const float *xt = x + t * x_stride;
                 if (rows == ROWS) /* constant sizes: the tile's loops unrolled, no branches */
-                    switch (count) { /* a tail of fewer tokens (a batch of 1 to 3 on every host) unrolled too */
+                    switch (count) { /* a pass's last, shorter tile (9 tokens: 8 and 1) unrolled too */
 #define TILE_CASE(n) case n: tile_dots(w, ROWS, xt, x_stride, n, in, sums); break;
                     TILE_CASE(1)
 #if TOKENS > 2
