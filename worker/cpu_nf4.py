@@ -1,18 +1,21 @@
 """The base model's 4-bit layers on the CPU, served through a native kernel.
 
-Where bitsandbytes has no fused CPU kernel for its 4-bit layers (a CPU without AVX512-BF16), each
-call dequantizes the whole weight to float32 in torch and multiplies: a batch-16 decode step of the
-embedded model rebuilds all 210 weights, ~5 ms a transformer layer on a 2-core AMD Zen 3.
-`worker/csrc/nf4_linear.c` decodes a few weight rows at a time into cache and multiplies them with
-every token of the pass there (passes of up to `MAX_TOKENS` tokens: decode steps). A larger pass (a
-prompt chunk), where one dequantization serves many tokens, gets the whole weight decoded natively and
-torch's matrix product: bitsandbytes' own arithmetic, bit for bit, with a faster dequantization.
-Training (gradients) keeps bitsandbytes' layer, and so does every layer on a CPU where bitsandbytes
-computes in its own fused kernel (it repacks the weight on its first call).
+bitsandbytes computes a CPU `Linear4bit` one of two ways. Without AVX512-BF16 each call dequantizes
+the whole weight to float32 in torch and multiplies: a batch-16 decode step of the embedded model
+rebuilds all 210 weights, ~5 ms a transformer layer on a 2-core AMD Zen 3. With AVX512-BF16 it repacks
+the weight on its first call for a fused kernel that rounds the input and the block scales to
+bfloat16 (a relative error of ~4e-3 on a layer's output) and was still slower than this kernel on a
+2-core Sapphire Rapids Xeon. `worker/csrc/nf4_linear.c` decodes a few weight rows at a time into cache
+and multiplies them with every token of the pass there in float32 (passes of up to `MAX_TOKENS`
+tokens: decode steps). A larger pass (a prompt chunk), where one dequantization serves many tokens,
+gets the whole weight decoded natively and torch's matrix product: bitsandbytes' portable arithmetic,
+bit for bit, with a faster dequantization. So every CPU computes the same float32 values. Training
+(gradients) keeps bitsandbytes' layer.
 
 Compiled when a worker first needs it (`worker.native`), used only if it computes what the format
 defines on a probe (`reference_weight`, bitsandbytes' portable dequantization); otherwise the layers
-keep bitsandbytes' path (logged). Serving only: the worker installs it (`install`) on the model it serves.
+keep bitsandbytes' path (logged). Serving only: the worker installs it (`install`) on the model it
+serves, before the model's first forward.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from worker import native
 SOURCE = native.CSRC / "nf4_linear.c"
 MAX_TOKENS = 96  # a pass of more tokens (a large prompt chunk) decodes the whole weight and multiplies, as bitsandbytes
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# bitsandbytes' `Linear4bit` flag: repack the weight for its fused bfloat16 kernel on a call without gradients
+_FUSED = "support_avx512bf16_for_cpu"
 
 
 @dataclass(frozen=True)
@@ -59,11 +64,11 @@ class PackedWeight:
 
     @staticmethod
     def of(module: nn.Module) -> PackedWeight | None:
-        """The weight of a bitsandbytes `Linear4bit` that computes in float32 on the CPU through
-        bitsandbytes' dequantize-and-multiply path; None for any other layer."""
+        """The weight of a bitsandbytes `Linear4bit` on the CPU that computes in float32, in bitsandbytes'
+        own layout; None for any other layer, and for one that bitsandbytes' fused kernel has repacked."""
         import bitsandbytes as bnb
 
-        if not isinstance(module, bnb.nn.Linear4bit) or getattr(module, "support_avx512bf16_for_cpu", False):
+        if not isinstance(module, bnb.nn.Linear4bit):
             return None
         state = getattr(module.weight, "quant_state", None)
         if state is None or getattr(state, "packing_format_for_cpu", False) or module.weight.device.type != "cpu":
@@ -131,14 +136,23 @@ class Nf4Linear:
 def install(model: nn.Module) -> int:
     """Route the model's eligible 4-bit layers (`PackedWeight.of`) through the kernel without gradients
     (`KernelForward`); how many layers it took (0 where none is eligible, or the kernel cannot be had: it
-    is compiled only for a model that has such layers)."""
+    is compiled only for a model that has such layers). A layer bitsandbytes would repack for its fused
+    kernel keeps its weight as it is: an input the kernel hands back to bitsandbytes' layer (gradients, an
+    odd shape) takes its portable float32 path."""
     eligible = [(module, weight) for module in model.modules() if (weight := PackedWeight.of(module)) is not None]
     kernel = nf4_linear_kernel() if eligible else None
     if kernel is None:
         return 0
     for module, weight in eligible:
-        module.forward = KernelForward(kernel, weight, module.forward)
+        fused = bool(getattr(module, _FUSED, False))
+        _attach(module, KernelForward(kernel, weight, module.forward, fused))
     return len(eligible)
+
+
+def _attach(module: nn.Module, forward: KernelForward) -> None:
+    module.forward = forward
+    if forward.fused:
+        setattr(module, _FUSED, False)
 
 
 def taken(model: nn.Module) -> list[KernelForward]:
@@ -147,20 +161,36 @@ def taken(model: nn.Module) -> list[KernelForward]:
     return [forward for forward in forwards if isinstance(forward, KernelForward)]
 
 
-def uninstall(model: nn.Module) -> None:
-    """Put every layer `install` took back on bitsandbytes' own forward (benchmarks compare the two)."""
+def uninstall(model: nn.Module, fused: bool = True) -> list[tuple[nn.Module, KernelForward]]:
+    """Put every layer `install` took back on bitsandbytes' own forward (benchmarks and tests compare the
+    two), and say which it took (`reinstall`). `fused`: bitsandbytes may again repack a layer for its fused
+    kernel where it would have (AVX512-BF16); otherwise every layer computes in its portable float32 path."""
+    removed = []
     for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), KernelForward):
+        forward = module.__dict__.get("forward")
+        if isinstance(forward, KernelForward):
             del module.forward
+            if forward.fused and fused:
+                setattr(module, _FUSED, True)
+            removed.append((module, forward))
+    return removed
+
+
+def reinstall(removed: list[tuple[nn.Module, KernelForward]]) -> None:
+    """Give the layers `uninstall` took back their kernel forwards: their weights as the kernel first read
+    them, even where bitsandbytes has repacked a layer since."""
+    for module, forward in removed:
+        _attach(module, forward)
 
 
 class KernelForward:
     """A 4-bit layer's forward without gradients: the kernel for a few tokens, its dequantized weight in
     torch's matrix product for more (bitsandbytes' result, bit for bit); with gradients, the layer's own."""
 
-    def __init__(self, kernel: Nf4Linear, weight: PackedWeight,
-                 original: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, kernel: Nf4Linear, weight: PackedWeight, original: Callable[[torch.Tensor], torch.Tensor],
+                 fused: bool = False) -> None:
         self.kernel, self.weight, self.original = kernel, weight, original
+        self.fused = fused  # bitsandbytes would compute the layer in its fused kernel (AVX512-BF16)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or not x.numel()

@@ -85,15 +85,17 @@ def bnb_layer(quant_type: str, nested: bool, bias: bool = True) -> bnb.nn.Linear
     layer = bnb.nn.Linear4bit(192, 48, bias=bias, compute_dtype=torch.float32, quant_type=quant_type,
                               compress_statistics=nested)
     layer.load_state_dict(dense.state_dict())
-    return layer.to("cpu").eval()
+    layer = layer.to("cpu").eval()
+    # bitsandbytes' portable float32 path on every host (on a CPU with AVX512-BF16 it would repack the weight
+    # for its bfloat16 kernel on the first call): the arithmetic the kernel's results are held to
+    layer.support_avx512bf16_for_cpu = False
+    return layer
 
 
 @pytest.mark.parametrize(("quant_type", "nested"), [("nf4", False), ("nf4", True), ("fp4", True)])
 def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_arithmetic_for_more(
         kernel: Nf4Linear, quant_type: str, nested: bool) -> None:
     layer = bnb_layer(quant_type, nested)
-    if PackedWeight.of(layer) is None:
-        pytest.skip("bitsandbytes computes this layer in its own fused CPU kernel (AVX512-BF16)")
     model = torch.nn.Sequential(layer)
     x = torch.randn(cpu_nf4.MAX_TOKENS + 1, 192, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -119,6 +121,32 @@ def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_ari
     cpu_nf4.uninstall(model)
     with torch.no_grad():
         assert torch.equal(layer(x[:4]), before_few)
+
+
+def test_a_layer_bitsandbytes_would_repack_keeps_its_weight_under_the_kernel(kernel: Nf4Linear) -> None:
+    layer = bnb_layer("nf4", nested=True)
+    layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on a CPU with AVX512-BF16
+    packed_bytes = layer.weight.data.clone()
+    model = torch.nn.Sequential(layer)
+    assert cpu_nf4.install(model) == 1
+    assert layer.support_avx512bf16_for_cpu is False
+    x = torch.randn(4, 192, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        few = layer(x)
+    assert torch.equal(few, kernel.forward(x, layer.forward.weight))
+    with torch.enable_grad():
+        # handed back to bitsandbytes (gradients on, input without them: the call bitsandbytes repacks on
+        # where it may): its portable float32 path, and the weight stays in its own layout
+        handed_back = layer(x)
+    assert (handed_back - few).abs().max() < 1e-4
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(layer.weight.data, packed_bytes)
+    removed = cpu_nf4.uninstall(model, fused=False)  # tests compare with the portable path
+    assert "forward" not in layer.__dict__ and layer.support_avx512bf16_for_cpu is False
+    cpu_nf4.reinstall(removed)
+    assert layer.forward is removed[0][1] and layer.support_avx512bf16_for_cpu is False
+    cpu_nf4.uninstall(model)  # benchmarks: bitsandbytes may repack it for its fused kernel again
+    assert "forward" not in layer.__dict__ and layer.support_avx512bf16_for_cpu is True
 
 
 def test_layers_the_kernel_cannot_read_are_left_alone() -> None:

@@ -1,8 +1,9 @@
 /* A bitsandbytes 4-bit (NF4 or FP4) linear layer on the CPU.
  *
- * Where bitsandbytes has no fused CPU kernel (CPUs without AVX512-BF16), its layer dequantizes the
- * whole weight to float32 and then multiplies: every decode step rebuilds every weight of the model in
- * memory (~5 ms a layer of the embedded model at batch 16 on a 2-core AMD Zen 3). `nf4_linear` decodes
+ * Without AVX512-BF16 bitsandbytes' layer dequantizes the whole weight to float32 and then multiplies:
+ * every decode step rebuilds every weight of the model in memory (~5 ms a layer of the embedded model at
+ * batch 16 on a 2-core AMD Zen 3); with it, its fused kernel rounds the inputs to bfloat16, and was
+ * slower than this one on a 2-core Sapphire Rapids Xeon. Served on every CPU. `nf4_linear` decodes
  * ROWS weight rows at a time into a buffer that stays in cache and multiplies them with every token of
  * the pass there, so the weights are read in their 4 bits and never written out whole (a pass of up to
  * FEW tokens keeps each decoded row in registers alone). For a pass of many tokens (a prompt chunk)
