@@ -1,6 +1,7 @@
 """The base model's 4-bit layers: the native kernel (`worker/csrc/nf4_linear.c`) against bitsandbytes'
-own layer, on a CPU where bitsandbytes has no fused kernel (without AVX512-BF16; elsewhere the worker
-keeps bitsandbytes' layer, and this prints why and stops).
+own layer as it computes on this CPU: dequantize and multiply in float32, or, with AVX512-BF16, its fused
+kernel on a repacked weight in bfloat16 (the table says which). Where the worker's layers do not take the
+kernel (no C compiler) this prints why and stops.
 
 Two parts, each the median of `--rounds` interleaved rounds:
 - the engine: base rows at batch 1 and 16 (`--new-tokens` each, no adapter) with the worker's layers on
@@ -32,7 +33,7 @@ from worker.cpu_nf4 import KernelForward
 from worker.model import prepare_embedded_model
 from worker.runtime import WorkerRuntime
 
-TOKEN_COUNTS = (1, 4, 16, 32, 64, 128)
+TOKEN_COUNTS = (1, 4, 16, 32, 64, 128, 512)
 
 
 def engine_lines(model: torch.nn.Module, runtime: WorkerRuntime, new_tokens: int, rounds: int) -> list[Row]:
@@ -40,19 +41,20 @@ def engine_lines(model: torch.nn.Module, runtime: WorkerRuntime, new_tokens: int
     rows: list[Row] = []
     for batch in (1, 16):
         speeds: dict[str, list[float]] = {"kernel": [], "bitsandbytes": []}
-        engine_run(runtime.loaded, [None] * batch, 4)  # warm-up
-        for _ in range(rounds):
-            for mode in speeds:
-                cpu_nf4.uninstall(model)
+        for round_ in range(rounds + 1):  # the first a warm-up (bitsandbytes' fused kernel repacks the weights)
+            for mode, values in speeds.items():
+                removed = cpu_nf4.uninstall(model)  # bitsandbytes' path as it runs on this CPU
                 if mode == "kernel":
-                    cpu_nf4.install(model)
-                seconds = engine_run(runtime.loaded, [None] * batch, new_tokens)
-                speeds[mode].append(batch * new_tokens / seconds)
+                    cpu_nf4.reinstall(removed)
+                seconds = engine_run(runtime.loaded, [None] * batch, new_tokens if round_ else 4)
+                if mode != "kernel":
+                    cpu_nf4.reinstall(removed)
+                if round_:
+                    values.append(batch * new_tokens / seconds)
         ratio = statistics.median(k / b for k, b in zip(speeds["kernel"], speeds["bitsandbytes"], strict=True))
         for mode, values in speeds.items():
             rows.append(Row("engine", f"base rows, 4-bit layers on {mode}", batch, statistics.median(values), "tok/s",
                             f"{ratio:.2f}x bitsandbytes" if mode == "kernel" else ""))
-    cpu_nf4.install(model)
     return rows
 
 
@@ -61,10 +63,13 @@ LAYER_MODES = ("kernel", "dequantize + matmul", "bitsandbytes")
 
 def layer_lines(layers: list[KernelForward], rounds: int) -> list[Row]:
     """Milliseconds for all `layers` once at each token count: the kernel, the weight decoded natively in torch's
-    matmul (what a worker runs above `MAX_TOKENS`), and the layer's own forward."""
+    matmul (what a worker runs above `MAX_TOKENS`), and the layer's own forward (`original`: bitsandbytes' path
+    on this CPU once the layers are uninstalled)."""
     generator = torch.Generator().manual_seed(0)
     times: dict[tuple[int, str], list[float]] = {}
     with torch.inference_mode():
+        for layer in layers:  # bitsandbytes' fused kernel repacks a weight on its first call: not timed
+            layer.original(torch.zeros(1, layer.weight.in_features))
         for _ in range(rounds):
             for tokens in TOKEN_COUNTS:
                 inputs = {width: torch.randn(tokens, width, generator=generator)
@@ -111,16 +116,18 @@ def main() -> None:
         model = runtime.loaded.engine.runner.model
         layers = cpu_nf4.taken(model)
         if not layers:
-            print("No 4-bit layer takes the native kernel on this host: bitsandbytes computes them in its own "
-                  "fused CPU kernel (AVX512-BF16), or the kernel could not be built (see the worker's log).")
+            print("No 4-bit layer takes the native kernel on this host: it could not be built (see the worker's log).")
             runtime.stop()
             return
         rows = engine_lines(model, runtime, args.new_tokens, args.rounds)
         runtime.stop()  # its thread's OpenMP team goes with it: one team in the process, as in a worker
         torch.set_num_threads(args.threads)
+        cpu_nf4.uninstall(model)
         rows += layer_lines(layers, args.rounds)
-    print(f"\n4-bit layers, native kernel against bitsandbytes ({args.threads} threads, median of {args.rounds} "
-          "interleaved rounds)\n")
+    path = ("its fused bfloat16 kernel (AVX512-BF16)" if any(layer.fused for layer in layers)
+            else "dequantize and multiply in float32")
+    print(f"\n4-bit layers, native kernel against bitsandbytes ({path}; {args.threads} threads, median of "
+          f"{args.rounds} interleaved rounds)\n")
     print_table(rows)
 
 
