@@ -43,12 +43,10 @@ def engine_lines(model: torch.nn.Module, runtime: WorkerRuntime, new_tokens: int
         speeds: dict[str, list[float]] = {"kernel": [], "bitsandbytes": []}
         for round_ in range(rounds + 1):  # the first a warm-up (bitsandbytes' fused kernel repacks the weights)
             for mode, values in speeds.items():
-                removed = cpu_nf4.uninstall(model)  # bitsandbytes' path as it runs on this CPU
-                if mode == "kernel":
-                    cpu_nf4.reinstall(removed)
+                # bitsandbytes' path as it runs on this CPU, for this run only
+                removed = cpu_nf4.uninstall(model) if mode == "bitsandbytes" else []
                 seconds = engine_run(runtime.loaded, [None] * batch, new_tokens if round_ else 4)
-                if mode != "kernel":
-                    cpu_nf4.reinstall(removed)
+                cpu_nf4.reinstall(removed)
                 if round_:
                     values.append(batch * new_tokens / seconds)
         ratio = statistics.median(k / b for k, b in zip(speeds["kernel"], speeds["bitsandbytes"], strict=True))
