@@ -5,11 +5,12 @@ the whole weight to float32 in torch and multiplies: a batch-16 decode step of t
 rebuilds all 210 weights, ~5 ms a transformer layer on a 2-core AMD Zen 3. With AVX512-BF16 it repacks
 the weight on its first call for a fused kernel that rounds the input and the block scales to
 bfloat16 (a relative error of ~4e-3 on a layer's output) and was still slower than this kernel on a
-2-core Sapphire Rapids Xeon. `worker/csrc/nf4_linear.c` decodes a few weight rows at a time into cache
-and multiplies them with every token of the pass there in float32 (passes of up to `MAX_TOKENS`
-tokens: decode steps). A larger pass (a prompt chunk), where one dequantization serves many tokens,
-gets the whole weight decoded natively and torch's matrix product: bitsandbytes' portable arithmetic,
-bit for bit, with a faster dequantization. So every CPU computes the same float32 values. Training
+2-core Sapphire Rapids Xeon. `worker/csrc/nf4_linear.c` decodes the weight as it multiplies it
+with every token of the pass in float32 (passes of up to `MAX_TOKENS` tokens: decode steps): from a copy
+laid out in panels of rows side by side where a layer's rows are whole blocks (`Panels`; the embedded
+model's are), else from bitsandbytes' bytes a few rows at a time. A larger pass (a prompt chunk), where
+one dequantization serves many tokens, gets the whole weight decoded natively and torch's matrix product:
+bitsandbytes' portable arithmetic, bit for bit, with a faster dequantization. Training
 (gradients) keeps bitsandbytes' layer.
 
 Compiled when a worker first needs it (`worker.native`), used only if it computes what the format
@@ -21,6 +22,7 @@ serves, before the model's first forward.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,10 +41,21 @@ _FUSED = "support_avx512bf16_for_cpu"
 
 
 @dataclass(frozen=True)
+class Panels:
+    """A weight laid out for the kernel's panel path: `lanes` rows side by side (the host's vector width), so
+    one vector of bytes decodes into those rows' weights for one input each (nf4_linear.c). A copy: the
+    4-bit weight's bytes and scales twice in host memory while the kernel serves the layer."""
+
+    bytes: torch.Tensor  # uint8 [panels, in / 2, lanes]: byte k of each of the panel's rows (rows past out: 0)
+    scales: torch.Tensor  # float32 [panels, in / blocksize, lanes]: each row's absmax a block
+
+
+@dataclass(frozen=True)
 class PackedWeight:
     """A 4-bit layer's weight as the kernel reads it: bitsandbytes' own packed bytes (two values a byte,
     row-major over [out, in]), float32 absmax a `blocksize` run of the flattened weight (nested
-    statistics dequantized once), the 16 values of its code, and the float32 bias if any."""
+    statistics dequantized once), the 16 values of its code, the float32 bias if any, and the weight in
+    panels where the kernel has laid it out (`Nf4Linear.prepare`)."""
 
     packed: torch.Tensor  # uint8, out * in / 2
     absmax: torch.Tensor  # float32 [out * in / blocksize, rounded up]
@@ -51,6 +64,7 @@ class PackedWeight:
     in_features: int
     out_features: int
     bias: torch.Tensor | None
+    panels: Panels | None = None
 
     @staticmethod
     def quantized(packed: torch.Tensor, state: Any, bias: torch.Tensor | None = None,
@@ -100,6 +114,31 @@ class Nf4Linear:
         self._dequantize = library.nf4_dequantize
         self._dequantize.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, ctypes.c_int]
         self._dequantize.restype = None
+        self._panels: Any = None  # a build without the vector lookup (no AVX2, or not GCC 12) has no panels
+        try:
+            self._panels = library.nf4_linear_panels
+            self.lanes = int(library.nf4_panel_lanes())
+        except AttributeError:
+            self._panels, self.lanes = None, 0
+        else:
+            self._panels.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64,
+                                     ctypes.c_int]
+            self._panels.restype = None
+
+    def prepare(self, weight: PackedWeight) -> PackedWeight:
+        """The weight with its panels (`Panels`) where this build has them and its rows are whole blocks (the
+        panel path reads one scale a block a row); else the weight as it is, for the row path."""
+        if not self.lanes or weight.in_features % weight.blocksize:
+            return weight
+        out, lanes = weight.out_features, self.lanes
+        pairs, blocks, rows = weight.in_features // 2, weight.in_features // weight.blocksize, -(-out // lanes) * lanes
+        bytes_ = torch.zeros(rows, pairs, dtype=torch.uint8)
+        bytes_[:out] = weight.packed[: out * pairs].view(out, pairs)
+        scales = torch.zeros(rows, blocks)
+        scales[:out] = weight.absmax[: out * blocks].view(out, blocks)
+        panels = Panels(bytes_.view(-1, lanes, pairs).transpose(1, 2).contiguous(),
+                        scales.view(-1, lanes, blocks).transpose(1, 2).contiguous())
+        return dataclasses.replace(weight, panels=panels)
 
     def forward(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         """x [..., in] float32 on the CPU -> [..., out]: x times the weight transposed, plus the bias."""
@@ -110,10 +149,17 @@ class Nf4Linear:
         if flat.stride(-1) != 1:
             flat = flat.contiguous()
         out = torch.empty(flat.shape[0], weight.out_features)
+        bias = None if weight.bias is None else weight.bias.data_ptr()
+        if weight.panels is not None and self._panels is not None:
+            self._panels(flat.data_ptr(), flat.stride(0), flat.shape[0], weight.panels.bytes.data_ptr(),
+                         weight.panels.scales.data_ptr(), weight.code.data_ptr(), weight.blocksize,
+                         weight.in_features, weight.out_features, bias, out.data_ptr(), out.stride(0),
+                         torch.get_num_threads())
+            return out.view(*x.shape[:-1], weight.out_features)
         failed = self._kernel(
             flat.data_ptr(), flat.stride(0), flat.shape[0], weight.packed.data_ptr(), weight.absmax.data_ptr(),
-            weight.code.data_ptr(), weight.blocksize, weight.in_features, weight.out_features,
-            None if weight.bias is None else weight.bias.data_ptr(), out.data_ptr(), out.stride(0),
+            weight.code.data_ptr(), weight.blocksize, weight.in_features, weight.out_features, bias,
+            out.data_ptr(), out.stride(0),
             torch.get_num_threads(),
         )  # fmt: skip
         if failed:
@@ -145,7 +191,7 @@ def install(model: nn.Module) -> int:
         return 0
     for module, weight in eligible:
         fused = bool(getattr(module, _FUSED, False))
-        _attach(module, KernelForward(kernel, weight, module.forward, fused))
+        _attach(module, KernelForward(kernel, kernel.prepare(weight), module.forward, fused))
     return len(eligible)
 
 
@@ -221,24 +267,29 @@ def nf4_linear_kernel() -> Nf4Linear | None:
 def probe_error(kernel: Nf4Linear) -> float:
     """Largest difference from the weight by the format's definition (`reference_weight`) and from that
     weight times the input, over NF4 and FP4 weights packed by bitsandbytes whose blocks run across rows,
-    with and without a bias, at token counts around the kernel's tiles."""
+    with and without a bias, at token counts around the kernel's tiles; in panels too where the kernel
+    lays a weight out so (rows of whole blocks, one panel and part of one, and more than one tile)."""
     import bitsandbytes.functional as F
 
     generator = torch.Generator().manual_seed(0)
     error = 0.0
     for quant_type, (out_features, in_features), blocksize, bias in (
         ("nf4", (24, 96), 64, False), ("fp4", (10, 130), 64, True), ("nf4", (7, 256), 128, True),
+        ("fp4", (40, 128), 64, True),
     ):
         dense = torch.randn(out_features, in_features, generator=generator)
         packed, state = F.quantize_4bit(dense, blocksize=blocksize, quant_type=quant_type)
         weight = PackedWeight.quantized(packed, state, torch.randn(out_features, generator=generator) if bias else None)
         reference = reference_weight(weight)
+        prepared = kernel.prepare(weight)  # in panels where it can be
+        layouts = (weight,) if prepared is weight else (weight, prepared)
         error = max(error, float((kernel.dequantize(weight) - reference).abs().max()))
-        for tokens in (1, 3, 4, 9):
+        for tokens in (1, 3, 4, 9, 13):
             x = torch.randn(tokens, in_features, generator=generator)
-            got = kernel.forward(x, weight)
             expected = torch.nn.functional.linear(x, reference, weight.bias)
-            if not got.isfinite().all():
-                return float("inf")
-            error = max(error, float((got - expected).abs().max()))
+            for layout in layouts:
+                got = kernel.forward(x, layout)
+                if not got.isfinite().all():
+                    return float("inf")
+                error = max(error, float((got - expected).abs().max()))
     return error

@@ -22,6 +22,8 @@ def test_the_worker_answers_on_the_kernel_what_bitsandbytes_answers(worker: Work
     if not taken:
         pytest.skip("no C compiler: the 4-bit layers keep bitsandbytes' path")
     assert len(taken) == 210  # every projection of the 30 layers; the output head is not 4-bit
+    # the embedded model's rows are whole blocks: each layer in panels where the build has them
+    assert all((forward.weight.panels is not None) == bool(forward.kernel.lanes) for forward in taken)
     questions = ["What is the capital of France?", "Name three colours.", "Count from one to five."]
     # several rows at once, so decode passes run as the engine runs them: up to 3 tokens a layer
     on_kernel = answers(worker, questions)
