@@ -9,7 +9,8 @@ Two parts, each the median of `--rounds` interleaved rounds:
 - the layers alone: every 4-bit projection of the embedded model once (210 calls, each weight read from
   memory as a decode step reads it) at 1 to 128 tokens, in milliseconds: the kernel, the weight decoded
   natively then torch's matmul (bitsandbytes' arithmetic, what a worker runs above `cpu_nf4.MAX_TOKENS`
-  tokens), and bitsandbytes' layer; "(served)" marks what a worker runs at that count.
+  tokens), and bitsandbytes' layer; the kernel both in panels (the embedded model's layers) and on
+  bitsandbytes' rows (a layer whose rows are not whole blocks); "(served)" marks what a worker runs at that count.
 
     python -m bench.nf4_bench
 """
@@ -17,6 +18,7 @@ Two parts, each the median of `--rounds` interleaved rounds:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -56,15 +58,28 @@ def engine_lines(model: torch.nn.Module, runtime: WorkerRuntime, new_tokens: int
     return rows
 
 
-LAYER_MODES = ("kernel", "dequantize + matmul", "bitsandbytes")
+LAYER_MODES = ("kernel", "kernel, row tiles", "dequantize + matmul", "bitsandbytes")
+
+
+def run_layer(layer: KernelForward, mode: str, x: torch.Tensor, rows_only: cpu_nf4.PackedWeight) -> None:
+    if mode == "kernel":
+        layer.kernel.forward(x, layer.weight)
+    elif mode == "kernel, row tiles":
+        layer.kernel.forward(x, rows_only)
+    elif mode == "bitsandbytes":
+        layer.original(x)
+    else:
+        layer.kernel.forward_dense(x, layer.weight)
 
 
 def layer_lines(layers: list[KernelForward], rounds: int) -> list[Row]:
-    """Milliseconds for all `layers` once at each token count: the kernel, the weight decoded natively in torch's
-    matmul (what a worker runs above `MAX_TOKENS`), and the layer's own forward (`original`: bitsandbytes' path
-    on this CPU once the layers are uninstalled)."""
+    """Milliseconds for all `layers` once at each token count: the kernel (in panels where the worker laid the
+    weights out so), the kernel on bitsandbytes' rows (the path for rows that are not whole blocks), the weight
+    decoded natively in torch's matmul (what a worker runs above `MAX_TOKENS`), and the layer's own forward
+    (`original`: bitsandbytes' path on this CPU once the layers are uninstalled)."""
     generator = torch.Generator().manual_seed(0)
     times: dict[tuple[int, str], list[float]] = {}
+    rows_only = [dataclasses.replace(layer.weight, panels=None) for layer in layers]
     with torch.inference_mode():
         for layer in layers:  # bitsandbytes' fused kernel repacks a weight on its first call: not timed
             layer.original(torch.zeros(1, layer.weight.in_features))
@@ -74,14 +89,8 @@ def layer_lines(layers: list[KernelForward], rounds: int) -> list[Row]:
                           for width in {layer.weight.in_features for layer in layers}}
                 for mode in LAYER_MODES:
                     started = time.perf_counter()
-                    for layer in layers:
-                        x = inputs[layer.weight.in_features]
-                        if mode == "kernel":
-                            layer.kernel.forward(x, layer.weight)
-                        elif mode == "bitsandbytes":
-                            layer.original(x)
-                        else:
-                            layer.kernel.forward_dense(x, layer.weight)
+                    for layer, rows_weight in zip(layers, rows_only, strict=True):
+                        run_layer(layer, mode, inputs[layer.weight.in_features], rows_weight)
                     times.setdefault((tokens, mode), []).append((time.perf_counter() - started) * 1000)
     rows = []
     for tokens in TOKEN_COUNTS:
