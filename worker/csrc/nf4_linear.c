@@ -3,16 +3,18 @@
  * Without AVX512-BF16 bitsandbytes' layer dequantizes the whole weight to float32 and then multiplies:
  * every decode step rebuilds every weight of the model in memory (~5 ms a layer of the embedded model at
  * batch 16 on a 2-core AMD Zen 3); with it, its fused kernel rounds the inputs to bfloat16, and was
- * slower than this one on a 2-core Sapphire Rapids Xeon. Served on every CPU. `nf4_linear` decodes
- * ROWS weight rows at a time into a buffer that stays in cache and multiplies them with every token of
- * the pass there, so the weights are read in their 4 bits and never written out whole (a pass of up to
- * FEW tokens keeps each decoded row in registers alone). For a pass of many tokens (a prompt chunk)
- * `nf4_dequantize` writes the whole weight out for torch's matrix product.
+ * slower than this one on a 2-core Sapphire Rapids Xeon. Served on every CPU. Where a layer's rows are
+ * whole blocks, `nf4_linear_panels` reads a copy of the weight laid out in panels of LANES rows side by
+ * side and decodes it as it multiplies (below). Otherwise `nf4_linear` decodes ROWS weight rows at a
+ * time into a buffer that stays in cache and multiplies them with every token of the pass there (a pass
+ * of up to FEW tokens keeps each decoded row in registers alone). Either way the weights are read in
+ * their 4 bits and never written out whole. For a pass of many tokens (a prompt chunk) `nf4_dequantize`
+ * writes the whole weight out for torch's matrix product.
  *
  * The decoded values are bitsandbytes' own: the code's entry for each 4-bit index times its block's
- * absmax, in float32. Each (token, output) sum runs over the inputs in fixed-width lanes in a fixed
- * order (no -ffast-math; multiply and add contracted), so a token's result never depends on the tokens
- * beside it.
+ * absmax, in float32. Each (token, output) sum runs over the inputs in a fixed order (the panels' one
+ * input after another; the rows' in fixed-width lanes; no -ffast-math; multiply and add contracted), so
+ * a token's result never depends on the tokens beside it.
  *
  * Compiled when a worker starts, for the host it runs on (worker/cpu_nf4.py).
  */
