@@ -128,8 +128,8 @@ class Nf4Linear:
     def prepare(self, weight: PackedWeight) -> PackedWeight:
         """The weight with its panels (`Panels`) where this build has them and its rows are whole blocks (the
         panel path reads one scale a block a row); else the weight as it is, for the row path."""
-        if not self.lanes or weight.in_features % weight.blocksize:
-            return weight
+        if not self.lanes or weight.in_features % weight.blocksize or weight.blocksize % 2:
+            return weight  # (an odd block would split a byte between two scales)
         out, lanes = weight.out_features, self.lanes
         pairs, blocks, rows = weight.in_features // 2, weight.in_features // weight.blocksize, -(-out // lanes) * lanes
         bytes_ = torch.zeros(rows, pairs, dtype=torch.uint8)
