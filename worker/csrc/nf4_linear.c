@@ -208,12 +208,16 @@ static inline __attribute__((always_inline)) void dot_row_lanes(const uint8_t *p
  * 21.2 -> 11.3, 16 29.1 -> 21.7, 32 62.8 -> 39.6, 64 99.7 -> 78.3, 96 158.7 -> 117.3 (the decoded weight in
  * torch's matmul: 21.9, 34.5, 49.3, 54.0, 72.7, 108.5, 154.0). Two accumulators a sum (even and odd inputs)
  * halved the error against the float64 product (~7e-7 -> ~4e-7 of the largest output) but took half the
- * tokens a tile and was slower from 8 tokens (13.4 ms at 8, 134.4 at 96). */
+ * tokens a tile and was slower from 8 tokens (13.4 ms at 8, 134.4 at 96). An AVX2 build on the same host
+ * (8 lanes: half the rows a decode, two permutes a lookup), 7 rounds, rows then panels of 1 x 8: 1 token
+ * 9.9 -> 9.2, 4 11.9 -> 10.9, 8 22.1 -> 15.0, 16 33.7 -> 28.4, 32 59.1 -> 54.6, 64 106.8 -> 108.5, 96
+ * 161.1 -> 184.8 (another run 188.9 -> 175.8); 1 x 6 was slower from 32 tokens (62.6 at 32, 227.2 at 96),
+ * 2 x 4 and 1 x 4 from 16, 1 x 10 and 1 x 12 no better than 1 x 8. */
 #ifndef PANELS
 #define PANELS (LANES == 16 ? 2 : 1) /* panels a tile: 2 x 12 sums + 2 scales, 4 weights, a table in 32 zmm */
 #endif
 #ifndef PTOKENS
-#define PTOKENS (LANES == 16 ? 12 : 6) /* 6 sums + a scale, 2 weights, 2 tables in 16 ymm */
+#define PTOKENS (LANES == 16 ? 12 : 8) /* 8 sums + a scale, 2 weights, 2 tables in 16 ymm */
 #endif
 #if PTOKENS > 16
 #error "PTOKENS above 16: nf4_linear_panels' switch has cases for 1 to 15 tokens only"
