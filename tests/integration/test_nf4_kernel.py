@@ -1,8 +1,9 @@
-"""The served model's 4-bit layers on the native kernel: the same answers as bitsandbytes' own layers."""
+"""The served model's 4-bit layers and output head on native kernels: bitsandbytes' answers, the same weights."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tests.integration.conftest import Worker
 from worker import cpu_nf4
@@ -40,3 +41,15 @@ def test_the_worker_answers_on_the_kernel_what_bitsandbytes_answers(worker: Work
         assert kernel_text == bnb_text
         assert len(kernel_logprobs) == len(bnb_logprobs) > 0
         assert max(abs(a - b) for a, b in zip(kernel_logprobs, bnb_logprobs, strict=True)) < 1e-3
+
+
+def test_the_worker_serves_the_embedded_models_head_from_its_int8_values(worker: Worker) -> None:
+    from worker.cpu_head import Q8Head
+
+    model = worker.loaded.engine.runner.model
+    head = model.get_output_embeddings()
+    if not isinstance(head, Q8Head):
+        pytest.skip("no C compiler: the head stays on oneDNN's packed float32 one")
+    # the embedded model's head is its token embedding (tied), an int8 times a scale every 32 values
+    assert torch.equal(head.weight(), model.get_input_embeddings().weight)
+    assert head.values.numel() + 4 * head.scales.numel() < model.get_input_embeddings().weight.numel() * 4 / 3
