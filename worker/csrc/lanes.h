@@ -15,6 +15,9 @@
 #define LORAPLEX_LANES_H
 
 #include <stdint.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h> /* int8 values' widening (widen_int8) */
+#endif
 
 #if defined(__AVX512F__)
 #define LANES 16
@@ -72,6 +75,22 @@ static inline __attribute__((always_inline)) float lanes_sum(lanes_t v)
         for (int i = 0; i < width; i++)
             h[i] += h[i + width];
     return h[0];
+#endif
+}
+
+/* LANES int8 weights as floats (exact). GCC 12 converts int8 vectors one lane at a time (__builtin_convertvector
+ * to int32 or float lanes: a movsbl and a vpinsrd each), so the widening is the instructions themselves. */
+static inline __attribute__((always_inline)) lanes_t widen_int8(const int8_t *p)
+{
+#if LANES == 16
+    return (lanes_t)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif LANES == 8 && defined(__AVX2__)
+    return (lanes_t)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    lanes_t v;
+    for (int i = 0; i < LANES; i++)
+        v[i] = (float)p[i];
+    return v;
 #endif
 }
 

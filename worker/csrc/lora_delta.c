@@ -37,9 +37,6 @@
  * Compiled when a worker starts, for the host it runs on (worker/cpu_lora.py).
  */
 #include <stdint.h>
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h> /* int8 weights' widening (widen_int8) */
-#endif
 
 #include "lanes.h"
 
@@ -81,22 +78,6 @@ static inline __attribute__((always_inline)) int prefetches(const int wt) { retu
 
 /* Weights: float32, bfloat16 widened to float32 (a shift: exact) or int8 converted to float32 (exact;
  * the scale comes after). Offsets count weights. */
-
-/* LANES int8 weights as floats (exact). GCC 12 converts int8 vectors one lane at a time (__builtin_convertvector
- * to int32 or float lanes: a movsbl and a vpinsrd each), so the widening is the instructions themselves. */
-static inline __attribute__((always_inline)) lanes_t widen_int8(const int8_t *p)
-{
-#if LANES == 16
-    return (lanes_t)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#elif LANES == 8 && defined(__AVX2__)
-    return (lanes_t)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-#else
-    lanes_t v;
-    for (int i = 0; i < LANES; i++)
-        v[i] = (float)p[i];
-    return v;
-#endif
-}
 
 static inline __attribute__((always_inline)) const void *at(const void *w, int64_t i, const int wt)
 {

@@ -15,10 +15,7 @@
  */
 #include <stdint.h>
 
-#include "lanes.h"
-#if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "lanes.h" /* widen_int8 */
 
 #if defined(__clang__)
 #pragma clang fp contract(fast)
@@ -39,21 +36,6 @@
 
 /* The rows a panel holds in this build. */
 int q8_head_lanes(void) { return LANES; }
-
-/* LANES int8 values as floats (exact); GCC 12 converts int8 vectors a lane at a time, so the instructions. */
-static inline __attribute__((always_inline)) lanes_t widen_int8(const int8_t *p)
-{
-#if LANES == 16
-    return (lanes_t)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#elif LANES == 8 && defined(__AVX2__)
-    return (lanes_t)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-#else
-    lanes_t v;
-    for (int i = 0; i < LANES; i++)
-        v[i] = (float)p[i];
-    return v;
-#endif
-}
 
 /* acc[p][t]: panel p's LANES outputs for token t over all `in` inputs. */
 static inline __attribute__((always_inline)) void head_tile(const int8_t *values, const float *scales,
