@@ -63,14 +63,7 @@ class Q8Kernel:
     def lay_out(self, values: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`q8_form`'s values and scales in panels of `lanes` rows side by side (rows past the last padded
         with zeros): [panels, in, lanes] and [panels, in / 32, lanes]."""
-        out, lanes = values.shape[0], self.lanes
-        rows = -(-out // lanes) * lanes
-        padded = torch.zeros(rows, values.shape[1], dtype=torch.int8)
-        padded[:out] = values
-        padded_scales = torch.zeros(rows, scales.shape[1])
-        padded_scales[:out] = scales
-        return (padded.view(-1, lanes, values.shape[1]).transpose(1, 2).contiguous(),
-                padded_scales.view(-1, lanes, scales.shape[1]).transpose(1, 2).contiguous())
+        return native.side_by_side(values, self.lanes), native.side_by_side(scales, self.lanes)
 
     def forward(self, x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, out_features: int) -> torch.Tensor:
         """x [..., in] float32 on the CPU -> [..., out]: x times the weight transposed."""

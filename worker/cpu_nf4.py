@@ -114,13 +114,10 @@ class Nf4Linear:
         self._dequantize = library.nf4_dequantize
         self._dequantize.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, ctypes.c_int]
         self._dequantize.restype = None
-        self._panels: Any = None  # a build without the vector lookup (no AVX2, or not GCC 12) has no panels
-        try:
-            self._panels = library.nf4_linear_panels
-            self.lanes = int(library.nf4_panel_lanes())
-        except AttributeError:
-            self._panels, self.lanes = None, 0
-        else:
+        # a build without the vector lookup (no AVX2, or not GCC 12) has no panels
+        self._panels: Any = getattr(library, "nf4_linear_panels", None)
+        self.lanes = int(library.nf4_panel_lanes()) if self._panels is not None else 0
+        if self._panels is not None:
             self._panels.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64,
                                      ctypes.c_int]
             self._panels.restype = None
@@ -130,14 +127,9 @@ class Nf4Linear:
         panel path reads one scale a block a row); else the weight as it is, for the row path."""
         if not self.lanes or weight.in_features % weight.blocksize or weight.blocksize % 2:
             return weight  # (an odd block would split a byte between two scales)
-        out, lanes = weight.out_features, self.lanes
-        pairs, blocks, rows = weight.in_features // 2, weight.in_features // weight.blocksize, -(-out // lanes) * lanes
-        bytes_ = torch.zeros(rows, pairs, dtype=torch.uint8)
-        bytes_[:out] = weight.packed[: out * pairs].view(out, pairs)
-        scales = torch.zeros(rows, blocks)
-        scales[:out] = weight.absmax[: out * blocks].view(out, blocks)
-        panels = Panels(bytes_.view(-1, lanes, pairs).transpose(1, 2).contiguous(),
-                        scales.view(-1, lanes, blocks).transpose(1, 2).contiguous())
+        out, pairs, blocks = weight.out_features, weight.in_features // 2, weight.in_features // weight.blocksize
+        panels = Panels(native.side_by_side(weight.packed[: out * pairs].view(out, pairs), self.lanes),
+                        native.side_by_side(weight.absmax[: out * blocks].view(out, blocks), self.lanes))
         return dataclasses.replace(weight, panels=panels)
 
     def forward(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:

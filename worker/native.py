@@ -14,7 +14,10 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -27,6 +30,17 @@ CSRC = Path(__file__).parent / "csrc"
 # in the build without OpenMP's threads too.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros",
          "-fopenmp-simd", "-std=c11", "-shared", "-fPIC"]
+
+
+def side_by_side(rows: torch.Tensor, lanes: int) -> torch.Tensor:
+    """A matrix [n, k] as panels of `lanes` rows side by side, [ceil(n / lanes), k, lanes] (the rows past n
+    zeros): element (p, j, r) is row p * lanes + r's element j, so one vector load reads element j of a
+    panel's rows. The layout of the kernels that run their lanes over output rows (4-bit layers, the head)."""
+    import torch
+
+    padded = torch.zeros(-(-rows.shape[0] // lanes) * lanes, rows.shape[1], dtype=rows.dtype)
+    padded[: rows.shape[0]] = rows
+    return padded.view(-1, lanes, rows.shape[1]).transpose(1, 2).contiguous()
 
 
 class NoCompiler(OSError):
