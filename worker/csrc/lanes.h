@@ -16,7 +16,7 @@
 
 #include <stdint.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
-#include <immintrin.h> /* int8 values' widening (widen_int8) */
+#include <immintrin.h> /* widen_int8, load_bf16 */
 #endif
 
 #if defined(__AVX512F__)
@@ -34,13 +34,20 @@ typedef float lanes_at __attribute__((vector_size(LANES * sizeof(float)), aligne
 
 static inline lanes_t load(const float *p) { return *(const lanes_at *)p; }
 
-/* LANES bfloat16 values widened to float32: each one's 16 bits above 16 zero bits (exact). */
+/* LANES bfloat16 values widened to float32: each one's 16 bits above 16 zero bits (exact). GCC 12 builds
+ * the portable conversion for 8 lanes from two 4-lane widenings and an insert; the intrinsics are one. */
 typedef uint16_t halves_at __attribute__((vector_size(LANES * sizeof(uint16_t)), aligned(sizeof(uint16_t)), may_alias));
 typedef uint32_t words_t __attribute__((vector_size(LANES * sizeof(uint32_t))));
 
-static inline lanes_t load_bf16(const uint16_t *p)
+static inline __attribute__((always_inline)) lanes_t load_bf16(const uint16_t *p)
 {
+#if LANES == 16
+    return (lanes_t)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif LANES == 8 && defined(__AVX2__)
+    return (lanes_t)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     return (lanes_t)(__builtin_convertvector(*(const halves_at *)p, words_t) << 16);
+#endif
 }
 
 /* The sum of a value's lanes, by halves: the upper half added to the lower, then the same again, down to
