@@ -17,7 +17,7 @@ import torch
 from adapters.blobstore import open_blob_store
 from worker.adapter_cache import AdapterCache, host_buffer
 from worker.config import KvCacheDtype, LoraDtype, WorkerConfig
-from worker.cpu_head import install_q8_head
+from worker.cpu_head import install_panel_head
 from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
 from worker.cpu_nf4 import MAX_TOKENS as NF4_MAX_TOKENS
 from worker.cpu_nf4 import install as install_nf4
@@ -83,8 +83,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     torch.set_num_threads(config.torch_threads)
     device = resolve_device(config.device)
     model, tokenizer = load_base_model(config.model_path, device)
-    if device.type == "cpu" and install_q8_head(model):
-        log.info("output projection: int8 values and scales (its float32 values, each of them)")
+    if device.type == "cpu" and (head := install_panel_head(model)) is not None:
+        log.info("output projection: %s (its float32 values, each of them)", head.form)
     elif pack_output_head(model):
         log.info("output projection packed for oneDNN")
     if device.type == "cpu" and (taken := install_nf4(model)):

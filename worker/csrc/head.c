@@ -26,11 +26,19 @@
 #endif
 
 #define BLOCK 32 /* int8 values a scale */
+/* A tile of 2 panels x 12 tokens in 32 zmm registers (the 4-bit kernel's), 2 x 6 in 16 ymm: 12 sums, 2
+ * weights and a token's input. The embedded model's head on a 2-core AMD Zen 3 (AVX2), from memory, ms at
+ * 1 / 8 / 16 / 32 / 64 tokens, int8: 1 x 8 (the 4-bit kernel's AVX2 tile, whose lookup tables take two more
+ * registers) 3.0 / 5.9 / 9.5 / 20.6 / 39.7, 2 x 6 2.5 / 4.6 / 9.0 / 17.1 / 32.9, 2 x 4 2.5 / 4.8 / 10.9 /
+ * 20.7 / 39.4, 1 x 12 2.7 / 5.3 / 10.8 / 19.9 / 41.2; bfloat16 alike. The same bits whatever the tile. */
 #ifndef PANELS
-#define PANELS (LANES == 16 ? 2 : 1)
+#define PANELS 2
 #endif
 #ifndef PTOKENS
-#define PTOKENS (LANES == 16 ? 12 : 8)
+#define PTOKENS (LANES == 16 ? 12 : 6)
+#endif
+#if PANELS > 2
+#error "PANELS above 2: the head's driver takes a whole tile of panels or one panel only"
 #endif
 #if PTOKENS > 16
 #error "PTOKENS above 16: the head's switch has cases for 1 to 15 tokens only"
