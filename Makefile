@@ -29,6 +29,7 @@ bench: venv
 	$(PY) -m bench.lora_bench
 	$(PY) -m bench.attention_bench
 	$(PY) -m bench.nf4_bench
+	$(PY) -m bench.head_bench
 
 lint: venv
 	$(VENV)/bin/ruff check app worker adapters tests scripts $(wildcard bench)
