@@ -212,7 +212,9 @@ static inline __attribute__((always_inline)) void dot_row_lanes(const uint8_t *p
  * (8 lanes: half the rows a decode, two permutes a lookup), 7 rounds, rows then panels of 1 x 8: 1 token
  * 9.9 -> 9.2, 4 11.9 -> 10.9, 8 22.1 -> 15.0, 16 33.7 -> 28.4, 32 59.1 -> 54.6, 64 106.8 -> 108.5, 96
  * 161.1 -> 184.8 (another run 188.9 -> 175.8); 1 x 6 was slower from 32 tokens (62.6 at 32, 227.2 at 96),
- * 2 x 4 and 1 x 4 from 16, 1 x 10 and 1 x 12 no better than 1 x 8. */
+ * 2 x 4 and 1 x 4 from 16, 1 x 10 and 1 x 12 no better than 1 x 8. On a real Zen 3 (AVX2 only; nf4_bench, the
+ * model's weights from memory), rows then 1 x 8 panels: 1 token 18.7 -> 14.2, 4 20.8 -> 19.1, 16 59.4 -> 54.0,
+ * 32 102.2 -> 95.3, 64 173.0 -> 187.6. */
 #ifndef PANELS
 #define PANELS (LANES == 16 ? 2 : 1) /* panels a tile: 2 x 12 sums + 2 scales, 4 weights, a table in 32 zmm */
 #endif
