@@ -4,6 +4,7 @@ bfloat16): the float32 head's values from fewer bytes, and only where they are."
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,26 @@ def test_heads_in_no_form_are_left_alone() -> None:
     assert install_panel_head(biased) is None
     half = tiny_llama(tied=True).to(torch.bfloat16)
     assert install_panel_head(half) is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_bfloat16_checkpoint_loaded_as_a_base_model_gets_the_bfloat16_head(kernel: HeadKernel, tmp_path: Path,
+                                                                              tied: bool) -> None:
+    """The form's premise: a checkpoint saved in bfloat16, loaded as the worker loads a base model (float32
+    compute, its linears in NF4), has a float32 head whose every value is a bfloat16."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from worker.model import load_base_model
+
+    tiny_llama(tied, bf16_weight(300, 64, 5)).to(torch.bfloat16).save_pretrained(tmp_path)
+    vocabulary = models.WordLevel({f"t{i}": i for i in range(300)}, unk_token="t0")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(vocabulary)).save_pretrained(tmp_path)
+    model, _ = load_base_model(tmp_path, torch.device("cpu"))
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        assert isinstance(install_panel_head(model), Bf16Head)
+        logits = model(input_ids=ids).logits
+    torch.testing.assert_close(logits, dense, rtol=1e-5, atol=1e-5)
