@@ -85,6 +85,20 @@ static inline __attribute__((always_inline)) float lanes_sum(lanes_t v)
 #endif
 }
 
+/* a * b + c in one FMA, whatever the compiler's tuning: GCC's for AMD Zen builds a loop whose only work is a
+ * chain of multiply-adds into one sum as a multiply and an add rounded apart, where the kernels' other loops get
+ * FMAs (fp-contract=fast), and a sum must be the same bits in every loop that computes it. */
+static inline __attribute__((always_inline)) lanes_t fmadd(lanes_t a, float b, lanes_t c)
+{
+#if LANES == 16 && defined(__AVX512F__)
+    return (lanes_t)_mm512_fmadd_ps((__m512)a, _mm512_set1_ps(b), (__m512)c);
+#elif LANES == 8 && defined(__FMA__)
+    return (lanes_t)_mm256_fmadd_ps((__m256)a, _mm256_set1_ps(b), (__m256)c);
+#else
+    return a * b + c; /* contracted where the host has FMA, as the kernels' own sums */
+#endif
+}
+
 /* LANES int8 weights as floats (exact). GCC 12 converts int8 vectors one lane at a time (__builtin_convertvector
  * to int32 or float lanes: a movsbl and a vpinsrd each), so the widening is the instructions themselves. */
 static inline __attribute__((always_inline)) lanes_t widen_int8(const int8_t *p)
