@@ -266,9 +266,10 @@ static inline __attribute__((always_inline)) void panel_tile(const uint8_t *byte
  * floats, the values panel_tile computes) and every token tile reads them there, where panel_tile decodes them
  * again for each tile of 8 tokens: the decode is a third of an AVX2 tile's vector work. The same values summed
  * in the same order, one FMA each: the same bits. The 210 projections of random NF4 weights of the embedded
- * model's shapes on a 2-core AMD Zen 3, 7 interleaved rounds, ms, decoded in each tile -> once: 9 tokens 43.5 ->
- * 47.0, 16 53.3 -> 53.0, 24 76.8 -> 72.3, 32 101.6 -> 85.8, 64 187.6 -> 142.9, 96 281.3 -> 204.2. AVX-512's
- * tiles of 2 x 12 share a decode among more sums; not measured there, so not used there. */
+ * model's shapes on a 2-core AMD Zen 3, 7 interleaved rounds, ms, decoded in each tile -> once: 24 tokens 78.9 ->
+ * 63.8, 32 103.5 -> 83.3, 64 196.2 -> 136.4, 96 300.2 -> 193.6; from 9 tokens (a first try) 9 43.5 -> 47.0 and
+ * 16 53.3 -> 53.0, hence from 3 tiles. AVX-512's tiles of 2 x 12 share a decode among more sums; not measured
+ * there, so not used there. */
 #ifndef DECODED_FROM
 #define DECODED_FROM (LANES == 8 ? 3 * PTOKENS : 0) /* 0: never */
 #endif
