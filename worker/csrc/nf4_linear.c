@@ -262,16 +262,19 @@ static inline __attribute__((always_inline)) void panel_tile(const uint8_t *byte
     }
 }
 
-/* A pass of DECODED_FROM tokens or more (AVX2 builds) decodes each tile of panels once into `w` ([P][in][LANES]
- * floats, the values panel_tile computes) and every token tile reads them there, where panel_tile decodes them
- * again for each tile of 8 tokens: the decode is a third of an AVX2 tile's vector work. The same values summed
- * in the same order, one FMA each: the same bits. The 210 projections of random NF4 weights of the embedded
- * model's shapes on a 2-core AMD Zen 3, 7 interleaved rounds, ms, decoded in each tile -> once: 24 tokens 78.9 ->
- * 63.8, 32 103.5 -> 83.3, 64 196.2 -> 136.4, 96 300.2 -> 193.6; from 9 tokens (a first try) 9 43.5 -> 47.0 and
- * 16 53.3 -> 53.0, hence from 3 tiles. AVX-512's tiles of 2 x 12 share a decode among more sums; not measured
- * there, so not used there. */
+/* A pass of DECODED_FROM tokens or more decodes each tile of panels once into `w` ([P][in][LANES] floats, the
+ * values panel_tile computes) and every token tile reads them there, where panel_tile decodes them again for
+ * each tile of PTOKENS tokens. The same values summed in the same order, one FMA each: the same bits. The 210
+ * projections of random NF4 weights of the embedded model's shapes, 7 interleaved rounds, ms, decoded in each
+ * tile -> once. A 2-core AMD Zen 3 (AVX2, 1 x 8 tiles: the decode is a third of a tile's vector work): 24 tokens
+ * 78.9 -> 63.8, 32 103.5 -> 83.3, 64 196.2 -> 136.4, 96 300.2 -> 193.6; from 9 tokens (a first try) 9 43.5 ->
+ * 47.0 and 16 53.3 -> 53.0. A 2-core AMD Zen 4 (AVX-512, 2 x 12 tiles, whose decode is shared by 24 sums), two
+ * runs: 12 tokens 18.9 -> 22.6, 16 24.0 -> 29.7, 24 35.1 -> 35.3, 25 33.8 -> 32.7, 32 40.6 -> 38.3, 36 44.1 ->
+ * 41.7 and 47.4 -> 45.3, 48 59.3 -> 54.2 and 63.2 -> 56.0, 64 80.8 -> 77.9 and 80.0 -> 75.2, 96 114.7 -> 102.8
+ * and 115.0 -> 101.2, 128 162.8 -> 142.6, 256 316.2 -> 273.4: at 96 tokens 201 GFLOP/s, 86% of the 234 a loop
+ * of nothing but FMAs reaches there. Hence from 3 tiles on both. */
 #ifndef DECODED_FROM
-#define DECODED_FROM (LANES == 8 ? 3 * PTOKENS : 0) /* 0: never */
+#define DECODED_FROM (3 * PTOKENS) /* 0: never */
 #endif
 
 static inline __attribute__((always_inline)) void decode_panels(const uint8_t *bytes, const float *scales,
