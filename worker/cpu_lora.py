@@ -58,16 +58,6 @@ class TokenTiles:
 
 
 @dataclass(frozen=True)
-class LayerArgs:
-    """What `LoraDelta.run` needs of one layer, kept by the layer: `values` [A's address, max_rank, members,
-    in, B's address, out, bfloat16 or not, member] at `address`. The stacks are written in place, never
-    replaced, so the addresses hold as long as the layer."""
-
-    values: ctypes.Array[ctypes.c_int64]
-    address: int
-
-
-@dataclass(frozen=True)
 class Scales:
     """The float32 scales of a layer's int8 stacks: each rank's row of A (`a`, [slots + 1, max_rank], a view
     of the members' interleaved [slots + 1, max_rank, members]) and of B transposed (`b`, [slots + 1,
@@ -207,8 +197,10 @@ class LoraDelta:
         return int(self._fill(a.data_ptr(), a_dtype, rank, target.in_features, a_slot, target.a_row, b.data_ptr(),
                               b_dtype, target.out, target.max_rank, b_slot, scale, target.bf16))
 
-    def layer(self, a: torch.Tensor, b: torch.Tensor, member: int, out: int, scales: Scales | None = None) -> LayerArgs:
-        """`run`'s arguments for the `member`-th layer of the stacks a: [slots + 1, max_rank, members, in]
+    def layer(self, a: torch.Tensor, b: torch.Tensor, member: int, out: int,
+              scales: Scales | None = None) -> native.ArgTable:
+        """`run`'s arguments ([A's address, max_rank, members, in, B's address, out, weight code, member, A's
+        scales, B's scales]) for the `member`-th layer of the stacks a: [slots + 1, max_rank, members, in]
         and b: [slots + 1, blocks, max_rank, chunk] (`blocked`) of `out` columns, both of one of
         `SLOT_DTYPES`, contiguous; int8 stacks with their `scales` (`Scales.a` a view of the members'
         [slots + 1, max_rank, members], contiguous)."""
@@ -226,9 +218,8 @@ class LoraDelta:
             if scales.a.stride() != (max_rank * members, members):
                 raise ValueError("int8 stacks' A scales must be a view of the members' [slots + 1, max_rank, members]")
             a_scale, b_scale = scales.a.data_ptr() - 4 * member, scales.b.data_ptr()  # the members' first
-        values = (ctypes.c_int64 * 10)(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), out,
-                                       _WEIGHT_CODES[a.dtype], member, a_scale, b_scale)
-        return LayerArgs(values, ctypes.addressof(values))
+        return native.arg_table(a.data_ptr(), max_rank, members, in_features, b.data_ptr(), out,
+                                _WEIGHT_CODES[a.dtype], member, a_scale, b_scale)
 
     def add(
         self,

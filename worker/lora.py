@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from worker.cpu_lora import INT8, LayerArgs, LoraDelta, Scales, SlotTarget, quantize_rows, rounding_error
+from worker import native
+from worker.cpu_lora import INT8, LoraDelta, Scales, SlotTarget, quantize_rows, rounding_error
 from worker.lora_routing import LoraRouting
 
 SERIAL_TOKENS = 16  # a CPU pass of at most this many tokens on one adapter runs its LoRA on one thread (_forward)
@@ -145,7 +146,7 @@ class MultiLoraLinear(nn.Module):
         # the stacks, made once; the stacks are written in place, never replaced, so they stay current.
         self._slot_views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._span_views: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._kernel_args: LayerArgs | None = None  # `LoraDelta.layer` of this layer, made on first use
+        self._kernel_args: native.ArgTable | None = None  # `LoraDelta.layer` of this layer, made on first use
         self._fill_target: SlotTarget | Literal[False] | None = None  # `LoraDelta.slot_target`, made on first use
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,29 @@ def test_an_installed_layer_takes_the_kernel_for_few_tokens_and_bitsandbytes_ari
         assert torch.equal(layer(x[:4]), before_few)
 
 
+def test_an_installed_layer_in_panels_gives_the_kernels_bits_whatever_the_inputs_layout(
+        kernel: Nf4Linear, monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = bnb_layer("nf4", False)  # 192 inputs in blocks of 64, a bias
+    model = torch.nn.Sequential(layer)
+    assert cpu_nf4.install(model) == 1
+    forward = layer.forward
+    assert isinstance(forward, KernelForward) and forward.table is not None  # in panels: called by its table
+    wide = torch.randn(2, 8, 200, generator=torch.Generator().manual_seed(7))
+    x = wide[..., :192].contiguous()
+    with torch.no_grad():
+        expected = forward.kernel.forward(x, forward.weight)
+        with monkeypatch.context() as patched:  # a dense input goes to the kernel through the table alone
+            patched.setattr(forward.kernel, "forward", bitsandbytes_must_not_run)
+            patched.setattr(forward, "original", bitsandbytes_must_not_run)
+            got = layer(x)
+            one = layer(x[1, 3])  # a single token, 1-d
+        assert got.shape == (2, 8, 48) and torch.equal(got, expected)  # the bias added, the batch's shape kept
+        assert one.shape == (48,) and torch.equal(one, expected[1, 3])
+        strided = layer(wide[..., :192])  # not dense: the general entry, the same bits
+        assert torch.equal(strided, expected)
+    cpu_nf4.uninstall(model)
+
+
 def test_a_layer_bitsandbytes_would_repack_keeps_its_weight_under_the_kernel(kernel: Nf4Linear) -> None:
     layer = bnb_layer("nf4", nested=True)
     layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on a CPU with AVX512-BF16
