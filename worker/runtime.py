@@ -21,6 +21,7 @@ from worker.cpu_head import install_panel_head
 from worker.cpu_lora import SLOT_DTYPES, lora_delta_kernel
 from worker.cpu_nf4 import MAX_TOKENS as NF4_MAX_TOKENS
 from worker.cpu_nf4 import install as install_nf4
+from worker.cpu_norm import install as install_norms
 from worker.engine import BatchEngine, EngineLimits, kv_bytes_per_token
 from worker.lora_model import install_lora_layers, slots_in_budget
 from worker.lora_routing import LoraRouting
@@ -90,6 +91,8 @@ def build_worker(config: WorkerConfig) -> LoadedWorker:
     if device.type == "cpu" and (taken := install_nf4(model)):
         log.info("4-bit layers: %d take the native kernel (passes of up to %d tokens; larger ones its dequantization)",
                  taken, NF4_MAX_TOKENS)
+    if device.type == "cpu" and (norms := install_norms(model)):
+        log.info("RMS norm layers: %d take the native kernel", norms)
     slot_dtype = lora_slot_dtype(config.lora_dtype, device)
     log.info("adapter slots hold %s", str(slot_dtype).removeprefix("torch."))
     # The native kernel (CPU) takes the decode tokens' LoRA; the layers lay their B stacks out for it.
