@@ -374,7 +374,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     if not args.skip_http:
         from bench.http_bench import http_lines
 
-        rows += http_lines(prepared, dirs[:4], args.threads, n)
+        rows += http_lines(prepared, dirs[:4], args.threads, n, args.rounds)
     return rows
 
 
@@ -405,7 +405,7 @@ def main() -> None:
         prepared = prepare_embedded_model(args.models_dir)
         work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
         dirs = [write_adapter(work / f"a{i}", prepared.linear_modules, RANK, ALL_LINEARS, seed=i) for i in range(4)]
-        rows = http_lines(prepared, dirs, args.threads, args.new_tokens)
+        rows = http_lines(prepared, dirs, args.threads, args.new_tokens, args.rounds)
     else:
         rows = run(args)
     print(f"\ndevice {resolve_device(args.device)}, {args.threads} torch threads, {args.new_tokens} new tokens per row")
