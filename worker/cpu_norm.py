@@ -74,7 +74,7 @@ class NormForward:
 
     def __init__(self, kernel: RmsNorm, weight: torch.Tensor, eps: float,
                  original: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.kernel, self.weight, self.eps, self.original = kernel, weight, eps, original
+        self.kernel, self.weight, self.original = kernel, weight, original  # the weight outlives the table
         self.n = weight.numel()
         self.table = kernel.table(weight, eps)
 
